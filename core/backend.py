@@ -1,0 +1,125 @@
+"""Backends: where tensors live and how each operation runs.
+
+The model (core.model.forward) is written once against the primitive operations below. A backend
+implements them; it may also fuse several (the CUDA backend does) as long as each fused op has a numpy
+reference in core.ops. The numpy backend is the reference: fp32 compute, always available.
+"""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+
+from . import ops
+from .checkpoint import float32_to_bf16_bits, to_float32
+from .errors import DeviceError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@attrs.define
+class Weights:
+    """Loaded tensors by canonical role: global ones and one dict per layer."""
+
+    globals: dict = attrs.field(factory=dict)
+    layers: list = attrs.field(factory=list)
+
+    def lm_head(self):
+        """The output projection: lm_head, or the embedding when the model ties them."""
+        return self.globals.get("lm_head", self.globals["embed"])
+
+
+@attrs.define
+class Cache:
+    """Per-layer key and value caches, each [Hkv, length, Dh]."""
+
+    k: list
+    v: list
+    length: int
+
+
+class NumpyBackend:
+    """Reference backend: numpy arrays, float32 compute.
+
+    dtype float16 / bfloat16 round the weights to that precision (then hold them as float32), so the
+    CPU shows the same weight-rounding effects as a GPU run in that dtype.
+    """
+
+    name = "numpy"
+
+    def __init__(self, dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise DeviceError(f"dtype {dtype!r} is not supported (choose from {list(DTYPES)})")
+        self.dtype = dtype
+
+    def __repr__(self):
+        return f"NumpyBackend(dtype={self.dtype!r})"
+
+    # -- loading -------------------------------------------------------------------------------
+    def convert(self, bits: np.ndarray, stored: str, role: str) -> np.ndarray:
+        """Checkpoint bits → a float32 array rounded to self.dtype."""
+        x = to_float32(bits, stored)
+        if self.dtype == "float16" and stored != "F16":
+            x = x.astype(np.float16).astype(np.float32)
+        elif self.dtype == "bfloat16" and stored != "BF16":
+            x = to_float32(float32_to_bf16_bits(x), "BF16")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def finish_loading(self, weights: Weights) -> None:
+        """Hook for backends that fuse or upload after loading; nothing to do here."""
+
+    def release(self, weights: Weights) -> None:
+        """Drop references (host memory is reclaimed by the garbage collector)."""
+        weights.globals.clear()
+        weights.layers.clear()
+
+    def new_cache(self, config, length: int) -> Cache:
+        """Zeroed key/value caches for `length` positions."""
+        shape = (config.num_kv_heads, length, config.head_dim)
+        return Cache([np.zeros(shape, np.float32) for _ in range(config.num_layers)],
+                     [np.zeros(shape, np.float32) for _ in range(config.num_layers)], length)
+
+    def to_host(self, x) -> np.ndarray:
+        """A float32 numpy copy of a backend tensor."""
+        return np.asarray(x, dtype=np.float32)
+
+    # -- primitive operations (see core.ops for shapes) ------------------------------------------
+    def embed(self, table, ids):
+        return ops.embed(table, ids)
+
+    def add(self, a, b):
+        return a + b
+
+    def linear(self, x, w, b=None):
+        return ops.linear(x, w, b)
+
+    def norm(self, x, w, b, eps, kind, offset=0.0):
+        if kind == "layernorm":
+            return ops.layer_norm(x, w, b, eps)
+        return ops.rms_norm(x, w, eps, offset)
+
+    def add_norm(self, x, delta, w, b, eps, kind, offset=0.0):
+        """(x + delta, norm(x + delta)): the residual add fused with the next norm."""
+        x = x + delta
+        return x, self.norm(x, w, b, eps, kind, offset)
+
+    def head_norm(self, x, w, eps, offset=0.0):
+        """Per-head RMSNorm over the last axis of [T, H, Dh]."""
+        return ops.rms_norm(x, w, eps, offset)
+
+    def act(self, x, kind):
+        return ops.ACT[kind](x)
+
+    def gated_act(self, gate, up, kind):
+        """act(gate) * up."""
+        return ops.ACT[kind](gate) * up
+
+    def rope(self, x, start, inv_freq):
+        """RoPE on [T, H, Dh] at positions start..start+T-1."""
+        return ops.rope(x, np.arange(start, start + x.shape[0]), inv_freq)
+
+    def cache_write(self, cache: Cache, layer: int, k, v, start: int) -> None:
+        ops.cache_write(cache.k[layer], cache.v[layer], k, v, start)
+
+    def attention(self, q, cache: Cache, layer: int, start: int, scale: float):
+        return ops.attention(q, cache.k[layer], cache.v[layer], start, scale)

@@ -1,0 +1,80 @@
+"""Every error archkit raises on purpose. Each subclasses a builtin so callers can catch either.
+
+Messages name the offender (file, tensor, key, plugin, token id) and the rule that was broken.
+"""
+
+from __future__ import annotations
+
+
+class ArchkitError(Exception):
+    """Base of every archkit error; the CLI prints these as one line."""
+
+
+class CheckpointError(ArchkitError, ValueError):
+    """The checkpoint directory or one of its files is missing, unreadable or malformed."""
+
+
+class UnsupportedDtypeError(CheckpointError):
+    """A tensor is stored in a dtype archkit does not read (only F32, F16, BF16 are)."""
+
+
+class WeightsError(CheckpointError):
+    """Tensors missing, unexpected or of the wrong shape; the message lists all of them at once."""
+
+    def __init__(self, path, missing=(), unexpected=(), mismatched=()):
+        self.path, self.missing, self.unexpected, self.mismatched = path, list(missing), list(unexpected), list(mismatched)
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: " + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: " + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
+        if mismatched:
+            parts.append(f"{len(mismatched)} with the wrong shape: " + ", ".join(mismatched[:8]) + (" ..." if len(mismatched) > 8 else ""))
+        super().__init__(f"{path}: tensors do not match the architecture ({'; '.join(parts)})")
+
+
+class ConfigError(ArchkitError, ValueError):
+    """config.json (or a value derived from it) is missing, malformed, or not supported."""
+
+
+class ArchitectureError(ArchkitError, KeyError):
+    """Base for errors about which family a checkpoint belongs to."""
+
+    def __str__(self):  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownArchitectureError(ArchitectureError):
+    """No registered plugin claims the checkpoint, or an unknown plugin name was asked for."""
+
+
+class AmbiguousArchitectureError(ArchitectureError):
+    """Several plugins claim the checkpoint equally well."""
+
+
+class PluginError(ArchkitError, RuntimeError):
+    """A plugin failed to import, raised in its hook, or registered an invalid or duplicate spec."""
+
+
+class SpecError(PluginError, TypeError):
+    """A ModelSpec breaks the contract (bad pattern, unknown flag, wrong API version)."""
+
+
+class TokenizerError(ArchkitError, ValueError):
+    """tokenizer.json is missing or cannot be read."""
+
+
+class GenerationError(ArchkitError, ValueError):
+    """Bad input to logits()/generate(): token ids, prompt length, sampling parameters."""
+
+
+class ContextOverflowError(GenerationError):
+    """Prompt plus new tokens do not fit the model's (or the cache's) context."""
+
+
+class DeviceError(ArchkitError, RuntimeError):
+    """The requested device cannot be used, or a kernel failed; names the op."""
+
+
+class DeviceMemoryError(DeviceError, MemoryError):
+    """Not enough GPU memory; says how much was needed and how much was free."""

@@ -1,0 +1,105 @@
+"""core.load: checkpoint dir → detect → spec → config → weights → backend → Model. All or nothing."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from pathlib import Path
+
+from .backend import DTYPES, NumpyBackend, Weights
+from .checkpoint import Checkpoint
+from .config import ModelConfig, _ids
+from .detect import detect
+from .errors import ConfigError, DeviceError
+from .model import Model
+from .registry import Registry, default_registry
+from .tokenizer import Tokenizer
+from .weights import plan
+
+DEVICES = ("auto", "cpu", "numpy", "cuda")
+
+
+def cuda_available() -> tuple[bool, str]:
+    """(usable, reason): PyCUDA importable and a GPU present."""
+    try:
+        import pycuda.driver as drv  # noqa: F401
+    except Exception as e:  # ImportError, or a broken libcuda
+        return False, f"PyCUDA is not importable ({type(e).__name__}: {e})"
+    try:
+        drv.init()
+        if drv.Device.count() == 0:
+            return False, "no CUDA device found"
+    except Exception as e:
+        return False, f"CUDA driver unavailable ({e})"
+    return True, "PyCUDA and a GPU are present"
+
+
+def make_backend(device: str, dtype: str | None, ckpt: Checkpoint | None = None, quiet: bool = False):
+    """The backend for `device` ("auto" picks cuda when usable, else numpy, and says which)."""
+    if device not in DEVICES:
+        raise DeviceError(f"device {device!r} is not one of {list(DEVICES)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise DeviceError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
+    if device == "auto":
+        ok, why = cuda_available()
+        device = "cuda" if ok else "cpu"
+        if not quiet:
+            print(f"archkit: device auto → {device} ({why})", file=sys.stderr)
+    if device in ("cpu", "numpy"):
+        return NumpyBackend(dtype or "float32")
+    ok, why = cuda_available()
+    if not ok:
+        raise DeviceError(f"device 'cuda' is not usable: {why}")
+    try:
+        from .cuda.backend import CudaBackend
+    except ImportError as e:
+        raise DeviceError(f"device 'cuda' is not usable: {e}") from None
+    return CudaBackend(dtype or CudaBackend.default_dtype(ckpt))
+
+
+def eos_ids(config: ModelConfig, generation: dict, source: str) -> tuple[int, ...]:
+    """EOS ids from generation_config.json and config.json together, each checked against the vocab."""
+    ids = tuple(dict.fromkeys(_ids(generation.get("eos_token_id"), "eos_token_id", source) + config.eos_token_ids))
+    for t in ids:
+        if not 0 <= t < config.vocab_size:
+            raise ConfigError(f"{source}: eos_token_id {t} is outside the vocabulary [0, {config.vocab_size})")
+    return ids
+
+
+def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = None, device: str = "auto",
+         registry: Registry | None = None, quiet: bool = False) -> Model:
+    """Load a Hugging Face-style checkpoint directory.
+
+    arch: a registered family name, or None to detect it from config.json / tensor names.
+    dtype: "float32", "float16" or "bfloat16" (default: float32 on the CPU; the checkpoint's half type on CUDA).
+    device: "auto", "cpu" (numpy) or "cuda".
+
+    >>> model = core.load("ckpt/")  # doctest: +SKIP
+    >>> model.generate_text("Once upon a time", max_new_tokens=20)  # doctest: +SKIP
+    """
+    reg = registry if registry is not None else default_registry()
+    ckpt = Checkpoint(path)
+    detected = None
+    if arch is None:
+        detected = detect(ckpt, reg)
+        arch = detected.name
+    entry = reg[arch]
+    if ckpt.config is None:
+        raise ConfigError(f"{ckpt.path}: config.json not found; it is needed for the model's sizes "
+                          f"(the tensor names look like {arch!r})")
+    config = ModelConfig.from_hf(entry.spec, ckpt.config, source=str(ckpt.path / "config.json"))
+    eos = eos_ids(config, ckpt.generation_config, str(ckpt.path / "generation_config.json"))
+    p = plan(entry.spec, config, ckpt)  # every name and shape checked before any data is read
+    tokenizer = Tokenizer.from_dir(ckpt.path)
+    backend = make_backend(device, dtype, ckpt, quiet)
+    weights = Weights(layers=[{} for _ in range(config.num_layers)])
+    try:
+        for role, layer, t in p.load(backend.convert):
+            (weights.globals if layer is None else weights.layers[layer])[role] = t
+        backend.finish_loading(weights)
+    except BaseException:
+        backend.release(weights)
+        gc.collect()
+        raise
+    return Model(entry.spec, config, backend, weights, tokenizer, eos, Path(path), detected, backend.name)

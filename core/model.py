@@ -1,0 +1,190 @@
+"""The model: one forward pass written against backend operations, and the generation loop.
+
+Nothing here knows a family: every difference comes from the ModelConfig (built from the spec) and
+from which roles the checkpoint provided (a bias is added where a bias was loaded).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import ContextOverflowError, GenerationError, TokenizerError
+from .sampling import SamplingParams, sample
+
+
+def forward(be, W, c: ModelConfig, ids: np.ndarray, cache, start: int, inv_freq, all_logits: bool):
+    """Run tokens `ids` [T] at positions start..start+T-1 through the model, filling `cache`.
+
+    Returns float32 logits [T, V] (all_logits) or [1, V] for the last position, on the host.
+    """
+    T = len(ids)
+    x = be.embed(W.globals["embed"], ids)
+    if c.positions == "learned":
+        x = be.add(x, be.embed(W.globals["pos_embed"], np.arange(start, start + T)))
+    scale = 1.0 / math.sqrt(c.head_dim)
+    L0 = W.layers[0]
+    h = be.norm(x, L0["attn_norm.weight"], L0.get("attn_norm.bias"), c.norm_eps, c.norm, c.norm_offset)
+    for i, L in enumerate(W.layers):
+        a = _attention_block(be, L, c, h, cache, i, start, inv_freq, scale)
+        x, h = be.add_norm(x, a, L["mlp_norm.weight"], L.get("mlp_norm.bias"), c.norm_eps, c.norm, c.norm_offset)
+        m = _mlp_block(be, L, c, h)
+        nxt = W.layers[i + 1] if i + 1 < len(W.layers) else None
+        if nxt is not None:
+            x, h = be.add_norm(x, m, nxt["attn_norm.weight"], nxt.get("attn_norm.bias"), c.norm_eps, c.norm, c.norm_offset)
+        else:
+            x, h = be.add_norm(x, m, W.globals["final_norm.weight"], W.globals.get("final_norm.bias"),
+                               c.norm_eps, c.norm, c.norm_offset)
+    if not all_logits:
+        h = h[T - 1:]
+    return be.to_host(be.linear(h, W.lm_head()))
+
+
+def _attention_block(be, L, c: ModelConfig, h, cache, i, start, inv_freq, scale):
+    T = h.shape[0]
+    q = be.linear(h, L["q.weight"], L.get("q.bias")).reshape(T, c.num_heads, c.head_dim)
+    k = be.linear(h, L["k.weight"], L.get("k.bias")).reshape(T, c.num_kv_heads, c.head_dim)
+    v = be.linear(h, L["v.weight"], L.get("v.bias")).reshape(T, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:
+        q = be.head_norm(q, L["q_norm.weight"], c.norm_eps, c.norm_offset)
+        k = be.head_norm(k, L["k_norm.weight"], c.norm_eps, c.norm_offset)
+    if c.positions == "rope":
+        q, k = be.rope(q, start, inv_freq), be.rope(k, start, inv_freq)
+    be.cache_write(cache, i, k, v, start)
+    o = be.attention(q, cache, i, start, scale).reshape(T, c.q_dim)
+    return be.linear(o, L["o.weight"], L.get("o.bias"))
+
+
+def _mlp_block(be, L, c: ModelConfig, h):
+    up = be.linear(h, L["up.weight"], L.get("up.bias"))
+    if c.mlp == "gated":
+        y = be.gated_act(be.linear(h, L["gate.weight"], L.get("gate.bias")), up, c.activation)
+    else:
+        y = be.act(up, c.activation)
+    return be.linear(y, L["down.weight"], L.get("down.bias"))
+
+
+class Model:
+    """A loaded model: `logits`, `generate`, `stream`, and text helpers when a tokenizer is present."""
+
+    def __init__(self, spec, config: ModelConfig, backend, weights, tokenizer=None, eos_token_ids=(),
+                 path=None, detected=None, device: str = "cpu"):
+        self.spec, self.config, self.backend, self.weights = spec, config, backend, weights
+        self.tokenizer, self.eos_token_ids, self.path, self.detected = tokenizer, tuple(eos_token_ids), path, detected
+        self.device = device
+        self.inv_freq = config.rope.inv_freq(config.head_dim) if config.rope else None
+
+    def __repr__(self):
+        c = self.config
+        return (f"<archkit Model {self.spec.name} from {str(self.path)!r}: {c.num_layers} layers, hidden {c.hidden_size}, "
+                f"{c.num_heads}/{c.num_kv_heads} heads, vocab {c.vocab_size}, {self.backend.name} {self.backend.dtype}>")
+
+    @property
+    def dtype(self) -> str:
+        return self.backend.dtype
+
+    def _check_ids(self, ids) -> np.ndarray:
+        arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
+        if arr.ndim != 1 or arr.size == 0:
+            raise GenerationError(f"token ids must be a non-empty 1-D sequence, got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise GenerationError(f"token ids must be integers, got {arr.dtype}")
+        bad = arr[(arr < 0) | (arr >= self.config.vocab_size)]
+        if bad.size:
+            raise GenerationError(f"token id {int(bad[0])} is out of range [0, {self.config.vocab_size})")
+        return arr.astype(np.int64)
+
+    def _check_context(self, n: int, what: str) -> None:
+        limit = self.config.max_position_embeddings
+        if n > limit:
+            raise ContextOverflowError(f"{what} needs {n} positions but the model's context is {limit} (max_position_embeddings)")
+
+    def logits(self, ids) -> np.ndarray:
+        """float32 logits [len(ids), vocab] of a full forward pass over `ids` (no cache reuse)."""
+        ids = self._check_ids(ids)
+        self._check_context(len(ids), f"a prompt of {len(ids)} tokens")
+        cache = self.backend.new_cache(self.config, len(ids))
+        return forward(self.backend, self.weights, self.config, ids, cache, 0, self.inv_freq, all_logits=True)
+
+    def stream(self, ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: Iterable[str] | None = None, stop_at_eos: bool = True) -> Iterator[int]:
+        """Yield new token ids one at a time (see generate for the parameters)."""
+        ids = self._check_ids(ids)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed).validate()
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+        self._check_context(len(ids) + max_new_tokens, f"a prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens}")
+        stops = [s for s in (stop or []) if s]
+        if stops and self.tokenizer is None:
+            raise TokenizerError(f"{self.path}: stop strings need tokenizer.json, which this checkpoint lacks")
+        return self._stream(ids, max_new_tokens, params, stops, stop_at_eos)
+
+    def _stream(self, ids, max_new_tokens, params, stops, stop_at_eos) -> Iterator[int]:
+        if max_new_tokens == 0:
+            return
+        rng = np.random.default_rng(params.seed)
+        cache = self.backend.new_cache(self.config, len(ids) + max_new_tokens)
+        seen = list(ids)
+        text, dec = "", (self.tokenizer.stream() if stops else None)
+        logits = forward(self.backend, self.weights, self.config, ids, cache, 0, self.inv_freq, all_logits=False)[-1]
+        for step in range(max_new_tokens):
+            tok = sample(logits, params, rng, np.asarray(seen))
+            seen.append(tok)
+            yield tok
+            if stop_at_eos and tok in self.eos_token_ids:
+                return
+            if dec is not None:
+                text += dec.push(tok)
+                if any(s in text[-(len(s) + 64):] for s in stops):
+                    return
+            if step + 1 < max_new_tokens:
+                pos = len(seen) - 1
+                logits = forward(self.backend, self.weights, self.config, np.asarray([tok]), cache, pos,
+                                 self.inv_freq, all_logits=False)[-1]
+
+    def generate(self, ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: Iterable[str] | None = None, stop_at_eos: bool = True) -> list[int]:
+        """New token ids after the prompt `ids`.
+
+        temperature 0 is greedy; otherwise sampling with optional top_k / top_p, reproducible with `seed`.
+        Stops after max_new_tokens, after an EOS id (included in the result), or once the decoded text
+        contains one of the `stop` strings (the token that completed it is included).
+
+        >>> model.generate(model.tokenizer.encode("Hello"), max_new_tokens=8)  # doctest: +SKIP
+        """
+        return list(self.stream(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stop_at_eos))
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            raise TokenizerError(f"{self.path}: tokenizer.json not found (text in/out needs it; use token ids instead)")
+        return self.tokenizer
+
+    def stream_text(self, prompt: str, **kw) -> Iterator[str]:
+        """Yield text pieces as they are generated from `prompt` (stop strings are cut off)."""
+        tok = self._tokenizer()
+        ids = tok.encode(prompt)
+        dec, text, stops = tok.stream(), "", [s for s in kw.get("stop") or [] if s]
+        emitted = 0
+        for t in self.stream(ids, **kw):
+            text += dec.push(t)
+            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            if cut >= 0:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                return
+            safe = len(text) - max((len(s) - 1 for s in stops), default=0)  # hold back a possible stop prefix
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        text += dec.flush()
+        if len(text) > emitted:
+            yield text[emitted:]
+
+    def generate_text(self, prompt: str, **kw) -> str:
+        """The text generated after `prompt` (same keywords as generate)."""
+        return "".join(self.stream_text(prompt, **kw))

@@ -1,0 +1,93 @@
+"""The numpy reference for every operation the model uses: short, plain, fp32.
+
+These functions are the oracle for the CUDA kernels' property tests; keep them obviously right.
+Shapes: T tokens, D hidden, H query heads, Hkv key/value heads, Dh head size, S cache length.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def embed(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Rows of table [V, D] at ids [T] → [T, D] float32."""
+    return table[ids].astype(np.float32)
+
+
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """x [T, in] @ w[out, in].T (+ b [out]) → [T, out]."""
+    y = x @ w.T
+    return y + b if b is not None else y
+
+
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis (biased variance, as torch)."""
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    y = (x - mu) / np.sqrt(var + eps) * w
+    return y + b if b is not None else y
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, offset: float = 0.0) -> np.ndarray:
+    """RMSNorm over the last axis; weight applied as (offset + w). Works per head on [T, H, Dh]."""
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * (offset + w)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GPT-2's gelu_new (= torch gelu approximate='tanh')."""
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def gelu_erf(x: np.ndarray) -> np.ndarray:
+    """Exact gelu, 0.5 x (1 + erf(x / sqrt 2)), via math.erf (numpy has no erf)."""
+    from math import erf, sqrt
+    return (0.5 * x * (1.0 + np.vectorize(erf, otypes=[np.float64])(x / sqrt(2.0)))).astype(x.dtype)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x)."""
+    return x / (1.0 + np.exp(-x))
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    """max(x, 0)."""
+    return np.maximum(x, 0)
+
+
+ACT = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu": gelu_erf, "silu": silu, "relu": relu}
+
+
+def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE: x [T, H, Dh] at positions [T] with inv_freq [Dh/2]."""
+    ang = positions.astype(np.float32)[:, None] * inv_freq[None, :]  # [T, Dh/2], fp32 as HF
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, scale: float) -> np.ndarray:
+    """Causal GQA attention of q [T, H, Dh] at positions start..start+T-1 over a cache k, v [Hkv, S, Dh].
+
+    Query t sees keys 0..start+t (S >= start+T). Returns [T, H, Dh].
+    """
+    T, H, Dh = q.shape
+    n, Hkv = start + T, k.shape[0]
+    g = H // Hkv
+    qh = q.reshape(T, Hkv, g, Dh).transpose(1, 2, 0, 3)  # [Hkv, g, T, Dh]
+    s = (qh @ k[:, None, :n].transpose(0, 1, 3, 2)) * scale  # [Hkv, g, T, n]
+    if T > 1:
+        allowed = np.arange(n)[None, :] <= (start + np.arange(T))[:, None]
+        s = np.where(allowed, s, -np.inf)
+    s = s - s.max(-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(-1, keepdims=True)
+    o = p @ v[:, None, :n]  # [Hkv, g, T, Dh]
+    return o.transpose(2, 0, 1, 3).reshape(T, H, Dh)
+
+
+def cache_write(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> None:
+    """Store k, v [T, Hkv, Dh] into the caches [Hkv, S, Dh] at positions start..start+T-1 (in place)."""
+    T = k.shape[0]
+    k_cache[:, start:start + T] = k.transpose(1, 0, 2)
+    v_cache[:, start:start + T] = v.transpose(1, 0, 2)

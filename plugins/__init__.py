@@ -1,0 +1,1 @@
+"""archkit's built-in model families, each a plugin registered through the same hook as outside ones."""
