@@ -6,6 +6,8 @@ Shapes: T tokens, D hidden, H query heads, Hkv key/value heads, Dh head size, S 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -35,7 +37,7 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, offset: float = 0.0) -> n
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GPT-2's gelu_new (= torch gelu approximate='tanh')."""
-    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))  # python floats keep float32
 
 
 def gelu_erf(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,160 @@
+"""`archkit bench`: decode and prefill speed against the memory-bandwidth roofline, and against transformers.
+
+Batch-1 decode reads every weight once per token, so its floor is (weight bytes read per token) /
+(copy bandwidth measured in the same run). The checkpoint is synthesized from the family's spec (random
+weights, hub layout), so transformers loads the very same files when --compare-hf is given.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .registry import default_registry
+from .synth import make_config, write_checkpoint
+
+CONFIGS = {
+    "gpt2-124m": dict(arch="gpt2", note="GPT-2 small shapes", vocab_size=50257, hidden_size=768, num_layers=12,
+                      num_heads=12, max_position_embeddings=1024),
+    "llama-300m": dict(arch="llama", note="LLaMA layout, ~290M parameters, GQA 16/4", vocab_size=32000,
+                       hidden_size=1024, num_layers=20, num_heads=16, num_kv_heads=4, intermediate_size=2816,
+                       max_position_embeddings=4096),
+    "tinyllama-1.1b": dict(arch="llama", note="TinyLlama-1.1B shapes", vocab_size=32000, hidden_size=2048, num_layers=22,
+                           num_heads=32, num_kv_heads=4, intermediate_size=5632, max_position_embeddings=4096),
+    "qwen3-0.6b": dict(arch="qwen3", note="Qwen3-0.6B shapes (tied)", vocab_size=151936, hidden_size=1024, num_layers=28,
+                       num_heads=16, num_kv_heads=8, head_dim=128, intermediate_size=3072, max_position_embeddings=40960,
+                       rope_theta=1e6, tie_word_embeddings=True),
+    "qwen3-8b": dict(arch="qwen3", note="Qwen3-8B shapes", vocab_size=151936, hidden_size=4096, num_layers=36, num_heads=32,
+                     num_kv_heads=8, head_dim=128, intermediate_size=12288, max_position_embeddings=40960, rope_theta=1e6),
+}
+
+
+def named_config(name: str):
+    """(spec, ModelConfig) of a named bench config."""
+    from .errors import ArchkitError
+
+    if name not in CONFIGS:
+        raise ArchkitError(f"unknown bench model {name!r}: not a directory and not one of {list(CONFIGS)}")
+    kw = {k: v for k, v in CONFIGS[name].items() if k not in ("arch", "note")}
+    spec = default_registry()[CONFIGS[name]["arch"]].spec
+    return spec, make_config(spec, **kw)
+
+
+def bytes_per_token(model) -> int:
+    """Weight bytes one decode step must read: everything but the unused embedding rows."""
+    from .weights import expected_shape
+
+    c, per = model.config, {"float32": 4, "float16": 2, "bfloat16": 2}[model.dtype]
+    n = sum(int(np.prod(expected_shape(r, c))) for L in model.weights.layers for r in L)
+    n += sum(int(np.prod(expected_shape(r, c))) for r in model.weights.globals if r not in ("embed", "pos_embed"))
+    if "lm_head" not in model.weights.globals:
+        n += c.vocab_size * c.hidden_size  # tied: the embedding is read whole as lm_head
+    return n * per
+
+
+def host_copy_bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> float:
+    """Host memory copy bandwidth in bytes/s, counting bytes read plus bytes written (best of reps)."""
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def time_ours(model, prompt: np.ndarray, tokens: int) -> dict:
+    """Prefill time of the prompt and decode tok/s (first token to last) for greedy generation."""
+    t0 = time.perf_counter()
+    stamps = []
+    for _ in model.stream(prompt, max_new_tokens=tokens, stop_at_eos=False):
+        stamps.append(time.perf_counter())
+    prefill = stamps[0] - t0
+    return {"prefill_s": prefill, "prefill_tok_s": len(prompt) / prefill,
+            "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+
+
+def time_hf(path: Path, prompt: np.ndarray, tokens: int, device: str) -> dict:
+    """transformers generate(): decode tok/s from the difference between a long and a 1-token generate."""
+    import torch
+    import transformers
+
+    dev = "cuda" if device == "cuda" else "cpu"
+    dtype = torch.float32 if dev == "cpu" else torch.float16
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(dev).eval()
+    ids = torch.as_tensor(prompt)[None].to(dev)
+
+    def run(n):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(2)  # warm-up
+    t1, tn = run(1), run(tokens)
+    return {"prefill_s": t1, "decode_tok_s": (tokens - 1) / (tn - t1)}
+
+
+def run_bench(models: list[str], device: str = "cpu", compare_hf: bool = False, tokens: int | None = None,
+              prompt_tokens: int = 16, json_path: str | None = None) -> list[dict]:
+    """Benchmark each named config or checkpoint dir; print a table; optionally write JSON."""
+    if device == "cuda":
+        from .cuda.bench import bench_cuda
+        results = [bench_cuda(m, compare_hf=compare_hf, out_json=None) for m in models]
+    else:
+        results = [_bench_cpu(m, compare_hf, tokens or 32, prompt_tokens) for m in models]
+        _print_cpu(results)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _bench_cpu(name: str, compare_hf: bool, tokens: int, prompt_tokens: int) -> dict:
+    from .load import load
+
+    tmp = None
+    if Path(name).is_dir():
+        path = Path(name)
+    else:
+        spec, cfg = named_config(name)
+        tmp = Path(tempfile.mkdtemp(prefix="archkit-bench-"))
+        path = write_checkpoint(spec, cfg, tmp / name, std=0.02)
+    try:
+        model = load(path, device="cpu", quiet=True)
+        prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, prompt_tokens)
+        bw = host_copy_bandwidth()
+        bpt = bytes_per_token(model)
+        ours = time_ours(model, prompt, tokens)
+        res = {"model": name, "device": "cpu", "cpu": platform.processor() or platform.machine(),
+               "date": time.strftime("%Y-%m-%d"), "weights_bytes_per_token": bpt, "copy_bandwidth_GBs": bw / 1e9,
+               "roofline_tok_s": bw / bpt, "archkit": ours, "decode_tokens": tokens, "prompt_tokens": prompt_tokens}
+        del model
+        if compare_hf:
+            res["transformers"] = time_hf(path, prompt, tokens, "cpu")
+        return res
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print_cpu(results: list[dict]) -> None:
+    print(f"{'model':<16}{'MB/token':>10}{'copy GB/s':>11}{'roofline':>10}{'archkit tok/s':>15}{'% roof':>8}"
+          f"{'hf tok/s':>10}{'vs hf':>7}{'prefill tok/s':>15}")
+    for r in results:
+        a = r["archkit"]["decode_tok_s"]
+        hf = r.get("transformers", {}).get("decode_tok_s")
+        print(f"{r['model']:<16}{r['weights_bytes_per_token'] / 1e6:>10.1f}{r['copy_bandwidth_GBs']:>11.1f}"
+              f"{r['roofline_tok_s']:>10.1f}{a:>15.1f}{100 * a / r['roofline_tok_s']:>7.0f}%"
+              f"{(f'{hf:.1f}' if hf else '-'):>10}{(f'{a / hf:.2f}x' if hf else '-'):>7}{r['archkit']['prefill_tok_s']:>15.1f}")
