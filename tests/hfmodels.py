@@ -18,6 +18,7 @@ FAMILIES = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
 }
 
 
@@ -45,8 +46,13 @@ def hf_config(family: str, *, layers=2, hidden=64, heads=4, kv_heads=None, head_
     return cfg_cls(**kw)
 
 
-def save_model(family: str, path: Path, config=None, *, seed=0, dtype="float32", shard_kb=None, layout="hub", **cfg_kw) -> Path:
-    """Build a random model of `family` (or a transformers model class name), save it to `path`, return path."""
+def save_model(family: str, path: Path, config=None, *, seed=0, dtype="float32", shard_kb=None, layout="hub",
+               norm_noise=0.0, **cfg_kw) -> Path:
+    """Build a random model of `family` (or a transformers model class name), save it to `path`, return path.
+
+    norm_noise: std of Gaussian noise added to every norm weight (they init to exactly 1, or 0 in Gemma's
+    1 + w form, which would leave how a norm applies its weight untested).
+    """
     import torch
     import transformers
 
@@ -54,6 +60,11 @@ def save_model(family: str, path: Path, config=None, *, seed=0, dtype="float32",
     model_cls = getattr(transformers, FAMILIES[family][1] if family in FAMILIES else cfg_kw.get("model_cls"))
     torch.manual_seed(seed)
     model = model_cls(config).eval()
+    if norm_noise:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * norm_noise)
     model = model.to({"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype])
     path = Path(path)
     kw = {"max_shard_size": f"{shard_kb}KB"} if shard_kb else {}
