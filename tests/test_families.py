@@ -102,3 +102,21 @@ def test_qwen2_rejects_sliding_window(tmp_path):
     (ckpt / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": True, "sliding_window": 8}))
     with pytest.raises(ConfigError, match="use_sliding_window=True is not supported by plugin 'qwen2'"):
         core.load(ckpt, device="cpu", quiet=True)
+
+
+# -- SmolLM2 / Llama-3.2 style: the llama plugin, no new code --------------------------------------------
+
+LLAMA3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+@FEW
+@given(layers=S.layers, heads=S.heads, seed=S.seed, layout=st.sampled_from(["hub", "legacy"]))
+def test_smollm2_style_llama_parity(layers, heads, seed, layout):
+    # SmolLM2 / Llama-3.2 as shipped: tied embeddings (no lm_head tensor), GQA, llama3 rope scaling, theta 5e5.
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build("llama", tmp, layers=layers, heads=heads, hidden=64, seed=seed, tie=True, rope_theta=500000.0,
+                     rope_scaling=LLAMA3, layout=layout)
+        assert "lm_head.weight" not in Checkpoint(ckpt).tensors
+        assert core.load(ckpt, device="cpu", quiet=True).config.rope.type == "llama3"
+        assert_parity("llama", ckpt, prompt(seed, 100))  # past original_max_position_embeddings
