@@ -121,5 +121,5 @@ class NumpyBackend:
     def cache_write(self, cache: Cache, layer: int, k, v, start: int) -> None:
         ops.cache_write(cache.k[layer], cache.v[layer], k, v, start)
 
-    def attention(self, q, cache: Cache, layer: int, start: int, scale: float):
-        return ops.attention(q, cache.k[layer], cache.v[layer], start, scale)
+    def attention(self, q, cache: Cache, layer: int, start: int, scale: float, window=None):
+        return ops.attention(q, cache.k[layer], cache.v[layer], start, scale, window)

@@ -74,6 +74,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    sliding_window: int | None = None  # a query sees only the last sliding_window positions, itself included
     rope: RopeConfig | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -92,6 +93,10 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def window(self, layer: int) -> int | None:
+        """How many positions (itself included) a query of `layer` attends to; None for all before it."""
+        return self.sliding_window
 
     @classmethod
     def from_hf(cls, spec: ModelSpec, raw: dict, source: str = "config.json") -> "ModelConfig":
@@ -158,6 +163,9 @@ class ModelConfig:
             raise ConfigError(f"{source}: num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
         if self.positions == "rope" and self.head_dim % 2:
             raise ConfigError(f"{source}: head_dim={self.head_dim} must be even for rotary embeddings")
+        w = self.sliding_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
+            raise ConfigError(f"{source}: sliding_window={w!r} must be a positive integer or null")
         if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
             raise ConfigError(f"{source}: norm epsilon {self.norm_eps!r} must be in (0, 1)")
         if self.activation not in ACTIVATIONS:

@@ -54,7 +54,7 @@ def _attention_block(be, L, c: ModelConfig, h, cache, i, start, inv_freq, scale)
     if c.positions == "rope":
         q, k = be.rope(q, start, inv_freq), be.rope(k, start, inv_freq)
     be.cache_write(cache, i, k, v, start)
-    o = be.attention(q, cache, i, start, scale).reshape(T, c.q_dim)
+    o = be.attention(q, cache, i, start, scale, window=c.window(i)).reshape(T, c.q_dim)
     return be.linear(o, L["o.weight"], L.get("o.bias"))
 
 

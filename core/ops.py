@@ -68,19 +68,21 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarr
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, scale: float) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, scale: float,
+              window: int | None = None) -> np.ndarray:
     """Causal GQA attention of q [T, H, Dh] at positions start..start+T-1 over a cache k, v [Hkv, S, Dh].
 
-    Query t sees keys 0..start+t (S >= start+T). Returns [T, H, Dh].
+    Query t, at position p = start+t, sees keys 0..p (S >= start+T); with a sliding `window` only the
+    last `window` of them, p-window+1..p. Returns [T, H, Dh].
     """
     T, H, Dh = q.shape
     n, Hkv = start + T, k.shape[0]
     g = H // Hkv
     qh = q.reshape(T, Hkv, g, Dh).transpose(1, 2, 0, 3)  # [Hkv, g, T, Dh]
     s = (qh @ k[:, None, :n].transpose(0, 1, 3, 2)) * scale  # [Hkv, g, T, n]
-    if T > 1:
-        allowed = np.arange(n)[None, :] <= (start + np.arange(T))[:, None]
-        s = np.where(allowed, s, -np.inf)
+    qpos, kpos = (start + np.arange(T))[:, None], np.arange(n)[None, :]
+    allowed = kpos <= qpos if window is None else (kpos <= qpos) & (kpos > qpos - window)
+    s = np.where(allowed, s, -np.inf)
     s = s - s.max(-1, keepdims=True)
     p = np.exp(s)
     p /= p.sum(-1, keepdims=True)

@@ -120,3 +120,46 @@ def test_smollm2_style_llama_parity(layers, heads, seed, layout):
         assert "lm_head.weight" not in Checkpoint(ckpt).tensors
         assert core.load(ckpt, device="cpu", quiet=True).config.rope.type == "llama3"
         assert_parity("llama", ckpt, prompt(seed, 100))  # past original_max_position_embeddings
+
+
+# -- Mistral: sliding-window attention -------------------------------------------------------------------
+
+@FEW
+@given(layers=S.layers, heads=S.heads, window=st.integers(2, 9), n=st.integers(10, 30), seed=S.seed)
+def test_mistral_parity(layers, heads, window, n, seed):
+    # Prompt and generation both run past the window, so prefill masks and decode steps both slide.
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build("mistral", tmp, layers=layers, heads=heads, hidden=64, seed=seed, sliding_window=window)
+        assert core.load(ckpt, device="cpu", quiet=True).config.window(0) == window
+        assert_parity("mistral", ckpt, prompt(seed, n))
+
+
+def test_mistral_window_matters(tmp_path):
+    # The same weights without the window give other logits: the parity test would notice a window ignored.
+    ckpt = save_model("mistral", tmp_path / "m", sliding_window=4, norm_noise=0.3)
+    ids = prompt(1, 24)
+    ref = hf_logits(hf_reference(ckpt), ids)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "sliding_window": None}))  # v0.2-style null: no window
+    model = core.load(ckpt, device="cpu", quiet=True)
+    assert model.config.window(0) is None
+    assert rel_err(model.logits(ids), ref) > 100 * TOL
+    assert rel_err(model.logits(ids[:4]), ref[:4]) < TOL  # within the window nothing changes
+
+
+def test_mistral_detection_is_ambiguous_by_tensor_names(tmp_path):
+    ckpt = save_model("mistral", tmp_path / "m", sliding_window=8)
+    assert detect_dir(ckpt).name == "mistral"
+    # Mistral's tensor names are Llama's: without config.json the two tie, and that is an error naming both.
+    for src in (ckpt, save_model("llama", tmp_path / "l")):
+        with pytest.raises(AmbiguousArchitectureError, match=r"llama and mistral match equally .*by tensor names"):
+            detect_dir(without_config(src, tmp_path / f"bare-{src.name}"))
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5, True, "4096"])
+def test_mistral_rejects_bad_sliding_window(tmp_path, bad):
+    ckpt = save_model("mistral", tmp_path / "m", sliding_window=8)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "sliding_window": bad}))
+    with pytest.raises(ConfigError, match="sliding_window=.* must be a positive integer or null"):
+        core.load(ckpt, device="cpu", quiet=True)
