@@ -163,3 +163,42 @@ def test_mistral_rejects_bad_sliding_window(tmp_path, bad):
     (ckpt / "config.json").write_text(json.dumps({**cfg, "sliding_window": bad}))
     with pytest.raises(ConfigError, match="sliding_window=.* must be a positive integer or null"):
         core.load(ckpt, device="cpu", quiet=True)
+
+
+# -- Phi-3: fused qkv_proj and gate_up_proj ---------------------------------------------------------------
+
+@FEW
+@given(layers=S.layers, heads=S.heads, hidden=S.hidden, tie=st.booleans(), window=st.sampled_from([None, 5]),
+       layout=st.sampled_from(["hub", "legacy"]), seed=S.seed)
+def test_phi3_parity(layers, heads, hidden, tie, window, layout, seed):
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build("phi3", tmp, layers=layers, heads=heads, hidden=hidden, seed=seed, tie=tie, sliding_window=window,
+                     layout=layout)
+        names = Checkpoint(ckpt).tensors
+        assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
+        assert_parity("phi3", ckpt, prompt(seed, 14))
+
+
+def test_phi3_detection(tmp_path):
+    ckpt = save_model("phi3", tmp_path / "p")
+    assert detect_dir(ckpt).name == "phi3"
+    bare = detect_dir(without_config(ckpt, tmp_path / "bare"))
+    assert (bare.name, bare.method) == ("phi3", "tensor names")
+    assert all(s == 0 for n, s in bare.scores.items() if n != "phi3")  # nobody else has qkv_proj
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                          "long_factor": [2.0] * 8, "original_max_position_embeddings": 64}},
+     "rope type 'longrope' is not supported"),
+    ({"rope_parameters": None, "rope_theta": 10000.0,  # the original Phi-3-128k config.json spelling
+      "rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}},
+     "rope type 'su' is not supported"),
+    ({"partial_rotary_factor": 0.75}, r"partial_rotary_factor=0.75 is not supported"),
+])
+def test_phi3_rejects_unsupported_rope(tmp_path, edit, message):
+    ckpt = save_model("phi3", tmp_path / "p")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({k: v for k, v in {**cfg, **edit}.items() if v is not None}))
+    with pytest.raises(ConfigError, match=message):
+        core.load(ckpt, device="cpu", quiet=True)
