@@ -109,7 +109,7 @@ class ModelConfig:
         values: dict[str, Any] = {}
         derived: dict[str, Derived] = {}
         for ck in spec.config:
-            present = [k for k in ck.keys if raw.get(k) is not None]
+            present = [k for k in ck.keys if raw.get(k) is not None or (ck.null_is_value and k in raw)]
             if present:
                 values[ck.field] = raw[present[0]]
             elif isinstance(ck.default, Derived):

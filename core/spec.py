@@ -30,12 +30,15 @@ class ConfigKey:
     """Where one ModelConfig field comes from in config.json.
 
     keys are alternatives, first present wins (GPT-2's "n_positions" vs older "n_ctx").
-    A JSON null counts as absent (GPT-2 writes "n_inner": null meaning 4 * n_embd).
+    A JSON null counts as absent (GPT-2 writes "n_inner": null meaning 4 * n_embd), unless
+    null_is_value: then null is the value None, an explicit "off" (Mistral's "sliding_window": null),
+    and only a missing key takes the default.
     """
 
     field: str
     keys: tuple[str, ...] = ()
     default: Any = REQUIRED
+    null_is_value: bool = False
 
 
 @attrs.frozen

@@ -156,6 +156,22 @@ def test_mistral_detection_is_ambiguous_by_tensor_names(tmp_path):
             detect_dir(without_config(src, tmp_path / f"bare-{src.name}"))
 
 
+def test_mistral_sliding_window_null_vs_missing(tmp_path):
+    # null is an explicit "no window"; a missing key means MistralConfig's default, as transformers reads it.
+    import transformers
+
+    ckpt = save_model("mistral", tmp_path / "m", sliding_window=8)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    for value in (None, "missing"):
+        edited = {k: v for k, v in cfg.items() if k != "sliding_window" or value != "missing"}
+        if value is None:
+            edited["sliding_window"] = None
+        (ckpt / "config.json").write_text(json.dumps(edited))
+        expected = transformers.AutoConfig.from_pretrained(ckpt).sliding_window
+        assert core.load(ckpt, device="cpu", quiet=True).config.window(0) == expected
+        assert expected == (None if value is None else 4096)
+
+
 @pytest.mark.parametrize("bad", [0, -4, 2.5, True, "4096"])
 def test_mistral_rejects_bad_sliding_window(tmp_path, bad):
     ckpt = save_model("mistral", tmp_path / "m", sliding_window=8)

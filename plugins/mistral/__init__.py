@@ -19,9 +19,8 @@ WEIGHTS = tuple(r for r in LLAMA.weights if not r.targets[0].endswith(".bias"))
 
 _FIXED = {"qkv_bias": False, "o_bias": False, "mlp_bias": False}
 CONFIG = tuple(ConfigKey(k.field, (), _FIXED[k.field]) if k.field in _FIXED else k for k in LLAMA.config) + (
-    # JSON null (v0.2+) means no window. archkit reads an absent key like null too, where MistralConfig
-    # would default to 4096; every released Mistral config.json states the key.
-    ConfigKey("sliding_window", ("sliding_window",), None),
+    # MistralConfig's default when the key is missing; JSON null (v0.2 and later) means no window.
+    ConfigKey("sliding_window", ("sliding_window",), 4096, null_is_value=True),
 )
 
 SPEC = attrs.evolve(
