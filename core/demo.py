@@ -1,7 +1,9 @@
 """The embedded demo models: one small checkpoint per family, needing no download.
 
-Until trained demo weights ship, a demo checkpoint is synthesized on first use from the family's own
-spec (random weights, so the text is noise) with the shipped byte-level BPE tokenizer, and cached.
+gpt2, llama and qwen3 ship trained ones in core/data/demo/<arch>/ (~1.7M parameters each, trained on
+the Python standard library by tools/train_demo.py). A family without a shipped demo (a third-party
+plugin's) gets one synthesized on first use from its own spec (random weights, so the text is noise)
+with the shipped byte-level BPE tokenizer, and cached.
 """
 
 from __future__ import annotations
