@@ -84,8 +84,8 @@ class NumpyBackend:
         return np.asarray(x, dtype=np.float32)
 
     # -- primitive operations (see core.ops for shapes) ------------------------------------------
-    def embed(self, table, ids):
-        return ops.embed(table, ids)
+    def embed(self, table, ids, scale=None):
+        return ops.embed(table, ids, scale)
 
     def add(self, a, b):
         return a + b
@@ -121,5 +121,9 @@ class NumpyBackend:
     def cache_write(self, cache: Cache, layer: int, k, v, start: int) -> None:
         ops.cache_write(cache.k[layer], cache.v[layer], k, v, start)
 
-    def attention(self, q, cache: Cache, layer: int, start: int, scale: float, window=None):
-        return ops.attention(q, cache.k[layer], cache.v[layer], start, scale, window)
+    def attention(self, q, cache: Cache, layer: int, start: int, scale: float, window=None, softcap=None):
+        return ops.attention(q, cache.k[layer], cache.v[layer], start, scale, window, softcap)
+
+    def soft_cap(self, x, cap):
+        """cap * tanh(x / cap) (final logit soft-capping)."""
+        return ops.soft_cap(x, cap)

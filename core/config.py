@@ -14,6 +14,7 @@ from .errors import ConfigError
 from .spec import REQUIRED, ACTIVATIONS, Derived, ModelSpec
 
 ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # values of config.json's layer_types
 
 # Sanity bounds: a config outside them is rejected before any allocation (10^9 layers, ...).
 LIMITS = {
@@ -75,6 +76,10 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None  # a query sees only the last sliding_window positions, itself included
+    layer_types: tuple[str, ...] | None = None  # one of LAYER_TYPES per layer; None: sliding_window on every layer
+    attn_softcap: float | None = None  # attention scores s → cap·tanh(s / cap) before the mask (Gemma 2)
+    logit_softcap: float | None = None  # the same on the final logits
+    attn_scalar: float | None = None  # scores scaled by attn_scalar**-0.5, not head_dim**-0.5 (query_pre_attn_scalar)
     rope: RopeConfig | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -85,6 +90,7 @@ class ModelConfig:
     mlp: str = "gated"
     positions: str = "rope"
     qk_norm: bool = False
+    scale_embeddings: bool = False
 
     @property
     def q_dim(self) -> int:
@@ -96,7 +102,19 @@ class ModelConfig:
 
     def window(self, layer: int) -> int | None:
         """How many positions (itself included) a query of `layer` attends to; None for all before it."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
         return self.sliding_window
+
+    @property
+    def attn_scale(self) -> float:
+        """What q·k is multiplied by: 1/sqrt(head_dim), or 1/sqrt(attn_scalar) where the config sets one."""
+        return 1.0 / math.sqrt(self.attn_scalar or self.head_dim)
+
+    @property
+    def embed_scale(self) -> float | None:
+        """What token embeddings are multiplied by (sqrt(hidden_size) for specs that scale them), or None."""
+        return self.hidden_size ** 0.5 if self.scale_embeddings else None
 
     @classmethod
     def from_hf(cls, spec: ModelSpec, raw: dict, source: str = "config.json") -> "ModelConfig":
@@ -108,10 +126,12 @@ class ModelConfig:
                 raise ConfigError(f"{source}: {key}={raw[key]!r} is not supported by plugin {spec.name!r} (supported: {list(ok)})")
         values: dict[str, Any] = {}
         derived: dict[str, Derived] = {}
+        stated: set[str] = set()  # fields config.json gives (the others come from the spec's defaults)
         for ck in spec.config:
             present = [k for k in ck.keys if raw.get(k) is not None or (ck.null_is_value and k in raw)]
             if present:
                 values[ck.field] = raw[present[0]]
+                stated.add(ck.field)
             elif isinstance(ck.default, Derived):
                 derived[ck.field] = ck.default
             elif ck.default is REQUIRED:
@@ -137,6 +157,8 @@ class ModelConfig:
                     raise ConfigError(f"{source}: cannot derive {name}: {d.div} is missing or zero")
                 v = v // div
             values[name] = v
+        if values.get("layer_types") is not None:
+            values["layer_types"] = _layer_types(values["layer_types"], values.get("num_layers"), "layer_types" in stated, source)
         values["eos_token_ids"] = _ids(values.get("eos_token_ids", ()), "eos_token_id", source)
         for name in ("bos_token_id", "pad_token_id"):
             v = values.get(name)
@@ -145,7 +167,8 @@ class ModelConfig:
             values["rope"] = parse_rope(raw, source)
         else:
             values["rope"] = None
-        values.update(norm=spec.norm, norm_offset=spec.norm_offset, mlp=spec.mlp, positions=spec.positions, qk_norm=spec.qk_norm)
+        values.update(norm=spec.norm, norm_offset=spec.norm_offset, mlp=spec.mlp, positions=spec.positions, qk_norm=spec.qk_norm,
+                      scale_embeddings=spec.scale_embeddings)
         try:
             cfg = cls(**values)
         except TypeError as e:
@@ -166,6 +189,10 @@ class ModelConfig:
         w = self.sliding_window
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
             raise ConfigError(f"{source}: sliding_window={w!r} must be a positive integer or null")
+        for name in ("attn_softcap", "logit_softcap", "attn_scalar"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                raise ConfigError(f"{source}: {name}={v!r} must be a positive number or null")
         if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
             raise ConfigError(f"{source}: norm epsilon {self.norm_eps!r} must be in (0, 1)")
         if self.activation not in ACTIVATIONS:
@@ -188,6 +215,18 @@ def _int(v, name, source):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
         raise ConfigError(f"{source}: {name}={v!r} must be an integer")
     return int(v)
+
+
+def _layer_types(v, num_layers, stated: bool, source) -> tuple[str, ...]:
+    """One attention kind per layer. config.json must list every layer; a spec default is a pattern that
+    repeats over the layers (Gemma 2's: sliding, full, sliding, full, ...)."""
+    if not isinstance(v, (list, tuple)) or not v or any(t not in LAYER_TYPES for t in v):
+        raise ConfigError(f"{source}: layer_types={v!r} is not supported (a list of {list(LAYER_TYPES)})")
+    if stated and len(v) != num_layers:
+        raise ConfigError(f"{source}: layer_types has {len(v)} entries for num_hidden_layers={num_layers}")
+    if not isinstance(num_layers, int) or not 0 < num_layers <= LIMITS["num_layers"]:
+        return tuple(v)  # validate() reports the layer count
+    return tuple(v[i % len(v)] for i in range(num_layers))
 
 
 def _ids(v, name, source) -> tuple[int, ...]:

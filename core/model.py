@@ -6,7 +6,6 @@ from which roles the checkpoint provided (a bias is added where a bias was loade
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -22,16 +21,17 @@ def forward(be, W, c: ModelConfig, ids: np.ndarray, cache, start: int, inv_freq,
     Returns float32 logits [T, V] (all_logits) or [1, V] for the last position, on the host.
     """
     T = len(ids)
-    x = be.embed(W.globals["embed"], ids)
+    x = be.embed(W.globals["embed"], ids, c.embed_scale)
     if c.positions == "learned":
         x = be.add(x, be.embed(W.globals["pos_embed"], np.arange(start, start + T)))
-    scale = 1.0 / math.sqrt(c.head_dim)
+    scale = c.attn_scale
     L0 = W.layers[0]
     h = be.norm(x, L0["attn_norm.weight"], L0.get("attn_norm.bias"), c.norm_eps, c.norm, c.norm_offset)
     for i, L in enumerate(W.layers):
         a = _attention_block(be, L, c, h, cache, i, start, inv_freq, scale)
+        a = _post_norm(be, L, "post_attn_norm.weight", c, a)
         x, h = be.add_norm(x, a, L["mlp_norm.weight"], L.get("mlp_norm.bias"), c.norm_eps, c.norm, c.norm_offset)
-        m = _mlp_block(be, L, c, h)
+        m = _post_norm(be, L, "post_mlp_norm.weight", c, _mlp_block(be, L, c, h))
         nxt = W.layers[i + 1] if i + 1 < len(W.layers) else None
         if nxt is not None:
             x, h = be.add_norm(x, m, nxt["attn_norm.weight"], nxt.get("attn_norm.bias"), c.norm_eps, c.norm, c.norm_offset)
@@ -40,7 +40,15 @@ def forward(be, W, c: ModelConfig, ids: np.ndarray, cache, start: int, inv_freq,
                                c.norm_eps, c.norm, c.norm_offset)
     if not all_logits:
         h = h[T - 1:]
-    return be.to_host(be.linear(h, W.lm_head()))
+    logits = be.linear(h, W.lm_head())
+    if c.logit_softcap is not None:
+        logits = be.soft_cap(logits, c.logit_softcap)
+    return be.to_host(logits)
+
+
+def _post_norm(be, L, role, c: ModelConfig, y):
+    """A sublayer's output, normed before the residual add where the checkpoint has that norm (Gemma 2)."""
+    return be.norm(y, L[role], None, c.norm_eps, c.norm, c.norm_offset) if role in L else y
 
 
 def _attention_block(be, L, c: ModelConfig, h, cache, i, start, inv_freq, scale):
@@ -54,7 +62,7 @@ def _attention_block(be, L, c: ModelConfig, h, cache, i, start, inv_freq, scale)
     if c.positions == "rope":
         q, k = be.rope(q, start, inv_freq), be.rope(k, start, inv_freq)
     be.cache_write(cache, i, k, v, start)
-    o = be.attention(q, cache, i, start, scale, window=c.window(i)).reshape(T, c.q_dim)
+    o = be.attention(q, cache, i, start, scale, window=c.window(i), softcap=c.attn_softcap).reshape(T, c.q_dim)
     return be.linear(o, L["o.weight"], L.get("o.bias"))
 
 

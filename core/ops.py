@@ -11,9 +11,10 @@ import math
 import numpy as np
 
 
-def embed(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Rows of table [V, D] at ids [T] → [T, D] float32."""
-    return table[ids].astype(np.float32)
+def embed(table: np.ndarray, ids: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """Rows of table [V, D] at ids [T] → [T, D] float32, times `scale` (as float32) if given."""
+    x = table[ids].astype(np.float32)
+    return x * np.float32(scale) if scale is not None else x
 
 
 def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
@@ -68,18 +69,26 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarr
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def soft_cap(x: np.ndarray, cap: float) -> np.ndarray:
+    """cap * tanh(x / cap): x squashed smoothly into (-cap, cap) (Gemma 2's logit soft-capping)."""
+    return cap * np.tanh(x / cap)
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, scale: float,
-              window: int | None = None) -> np.ndarray:
+              window: int | None = None, softcap: float | None = None) -> np.ndarray:
     """Causal GQA attention of q [T, H, Dh] at positions start..start+T-1 over a cache k, v [Hkv, S, Dh].
 
     Query t, at position p = start+t, sees keys 0..p (S >= start+T); with a sliding `window` only the
-    last `window` of them, p-window+1..p. Returns [T, H, Dh].
+    last `window` of them, p-window+1..p. Scores are q·k * scale, then soft_cap(·, softcap) if given,
+    then masked. Returns [T, H, Dh].
     """
     T, H, Dh = q.shape
     n, Hkv = start + T, k.shape[0]
     g = H // Hkv
     qh = q.reshape(T, Hkv, g, Dh).transpose(1, 2, 0, 3)  # [Hkv, g, T, Dh]
     s = (qh @ k[:, None, :n].transpose(0, 1, 3, 2)) * scale  # [Hkv, g, T, n]
+    if softcap is not None:
+        s = soft_cap(s, softcap)
     qpos, kpos = (start + np.arange(T))[:, None], np.arange(n)[None, :]
     allowed = kpos <= qpos if window is None else (kpos <= qpos) & (kpos > qpos - window)
     s = np.where(allowed, s, -np.inf)

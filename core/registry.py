@@ -22,7 +22,8 @@ from .config import BOOL_FIELDS, CONFIG_FIELDS
 from .errors import UnknownArchitectureError
 from .spec import ModelSpec, validate_spec
 
-BUILTINS = ("plugins.gpt2", "plugins.llama", "plugins.qwen3", "plugins.qwen2", "plugins.mistral", "plugins.phi3")
+BUILTINS = ("plugins.gpt2", "plugins.llama", "plugins.qwen3", "plugins.qwen2", "plugins.mistral", "plugins.phi3",
+            "plugins.gemma2")
 GROUP = "archkit"
 ALLOW_ENV = "ARCHKIT_PLUGINS"  # comma-separated plugin names to load; unset = all
 

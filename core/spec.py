@@ -97,6 +97,7 @@ LAYER_ROLES = (
     "q.weight", "k.weight", "v.weight", "q.bias", "k.bias", "v.bias",
     "o.weight", "o.bias", "q_norm.weight", "k_norm.weight",
     "mlp_norm.weight", "mlp_norm.bias",
+    "post_attn_norm.weight", "post_mlp_norm.weight",  # a sublayer's output normed before the residual add (Gemma 2)
     "gate.weight", "up.weight", "down.weight", "gate.bias", "up.bias", "down.bias",
 )
 
@@ -119,6 +120,7 @@ class ModelSpec:
     positions: str = "rope"
     rope_style: str = "half"
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    scale_embeddings: bool = False  # token embeddings multiplied by sqrt(hidden_size) (Gemma)
     description: str = ""
     reference: str = ""  # the modeling file or paper this spec follows
 

@@ -21,6 +21,7 @@ FAMILIES = {
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"),  # the out-of-tree plugin's family
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
     "phi3": ("Phi3Config", "Phi3ForCausalLM"),
 }
 

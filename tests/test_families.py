@@ -21,6 +21,7 @@ import core
 from core.checkpoint import Checkpoint
 from core.detect import detect
 from core.errors import AmbiguousArchitectureError, ConfigError
+from core.model import forward
 
 from conftest import needs_torch
 from hfmodels import hf_greedy, hf_logits, hf_reference, rel_err, save_model
@@ -32,14 +33,30 @@ NEW = 20  # greedy tokens compared
 
 
 def assert_parity(family: str, ckpt: Path, ids, arch: str | None = None) -> float:
-    """Logits and greedy tokens of archkit vs transformers on the same files; returns the logits error."""
+    """Logits (prefill and decode) and greedy tokens of archkit vs transformers on the same files.
+
+    Returns the prefill logits error.
+    """
     ref = hf_reference(ckpt)
     model = core.load(ckpt, arch=arch, device="cpu", quiet=True)
     assert model.spec.name == family
     err = rel_err(model.logits(ids), hf_logits(ref, ids))
     assert err < TOL, f"{family}: logits relative error {err:.2e} >= {TOL:g}"
+    # The decode path on its own: NEW more tokens fed one at a time through the KV cache, compared with
+    # transformers' full forward. (Greedy alone can be blind here: tied models often repeat one token.)
+    longer = list(ids) + prompt(len(ids), NEW, model.config.vocab_size)
+    dec = rel_err(cached_logits(model, longer, len(ids)), hf_logits(ref, longer))
+    assert dec < TOL, f"{family}: decode logits relative error {dec:.2e} >= {TOL:g}"
     assert model.generate(ids, max_new_tokens=NEW, stop_at_eos=False) == hf_greedy(ref, ids, NEW)
     return err
+
+
+def cached_logits(model, ids, n_prompt: int) -> np.ndarray:
+    """Logits [len(ids), V]: ids[:n_prompt] in one prefill, then the rest one token at a time."""
+    c, be = model.config, model.backend
+    cache = be.new_cache(c, len(ids))
+    run = lambda part, start: forward(be, model.weights, c, np.asarray(part), cache, start, model.inv_freq, all_logits=True)
+    return np.concatenate([run(ids[:n_prompt], 0)] + [run(ids[p:p + 1], p) for p in range(n_prompt, len(ids))])
 
 
 def prompt(seed: int, n: int, vocab: int = 256) -> list[int]:
@@ -216,5 +233,69 @@ def test_phi3_rejects_unsupported_rope(tmp_path, edit, message):
     ckpt = save_model("phi3", tmp_path / "p")
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({k: v for k, v in {**cfg, **edit}.items() if v is not None}))
+    with pytest.raises(ConfigError, match=message):
+        core.load(ckpt, device="cpu", quiet=True)
+
+
+# -- Gemma 2: scaled embeddings, (1 + w) norms, sandwich norms, soft-capping, local/global layers -----------
+
+LAYER_KINDS = ("sliding_attention", "full_attention")
+
+
+@st.composite
+def gemma2_configs(draw):
+    layers = draw(st.integers(1, 4))
+    return dict(
+        layers=layers, heads=draw(S.heads), hidden=draw(S.hidden), head_dim=draw(st.sampled_from([8, 16, 32])),
+        tie=draw(st.booleans()), rope_theta=draw(S.theta), sliding_window=draw(st.integers(2, 8)),
+        # None: Gemma2Config's own alternation (sliding, full, ...); else an arbitrary per-layer list
+        layer_types=draw(st.none() | st.lists(st.sampled_from(LAYER_KINDS), min_size=layers, max_size=layers)),
+        attn_logit_softcapping=draw(st.sampled_from([None, 50.0, 2.0])),
+        final_logit_softcapping=draw(st.sampled_from([None, 30.0, 3.0])),
+        query_pre_attn_scalar=draw(st.sampled_from([256, 24, 8])))
+
+
+@FEW
+@given(cfg=gemma2_configs(), n=st.integers(10, 24), seed=S.seed)
+def test_gemma2_parity(cfg, n, seed):
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build("gemma2", tmp, seed=seed, **cfg)
+        c = core.load(ckpt, device="cpu", quiet=True).config
+        hf = json.loads((ckpt / "config.json").read_text())
+        assert list(c.layer_types) == hf["layer_types"]
+        assert (c.attn_softcap, c.logit_softcap) == (cfg["attn_logit_softcapping"], cfg["final_logit_softcapping"])
+        assert_parity("gemma2", ckpt, prompt(seed, n))
+
+
+def test_gemma2_without_layer_types_alternates(tmp_path):
+    # Hub config.json files of the released Gemma 2 models predate layer_types: even layers slide, odd are global.
+    ckpt = save_model("gemma2", tmp_path / "g", layers=3, head_dim=16, sliding_window=3, norm_noise=0.3)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "layer_types"}))
+    c = core.load(ckpt, device="cpu", quiet=True).config
+    assert [c.window(i) for i in range(3)] == [3, None, 3]
+    assert_parity("gemma2", ckpt, prompt(2, 16))
+
+
+def test_gemma2_detection(tmp_path):
+    ckpt = save_model("gemma2", tmp_path / "g", head_dim=16)
+    assert detect_dir(ckpt).name == "gemma2"
+    bare = detect_dir(without_config(ckpt, tmp_path / "bare"))
+    assert (bare.name, bare.method) == ("gemma2", "tensor names")
+    assert bare.score > max(s for n, s in bare.scores.items() if n != "gemma2")
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"layer_types": ["full_attention"]}, "layer_types has 1 entries for num_hidden_layers=2"),
+    ({"layer_types": ["sliding_attention", "chunked_attention"]}, "layer_types=.* is not supported"),
+    ({"attn_logit_softcapping": -1.0}, "attn_softcap=-1.0 must be a positive number or null"),
+    ({"final_logit_softcapping": 0}, "logit_softcap=0 must be a positive number or null"),
+    ({"query_pre_attn_scalar": "256"}, "attn_scalar='256' must be a positive number or null"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True is not supported by plugin 'gemma2'"),
+])
+def test_gemma2_rejects_bad_config(tmp_path, edit, message):
+    ckpt = save_model("gemma2", tmp_path / "g", head_dim=16)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, **edit}))
     with pytest.raises(ConfigError, match=message):
         core.load(ckpt, device="cpu", quiet=True)
