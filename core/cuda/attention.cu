@@ -1,0 +1,262 @@
+// Causal attention with grouped-query heads over the head-major KV cache, fp32 softmax and accumulation.
+//   q [T, H, Dh] at positions start..start+T-1; query t sees keys 0..start+t; query head h reads kv head
+//   h / (H / Hkv). With a sliding window W > 0 it sees only keys start+t-W+1..start+t; with softcap c > 0
+//   scores s become c * tanh(s / c) before the mask. Scores use the online (running max) softmax, so no
+//   T x S matrix is ever stored.
+// attn_prefill: T > 1. A block takes 16 queries of one head and walks 32-key tiles staged in shared
+//   memory as fp32; in each tile lane j owns key j (its score for each of the warp's 4 queries), then
+//   every lane accumulates its Dh/32 output dims over the tile's keys.
+// attn_decode + attn_combine: T == 1 (split-KV, "flash-decoding"): each block reduces one slice of the
+//   keys to (max, sum, unnormalised output); the combine kernel merges the slices.
+#include "common.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+static_assert(HEAD_DIM >= 1 && HEAD_DIM <= 512, "HEAD_DIM must be in [1, 512]");
+
+#define DH HEAD_DIM
+#define DPL ((DH + 31) / 32)  // output dims per lane
+#define NWARP 4
+#define QPW 4                 // queries per warp (prefill)
+#define NQ (NWARP * QPW)      // queries per block (prefill)
+#define BK 32                 // keys per tile: one per lane
+#define DHP (DH % 2 ? DH + 2 : DH + 1)  // odd row stride: lane j reading row j, column d hits distinct banks
+
+// Shared memory for attn_prefill in floats: q (scaled) [NQ][DH], K [BK][DHP], V [BK][DH].
+#define PREFILL_SMEM_FLOATS (NQ * DH + BK * DHP + BK * DH)
+
+// Keys [k0, k0 + n) of one kv head into shared memory as fp32 (K rows padded to DHP).
+__device__ __forceinline__ void stage_kv(float* ks, float* vs, const wt* kh, const wt* vh, int k0, int n) {
+    if (DH % VEC == 0) {
+        constexpr int CPR = DH / VEC;  // 16-byte chunks per row
+        for (int c = threadIdx.x; c < n * CPR; c += blockDim.x) {
+            int j = c / CPR, d = (c % CPR) * VEC;
+            float f[VEC];
+            load_vec(kh + (size_t)(k0 + j) * DH + d, f);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) ks[j * DHP + d + e] = f[e];
+            load_vec(vh + (size_t)(k0 + j) * DH + d, f);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) vs[j * DH + d + e] = f[e];
+        }
+    } else {
+        for (int c = threadIdx.x; c < n * DH; c += blockDim.x) {
+            int j = c / DH, d = c % DH;
+            ks[j * DHP + d] = to_f(kh[(size_t)(k0 + j) * DH + d]);
+            vs[j * DH + d] = to_f(vh[(size_t)(k0 + j) * DH + d]);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NWARP * 32)
+attn_prefill(float* __restrict__ out,      // float32 [T, H, Dh]
+             const float* __restrict__ q,  // float32 [T, H, Dh]
+             const wt* __restrict__ kc,    // wt [Hkv, S, Dh]
+             const wt* __restrict__ vc,    // wt [Hkv, S, Dh]
+             int start, const int* __restrict__ start_dev,  // position of query 0 (device value if given)
+             int T, int H, int Hkv, int S, float scale,   // start + T <= S
+             int window, float softcap) {                  // 0: no sliding window / no soft-capping
+    extern __shared__ float smem[];
+    float* qs = smem;
+    float* ks = qs + NQ * DH;
+    float* vs = ks + BK * DHP;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int h = blockIdx.y, hk = h / (H / Hkv), t0 = blockIdx.x * NQ;
+    const int st = start_pos(start, start_dev);
+    const wt* kh = kc + (size_t)hk * S * DH;
+    const wt* vh = vc + (size_t)hk * S * DH;
+
+    for (int c = threadIdx.x; c < NQ * DH; c += blockDim.x) {
+        int i = c / DH, t = t0 + i;
+        qs[c] = t < T ? q[((size_t)t * H + h) * DH + c % DH] * scale : 0.f;
+    }
+    const int tw = t0 + warp * QPW;                       // this warp's first query
+    const int wlast = min(tw + QPW, T) - 1;               // its last valid query (< tw if none)
+    const int nkeys = st + min(t0 + NQ, T);               // keys this block needs (end)
+    const int kfirst = window > 0 ? max(0, st + t0 - window + 1) / BK * BK : 0;  // (start, tile-aligned)
+    float m[QPW], l[QPW], o[QPW][DPL];
+#pragma unroll
+    for (int a = 0; a < QPW; ++a) {
+        m[a] = -INFINITY;
+        l[a] = 0.f;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) o[a][i] = 0.f;
+    }
+
+    for (int k0 = kfirst; k0 < nkeys; k0 += BK) {
+        const int n = min(BK, nkeys - k0);
+        __syncthreads();  // previous tile fully consumed (and q staged, first time)
+        stage_kv(ks, vs, kh, vh, k0, n);
+        __syncthreads();
+        if (wlast < tw || k0 > st + wlast) continue;  // no query of this warp sees this tile
+        if (window > 0 && k0 + n - 1 <= st + tw - window) continue;
+
+        float s[QPW];
+#pragma unroll
+        for (int a = 0; a < QPW; ++a) s[a] = 0.f;
+        if (lane < n) {
+            const float* kr = ks + lane * DHP;
+            const float* qw = qs + warp * QPW * DH;
+#pragma unroll 8
+            for (int d = 0; d < DH; ++d) {
+                float kv = kr[d];
+#pragma unroll
+                for (int a = 0; a < QPW; ++a) s[a] = fmaf(qw[a * DH + d], kv, s[a]);
+            }
+        }
+        float p[QPW];
+#pragma unroll
+        for (int a = 0; a < QPW; ++a) {
+            int t = tw + a;
+            int key = k0 + lane;
+            bool ok = t < T && lane < n && key <= st + t && (window <= 0 || key > st + t - window);
+            float sc = ok ? (softcap > 0.f ? softcap * tanhf(s[a] / softcap) : s[a]) : -INFINITY;
+            float mn = fmaxf(m[a], warp_max(sc));
+            if (mn == -INFINITY) { p[a] = 0.f; continue; }  // nothing seen yet (warp-uniform)
+            float alpha = expf(m[a] - mn);                  // 0 while m is still -inf
+            p[a] = ok ? expf(sc - mn) : 0.f;
+            l[a] = l[a] * alpha + warp_sum(p[a]);
+            m[a] = mn;
+#pragma unroll
+            for (int i = 0; i < DPL; ++i) o[a][i] *= alpha;
+        }
+        for (int j = 0; j < n; ++j) {
+            float v[DPL];
+#pragma unroll
+            for (int i = 0; i < DPL; ++i) {
+                int d = lane + 32 * i;
+                v[i] = d < DH ? vs[j * DH + d] : 0.f;
+            }
+#pragma unroll
+            for (int a = 0; a < QPW; ++a) {
+                float pj = __shfl_sync(0xffffffffu, p[a], j);
+#pragma unroll
+                for (int i = 0; i < DPL; ++i) o[a][i] = fmaf(pj, v[i], o[a][i]);
+            }
+        }
+    }
+#pragma unroll
+    for (int a = 0; a < QPW; ++a) {
+        int t = tw + a;
+        if (t >= T) break;
+        float inv = 1.f / l[a];
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) {
+            int d = lane + 32 * i;
+            if (d < DH) out[((size_t)t * H + h) * DH + d] = o[a][i] * inv;
+        }
+    }
+}
+
+// One block per (head, slice of keys); warps take 32-key tiles in turn, lane j scoring key j straight from
+// the cache (q in shared memory), then the block merges its warps. part: [H, nsplit, 2 + Dh] holding
+// (max, sum of exp, unnormalised output) per slice; a slice with no keys stores (-inf, 0, 0).
+extern "C" __global__ void __launch_bounds__(NWARP * 32)
+attn_decode(float* __restrict__ part,     // float32 [H, nsplit, 2 + Dh]
+            const float* __restrict__ q,  // float32 [1, H, Dh]
+            const wt* __restrict__ kc,    // wt [Hkv, S, Dh]
+            const wt* __restrict__ vc,    // wt [Hkv, S, Dh]
+            int start, const int* __restrict__ start_dev,  // position of the query (device value if given)
+            int H, int Hkv, int S, float scale,            // start + 1 <= S
+            int window, float softcap) {                   // 0: no sliding window / no soft-capping
+    __shared__ float qs[DH];
+    __shared__ float wm[NWARP], wl[NWARP], wo[NWARP][DH];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int h = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y, hk = h / (H / Hkv);
+    const int n = start_pos(start, start_dev) + 1;
+    const int lo = window > 0 ? max(0, n - window) : 0;  // first key in the window
+    const int chunk = ((n - lo + nsplit - 1) / nsplit + BK - 1) / BK * BK;
+    const int c0 = lo + split * chunk, c1 = min(n, c0 + chunk);
+    const wt* kh = kc + (size_t)hk * S * DH;
+    const wt* vh = vc + (size_t)hk * S * DH;
+    for (int d = threadIdx.x; d < DH; d += blockDim.x) qs[d] = q[(size_t)h * DH + d] * scale;
+    __syncthreads();
+
+    float m = -INFINITY, l = 0.f, o[DPL];
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) o[i] = 0.f;
+    for (int k0 = c0 + warp * BK; k0 < c1; k0 += NWARP * BK) {
+        const int nk = min(BK, c1 - k0), key = k0 + lane;
+        float s = -INFINITY;
+        if (lane < nk) {
+            const wt* kr = kh + (size_t)key * DH;
+            float acc = 0.f;
+            if (DH % VEC == 0) {
+#pragma unroll 4
+                for (int d = 0; d < DH; d += VEC) {
+                    float f[VEC];
+                    load_vec(kr + d, f);
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) acc = fmaf(qs[d + e], f[e], acc);
+                }
+            } else {
+                for (int d = 0; d < DH; ++d) acc = fmaf(qs[d], to_f(kr[d]), acc);
+            }
+            s = softcap > 0.f ? softcap * tanhf(acc / softcap) : acc;
+        }
+        float mn = fmaxf(m, warp_max(s));  // finite: lane 0 always holds a key
+        float alpha = expf(m - mn);
+        float p = lane < nk ? expf(s - mn) : 0.f;
+        l = l * alpha + warp_sum(p);
+        m = mn;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) o[i] *= alpha;
+        for (int j = 0; j < nk; ++j) {
+            float pj = __shfl_sync(0xffffffffu, p, j);
+            const wt* vr = vh + (size_t)(k0 + j) * DH;
+#pragma unroll
+            for (int i = 0; i < DPL; ++i) {
+                int d = lane + 32 * i;
+                if (d < DH) o[i] = fmaf(pj, to_f(vr[d]), o[i]);
+            }
+        }
+    }
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+        int d = lane + 32 * i;
+        if (d < DH) wo[warp][d] = o[i];
+    }
+    __syncthreads();
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NWARP; ++w) M = fmaxf(M, wm[w]);
+    float* pr = part + ((size_t)h * nsplit + split) * (2 + DH);
+    float f[NWARP], L = 0.f;
+#pragma unroll
+    for (int w = 0; w < NWARP; ++w) {
+        f[w] = M == -INFINITY ? 0.f : expf(wm[w] - M);
+        L += wl[w] * f[w];
+    }
+    if (threadIdx.x == 0) { pr[0] = M; pr[1] = L; }
+    for (int d = threadIdx.x; d < DH; d += blockDim.x) {
+        float acc = 0.f;
+#pragma unroll
+        for (int w = 0; w < NWARP; ++w) acc += wo[w][d] * f[w];
+        pr[2 + d] = acc;
+    }
+}
+
+// Merge the slices of attn_decode: one block per head.
+extern "C" __global__ void attn_combine(float* __restrict__ out,         // float32 [1, H, Dh]
+                                        const float* __restrict__ part,  // float32 [H, nsplit, 2 + Dh]
+                                        int H, int nsplit) {
+    const int h = blockIdx.x;
+    const float* ph = part + (size_t)h * nsplit * (2 + DH);
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; ++s) M = fmaxf(M, ph[s * (2 + DH)]);
+    float L = 0.f;
+    for (int s = 0; s < nsplit; ++s) {
+        float ms = ph[s * (2 + DH)];
+        if (ms != -INFINITY) L += ph[s * (2 + DH) + 1] * expf(ms - M);
+    }
+    for (int d = threadIdx.x; d < DH; d += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < nsplit; ++s) {
+            float ms = ph[s * (2 + DH)];
+            if (ms != -INFINITY) acc += ph[s * (2 + DH) + 2 + d] * expf(ms - M);
+        }
+        out[(size_t)h * DH + d] = acc / L;
+    }
+}

@@ -1,0 +1,529 @@
+"""CUDA backend: NumpyBackend's primitive operations as the kernels in this folder, through PyCUDA.
+
+Tensors stay on the GPU between operations (DTensor); only logits come back (to_host). Activations are
+float32; weights and the KV cache are stored in the backend's dtype (fp16 / bf16, or fp32) and every
+kernel accumulates in fp32. All work goes on one stream, so operations are ordered without host syncs.
+
+Memory: weights and the KV cache are plain allocations made once (loading, finish_loading); activations
+come from a DeviceMemoryPool, so a decode step allocates nothing from the driver. With `poison=True`
+(or ARCHKIT_CUDA_POISON=1) every fresh activation buffer and KV cache is filled with NaN first, so an
+element a kernel fails to write shows up in the result. ARCHKIT_CUDA_SYNC=1 synchronises after every
+launch, so an asynchronous CUDA error is reported against the op that caused it.
+
+Decode can run as a CUDA graph (see core/cuda/graph.py): kernels that need the position read it from
+device memory when given `start_dev`, because a graph bakes its launch arguments in.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+
+import numpy as np
+
+from ..backend import DTYPES, Cache
+from ..checkpoint import float32_to_bf16_bits, to_float32
+from ..errors import ContextOverflowError, DeviceError, DeviceMemoryError
+from .modules import DTYPE_CODES, get_module
+
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4}
+ACT_CODES = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu": 1, "silu": 2, "relu": 3}  # elementwise.cu
+GEMV_MAX_T = 4        # gemv.cu handles up to this many tokens per weight read; more go to the GEMM
+CONVERT_CHUNK = 1 << 24  # elements converted on the host per upload step (64 MB as float32)
+PREFILL_NQ, PREFILL_BK = 16, 32  # attention.cu: queries per block, keys per tile
+WORKSPACE_RESERVE = 512 << 20    # bytes left free beside the default KV cache for activations
+GiB = 1 << 30
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+class DTensor:
+    """A tensor in GPU memory: an allocation (kept alive here), a pointer into it, shape and dtype.
+
+    dtype is one of "float32", "float16", "bfloat16", "int32". Views (reshape, slicing rows) share the
+    allocation. Contiguous, row-major always.
+    """
+
+    __slots__ = ("buf", "ptr", "shape", "dtype")
+
+    def __init__(self, buf, ptr: int, shape: tuple, dtype: str):
+        self.buf, self.ptr, self.shape, self.dtype = buf, int(ptr), tuple(int(s) for s in shape), dtype
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * ITEMSIZE[self.dtype]
+
+    def reshape(self, *shape) -> "DTensor":
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        if -1 in shape:
+            known = math.prod(s for s in shape if s != -1)
+            shape = tuple(self.size // known if s == -1 else s for s in shape)
+        if math.prod(shape) != self.size:
+            raise ValueError(f"cannot reshape {self.shape} to {shape}")
+        return DTensor(self.buf, self.ptr, shape, self.dtype)
+
+    def __getitem__(self, key) -> "DTensor":
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError(f"DTensor supports only contiguous row slices, got {key!r}")
+        a, b, _ = key.indices(self.shape[0])
+        b = max(a, b)
+        row = math.prod(self.shape[1:]) * ITEMSIZE[self.dtype]
+        return DTensor(self.buf, self.ptr + a * row, (b - a,) + self.shape[1:], self.dtype)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __repr__(self):
+        return f"DTensor({self.dtype}{list(self.shape)} @ {self.ptr:#x})"
+
+
+class CudaBackend:
+    """PyCUDA backend: see the module docstring. `context`: KV-cache positions to preallocate at load."""
+
+    name = "cuda"
+
+    def __init__(self, dtype: str = "float16", context: int | None = None, poison: bool | None = None):
+        if dtype not in DTYPES:
+            raise DeviceError(f"dtype {dtype!r} is not supported (choose from {list(DTYPES)})")
+        if context is not None and (not isinstance(context, int) or context < 1):
+            raise DeviceError(f"context={context!r} must be a positive number of positions")
+        import pycuda.autoprimaryctx  # noqa: F401  (primary context: torch can share the GPU)
+        import pycuda.driver as drv
+        from pycuda.tools import DeviceMemoryPool
+
+        self.drv = drv
+        self.dtype, self.context = dtype, context
+        self.poison = os.environ.get("ARCHKIT_CUDA_POISON") == "1" if poison is None else poison
+        self.sync_each = os.environ.get("ARCHKIT_CUDA_SYNC") == "1"
+        self.device = drv.Context.get_device()
+        cc = self.device.compute_capability()
+        if cc < (8, 0):
+            raise DeviceError(f"{self.device.name()} has compute capability {cc[0]}.{cc[1]}; archkit's kernels need 8.0+")
+        self.stream = drv.Stream()
+        self.pool = DeviceMemoryPool()
+        self._wcode = DTYPE_CODES[dtype]
+        self._fns: dict = {}
+        self._owned: list = []       # weight allocations, freed by release()
+        self.weight_bytes = 0
+        self._config = None
+        self._kv = None              # the preallocated cache: (key, capacity, allocation, k views, v views)
+        self._lent = None            # weakref to the Cache object currently using the preallocated buffers
+        self._freqs: dict = {}
+        self._last_op = None
+        self.capture = None          # set by core.cuda.graph while a decode step is being captured
+        self.graphs = os.environ.get("ARCHKIT_CUDA_GRAPHS", "1") != "0"
+        self._graph_cache = None
+
+    def __repr__(self):
+        return f"CudaBackend(dtype={self.dtype!r}, device={self.device.name()!r})"
+
+    @staticmethod
+    def default_dtype(ckpt=None) -> str:
+        """The checkpoint's half type: bfloat16 if it stores BF16, else float16."""
+        stored = {t.dtype for t in ckpt.tensors.values()} if ckpt is not None else set()
+        return "bfloat16" if "BF16" in stored else "float16"
+
+    # -- memory ----------------------------------------------------------------------------------
+    def _free_total(self) -> tuple[int, int]:
+        return self.drv.mem_get_info()
+
+    def _oom(self, need: int, what: str) -> DeviceMemoryError:
+        free, total = self._free_total()
+        return DeviceMemoryError(f"out of GPU memory for {what}: needs {_mib(need)}, {_mib(free)} free of "
+                                 f"{_mib(total)} on {self.device.name()}")
+
+    def _alloc(self, shape, dtype: str = "float32") -> DTensor:
+        """A pooled activation buffer (NaN-filled when poisoning)."""
+        n = math.prod(shape) * ITEMSIZE[dtype]
+        try:
+            buf = self.pool.allocate(max(n, 16))
+        except self.drv.MemoryError:
+            raise self._oom(n, f"an activation of shape {tuple(shape)}") from None
+        t = DTensor(buf, int(buf), shape, dtype)
+        if self.capture is not None:
+            self.capture.keep.append(t)  # a captured graph keeps using this address
+        if self.poison and n:
+            self.drv.memset_d8_async(t.ptr, 0xFF, n, self.stream)  # all-ones bits: NaN in fp32/fp16/bf16
+        return t
+
+    def _mem_alloc(self, nbytes: int, what: str):
+        try:
+            return self.drv.mem_alloc(max(nbytes, 16))
+        except self.drv.MemoryError:
+            raise self._oom(nbytes, what) from None
+
+    def from_host(self, x: np.ndarray) -> DTensor:
+        """Upload a host array as a float32 (or, for integer input, int32) activation."""
+        x = np.asarray(x)
+        dtype = "int32" if np.issubdtype(x.dtype, np.integer) else "float32"
+        x = np.ascontiguousarray(x, dtype=np.int32 if dtype == "int32" else np.float32)
+        t = self._alloc(x.shape, dtype)
+        if x.size:
+            self._check(lambda: self.drv.memcpy_htod_async(t.ptr, x, self.stream), "upload")
+        return t
+
+    def to_host(self, x) -> np.ndarray:
+        """A float32 numpy copy of a backend tensor (waits for the GPU)."""
+        if isinstance(x, np.ndarray):
+            return np.asarray(x, dtype=np.float32)
+        if self.capture is not None:
+            return self.capture.output(x)
+        self.synchronize("to_host")
+        raw = np.empty(x.shape, {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,
+                                 "int32": np.int32}[x.dtype])
+        if x.size:
+            self._check(lambda: self.drv.memcpy_dtoh(raw, x.ptr), "to_host")
+        return to_float32(raw, "BF16") if x.dtype == "bfloat16" else raw.astype(np.float32, copy=False)
+
+    def synchronize(self, what: str = "synchronize") -> None:
+        """Wait for the stream; an asynchronous CUDA error becomes a DeviceError naming the last op."""
+        try:
+            self.stream.synchronize()
+        except self.drv.Error as e:
+            raise DeviceError(f"CUDA error surfaced at {what} after op {self._last_op!r} "
+                              f"(set ARCHKIT_CUDA_SYNC=1 to pin it to its op): {e}") from None
+
+    def _check(self, fn, op: str):
+        try:
+            return fn()
+        except self.drv.Error as e:
+            raise DeviceError(f"CUDA op {op!r} failed: {e}") from None
+
+    # -- kernels ---------------------------------------------------------------------------------
+    def _fn(self, file: str, kernel: str, fmt: str, **defines):
+        key = (file, kernel, tuple(sorted(defines.items())))
+        fn = self._fns.get(key)
+        if fn is None:
+            defines.setdefault("WDTYPE", self._wcode)
+            try:
+                fn = get_module(file, defines).get_function(kernel)
+            except Exception as e:  # CompileError, LogicError: say which kernel and defines
+                raise DeviceError(f"cannot build kernel {kernel!r} from {file} with {defines}: {e}") from None
+            fn.prepare(fmt)
+            self._fns[key] = fn
+        return fn
+
+    def _launch(self, op: str, fn, grid, block, *args, shared: int = 0) -> None:
+        args = [a.ptr if isinstance(a, DTensor) else (0 if a is None else a) for a in args]
+        try:
+            fn.prepared_async_call(grid, block, self.stream, *args, shared_size=shared)
+        except self.drv.Error as e:
+            raise DeviceError(f"CUDA op {op!r} failed to launch (grid {grid}, block {block}): {e}") from None
+        self._last_op = op
+        if self.sync_each and self.capture is None:
+            try:
+                self.stream.synchronize()
+            except self.drv.Error as e:
+                raise DeviceError(f"CUDA op {op!r} failed: {e}") from None
+
+    def _start_dev(self):
+        """Device pointer the kernels read the position from while capturing, else None."""
+        return self.capture.start_ptr if self.capture is not None else None
+
+    @staticmethod
+    def _grid1(n: int, block: int = 256) -> tuple:
+        return (max(1, min((n + block - 1) // block, 8192)), 1, 1)
+
+    # -- loading ---------------------------------------------------------------------------------
+    def begin_loading(self, config, numel: int) -> None:
+        """Remember the config (for the KV cache) and fail early if the weights cannot fit."""
+        self._config = config
+        need = numel * ITEMSIZE[self.dtype]
+        free, total = self._free_total()
+        if need > free:
+            raise DeviceMemoryError(f"the weights need {_mib(need)} in {self.dtype} but only {_mib(free)} of "
+                                    f"{_mib(total)} is free on {self.device.name()}")
+
+    def convert(self, bits: np.ndarray, stored: str, role: str) -> DTensor:
+        """Checkpoint bits → a weight in GPU memory, in self.dtype (converted on the host in chunks)."""
+        flat = bits.reshape(-1)
+        n = flat.size
+        isz = ITEMSIZE[self.dtype]
+        alloc = self._mem_alloc(n * isz, f"weight {role!r} {list(bits.shape)} ({self.weight_bytes:,} bytes already loaded)")
+        try:
+            same = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(stored) == self.dtype
+            for i in range(0, n, CONVERT_CHUNK):
+                part = flat[i:i + CONVERT_CHUNK]
+                if not same:
+                    x = to_float32(part, stored)
+                    part = (x.astype(np.float16) if self.dtype == "float16" else
+                            float32_to_bf16_bits(x) if self.dtype == "bfloat16" else x.astype(np.float32))
+                self.drv.memcpy_htod(int(alloc) + i * isz, np.ascontiguousarray(part))
+        except self.drv.Error as e:
+            alloc.free()
+            raise DeviceError(f"uploading weight {role!r} failed: {e}") from None
+        except BaseException:
+            alloc.free()
+            raise
+        self._owned.append(alloc)
+        self.weight_bytes += n * isz
+        return DTensor(alloc, int(alloc), bits.shape, self.dtype)
+
+    def random_weight(self, shape, seed: int, scale: float, center: float = 0.0) -> DTensor:
+        """A weight of `shape` filled on the GPU with uniform values in center ± scale (benchmarks)."""
+        n = math.prod(shape)
+        alloc = self._mem_alloc(n * ITEMSIZE[self.dtype], f"random weight {list(shape)}")
+        self._owned.append(alloc)
+        self.weight_bytes += n * ITEMSIZE[self.dtype]
+        t = DTensor(alloc, int(alloc), shape, self.dtype)
+        fn = self._fn("init.cu", "fill_uniform", "PqQff")
+        self._launch("random_weight", fn, self._grid1(n), (256, 1, 1), t, n, seed, center, scale)
+        return t
+
+    def finish_loading(self, weights) -> None:
+        """Preallocate the KV cache for the model's context and check that loading went through."""
+        self.synchronize("finish_loading")
+        if self._config is not None and self._kv is None:
+            self._kv = self._make_kv(self._config, self._default_context(self._config))
+
+    def release(self, weights) -> None:
+        """Free every weight, the KV cache, captured graphs and pooled memory."""
+        if self._graph_cache is not None:
+            self._graph_cache.clear()
+        try:
+            self.stream.synchronize()
+        except self.drv.Error:
+            pass  # freeing is still right; the error was (or will be) reported where it happened
+        for a in self._owned:
+            a.free()
+        self._owned.clear()
+        self.weight_bytes = 0
+        if self._kv is not None:
+            self._kv[2].free()
+            self._kv = None
+        weights.globals.clear()
+        weights.layers.clear()
+        self._freqs.clear()
+        self.pool.free_held()
+
+    # -- KV cache --------------------------------------------------------------------------------
+    def _bytes_per_position(self, config) -> int:
+        return 2 * config.num_layers * config.num_kv_heads * config.head_dim * ITEMSIZE[self.dtype]
+
+    def _default_context(self, config) -> int:
+        """`context` if given, else max_position_embeddings capped by free memory (at least 1)."""
+        if self.context is not None:
+            return self.context
+        free, _ = self._free_total()
+        fits = (free - WORKSPACE_RESERVE) // self._bytes_per_position(config)
+        return int(max(1, min(config.max_position_embeddings, fits)))
+
+    def _make_kv(self, config, length: int):
+        per = self._bytes_per_position(config)
+        alloc = self._mem_alloc(per * length, f"a KV cache of {length} positions ({per:,} bytes each)")
+        L, Hkv, Dh = config.num_layers, config.num_kv_heads, config.head_dim
+        one = Hkv * length * Dh * ITEMSIZE[self.dtype]
+        k = [DTensor(alloc, int(alloc) + 2 * i * one, (Hkv, length, Dh), self.dtype) for i in range(L)]
+        v = [DTensor(alloc, int(alloc) + (2 * i + 1) * one, (Hkv, length, Dh), self.dtype) for i in range(L)]
+        return ((L, Hkv, Dh), length, alloc, k, v)
+
+    def new_cache(self, config, length: int) -> Cache:
+        """A cache for `length` positions: the preallocated one when it is big enough and not in use."""
+        key = (config.num_layers, config.num_kv_heads, config.head_dim)
+        kv = self._kv
+        free_to_lend = self._lent is None or self._lent() is None
+        if kv is None or kv[0] != key or kv[1] < length or not free_to_lend:
+            kv = self._make_kv(config, length)
+            if free_to_lend:  # replace the preallocated one (a second live cache stays separate)
+                if self._kv is not None:
+                    self._kv[2].free()
+                self._kv = kv
+        if self.poison:
+            self.drv.memset_d8_async(int(kv[2]), 0xFF, self._bytes_per_position(config) * kv[1], self.stream)
+        cache = Cache(list(kv[3]), list(kv[4]), length)
+        if kv is self._kv:
+            self._lent = weakref.ref(cache)
+        return cache
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the preallocated KV cache (0 before loading)."""
+        return 0 if self._kv is None else self._kv[4][0].nbytes * 2 * len(self._kv[3])
+
+    # -- primitive operations (see core.ops for the numpy references) ----------------------------
+    def _embed(self, op, table, ids_dev, x, scale, start, T) -> DTensor:
+        D = table.shape[1]
+        out = self._alloc((T, D))
+        fn = self._fn("embed.cu", "embed", "PPPPfiPii")
+        self._launch(op, fn, (T, 1, 1), (min(256, 32 * -(-D // 32)), 1, 1),
+                     out, table, ids_dev, x, float(1.0 if scale is None else scale), start, self._start_dev(), T, D)
+        return out
+
+    def embed(self, table: DTensor, ids, scale: float | None = None) -> DTensor:
+        """table[ids] (* scale) → float32 [T, D]."""
+        if self.capture is not None:  # the token id lives in the graph's input buffer
+            return self._embed("embed", table, self.capture.ids, None, scale, 0, 1)
+        ids_dev = self.from_host(np.asarray(ids, dtype=np.int32))
+        return self._embed("embed", table, ids_dev, None, scale, 0, ids_dev.shape[0])
+
+    def add_positions(self, x: DTensor, table: DTensor, start: int) -> DTensor:
+        """x [T, D] + table[start:start+T] (learned absolute positions)."""
+        return self._embed("add_positions", table, None, x, None, start, x.shape[0])
+
+    def add(self, a: DTensor, b: DTensor) -> DTensor:
+        out = self._alloc(a.shape)
+        fn = self._fn("elementwise.cu", "add", "PPPq")
+        self._launch("add", fn, self._grid1(a.size), (256, 1, 1), out, a, b, a.size)
+        return out
+
+    def soft_cap(self, x: DTensor, cap: float) -> DTensor:
+        """cap * tanh(x / cap)."""
+        y = self._alloc(x.shape)
+        fn = self._fn("elementwise.cu", "soft_cap", "PPqf")
+        self._launch("soft_cap", fn, self._grid1(x.size), (256, 1, 1), y, x, x.size, float(cap))
+        return y
+
+    def linear(self, x: DTensor, w: DTensor, b: DTensor | None = None) -> DTensor:
+        """x [..., K] @ w[N, K].T (+ b) → float32 [..., N]: GEMV for a few tokens, else a tiled GEMM."""
+        K, N = x.shape[-1], w.shape[0]
+        if w.shape[1] != K:
+            raise DeviceError(f"linear: x has {K} features but the weight is {list(w.shape)}")
+        M = x.size // K if K else 0
+        y = self._alloc(x.shape[:-1] + (N,))
+        if M <= GEMV_MAX_T:
+            fn = self._fn("gemv.cu", "gemv", "PPPPiii", GEMV_MAX_T=GEMV_MAX_T)
+            self._launch("linear(gemv)", fn, (-(-N // 8), 1, 1), (256, 1, 1), y, x, w, b, M, N, K)
+        elif self.dtype == "float32":
+            fn = self._fn("gemm_f32.cu", "gemm_f32", "PPPPiii")
+            self._launch("linear(gemm_f32)", fn, (-(-N // 64), -(-M // 64), 1), (256, 1, 1), y, x, w, b, M, N, K)
+        else:
+            fn = self._fn("gemm.cu", "gemm", "PPPPiii")
+            self._launch("linear(gemm)", fn, (-(-N // 128), -(-M // 128), 1), (256, 1, 1), y, x, w, b, M, N, K)
+        return y
+
+    def _norm_rows(self, op, y, xsum, x, delta, w, b, D, rms, eps, offset):
+        R = x.size // D
+        threads = 32 if D <= 256 else 128 if D <= 2048 else 256
+        fn = self._fn("norm.cu", "norm_rows", "PPPPPPiiiff")
+        self._launch(op, fn, (R, 1, 1), (threads, 1, 1), y, xsum, x, delta, w, b, R, D, int(rms), float(eps), float(offset))
+
+    def norm(self, x: DTensor, w, b, eps, kind, offset=0.0) -> DTensor:
+        y = self._alloc(x.shape)
+        self._norm_rows("norm", y, None, x, None, w, b if kind == "layernorm" else None, x.shape[-1],
+                        kind != "layernorm", eps, offset)
+        return y
+
+    def add_norm(self, x: DTensor, delta: DTensor, w, b, eps, kind, offset=0.0):
+        """(x + delta, norm(x + delta)) in one pass."""
+        s, y = self._alloc(x.shape), self._alloc(x.shape)
+        self._norm_rows("add_norm", y, s, x, delta, w, b if kind == "layernorm" else None, x.shape[-1],
+                        kind != "layernorm", eps, offset)
+        return s, y
+
+    def head_norm(self, x: DTensor, w, eps, offset=0.0) -> DTensor:
+        """Per-head RMSNorm over the last axis of [T, H, Dh]."""
+        y = self._alloc(x.shape)
+        self._norm_rows("head_norm", y, None, x, None, w, None, x.shape[-1], True, eps, offset)
+        return y
+
+    def act(self, x: DTensor, kind: str) -> DTensor:
+        y = self._alloc(x.shape)
+        fn = self._fn("elementwise.cu", "act", "PPqi")
+        self._launch(f"act({kind})", fn, self._grid1(x.size), (256, 1, 1), y, x, x.size, self._act_code(kind))
+        return y
+
+    def gated_act(self, gate: DTensor, up: DTensor, kind: str) -> DTensor:
+        """act(gate) * up."""
+        y = self._alloc(gate.shape)
+        fn = self._fn("elementwise.cu", "gated_act", "PPPqi")
+        self._launch(f"gated_act({kind})", fn, self._grid1(gate.size), (256, 1, 1), y, gate, up, gate.size,
+                     self._act_code(kind))
+        return y
+
+    @staticmethod
+    def _act_code(kind: str) -> int:
+        if kind not in ACT_CODES:
+            raise DeviceError(f"activation {kind!r} has no CUDA kernel (supported: {list(ACT_CODES)})")
+        return ACT_CODES[kind]
+
+    def _freq(self, inv_freq) -> DTensor:
+        if isinstance(inv_freq, DTensor):
+            return inv_freq
+        arr = np.ascontiguousarray(inv_freq, dtype=np.float32)
+        key = arr.tobytes()
+        t = self._freqs.get(key)
+        if t is None:
+            if self.capture is not None:
+                raise DeviceError("rope: inverse frequencies must be uploaded before a graph capture")
+            t = self._freqs[key] = self.from_host(arr)
+        return t
+
+    def rope(self, x: DTensor, start: int, inv_freq) -> DTensor:
+        """Rotate-half RoPE on [T, H, Dh] at positions start..start+T-1."""
+        T, H, Dh = x.shape
+        f = self._freq(inv_freq)
+        y = self._alloc(x.shape)
+        fn = self._fn("rope.cu", "rope", "PPPiPiii")
+        self._launch("rope", fn, (T * H, 1, 1), (32 if Dh <= 64 else 64, 1, 1), y, x, f, start, self._start_dev(), T, H, Dh)
+        return y
+
+    def _check_room(self, cache: Cache, layer: int, start: int, T: int, what: str) -> None:
+        S = cache.k[layer].shape[1]
+        if start + T > S:
+            raise ContextOverflowError(f"{what}: positions {start}..{start + T - 1} do not fit the KV cache of {S} positions")
+
+    def cache_write(self, cache: Cache, layer: int, k: DTensor, v: DTensor, start: int) -> None:
+        T, Hkv, Dh = k.shape
+        self._check_room(cache, layer, start, T, "cache_write")
+        kc, vc = cache.k[layer], cache.v[layer]
+        fn = self._fn("kv.cu", "kv_write", "PPPPiPiiii")
+        self._launch("cache_write", fn, (T * Hkv, 1, 1), (min(128, 32 * -(-Dh // 32)), 1, 1),
+                     kc, vc, k, v, start, self._start_dev(), T, Hkv, kc.shape[1], Dh)
+
+    def attention(self, q: DTensor, cache: Cache, layer: int, start: int, scale: float,
+                  window: int | None = None, softcap: float | None = None) -> DTensor:
+        """Causal GQA attention of q [T, H, Dh] over cache positions 0..start+T-1 → [T, H, Dh].
+
+        window: a query at position p sees only keys p-window+1..p; softcap: scores s → softcap·tanh(s/softcap).
+        """
+        win, cap = int(window or 0), float(softcap or 0.0)
+        T, H, Dh = q.shape
+        kc, vc = cache.k[layer], cache.v[layer]
+        Hkv, S, _ = kc.shape
+        if H % Hkv:
+            raise DeviceError(f"attention: {H} query heads are not a multiple of {Hkv} key/value heads")
+        self._check_room(cache, layer, start, T, "attention")
+        out = self._alloc(q.shape)
+        if T == 1:
+            # Slices of ~256 keys; a captured graph sizes them for the whole cache (positions change).
+            n = S if self.capture is not None else start + 1
+            n = min(n, win) if win else n
+            nsplit = max(1, min(64, -(-n // 256)))
+            part = self._alloc((H, nsplit, 2 + Dh))
+            fn = self._fn("attention.cu", "attn_decode", "PPPPiPiiifif", HEAD_DIM=Dh)
+            self._launch("attention(decode)", fn, (H, nsplit, 1), (128, 1, 1), part, q, kc, vc, start,
+                         self._start_dev(), H, Hkv, S, float(scale), win, cap)
+            fn = self._fn("attention.cu", "attn_combine", "PPii", HEAD_DIM=Dh)
+            self._launch("attention(combine)", fn, (H, 1, 1), (min(128, 32 * -(-Dh // 32)), 1, 1), out, part, H, nsplit)
+        else:
+            fn = self._fn("attention.cu", "attn_prefill", "PPPPiPiiiifif", HEAD_DIM=Dh)
+            dhp = Dh + 2 if Dh % 2 else Dh + 1
+            smem = 4 * (PREFILL_NQ * Dh + PREFILL_BK * dhp + PREFILL_BK * Dh)
+            if smem > 48 * 1024 and getattr(fn, "_smem", 0) < smem:
+                fn.set_attribute(self.drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+                fn._smem = smem
+            self._launch("attention(prefill)", fn, (-(-T // PREFILL_NQ), H, 1), (128, 1, 1), out, q, kc, vc, start,
+                         self._start_dev(), T, H, Hkv, S, float(scale), win, cap, shared=smem)
+        return out
+
+    # -- decode steps ----------------------------------------------------------------------------
+    def decode(self, forward, W, c, token: int, cache: Cache, start: int, inv_freq) -> np.ndarray:
+        """Logits [V] for one new token at position `start`: replayed as a CUDA graph when enabled."""
+        if self.graphs:
+            from .graph import GraphCache
+
+            if self._graph_cache is None:
+                self._graph_cache = GraphCache(self)
+            return self._graph_cache.step(forward, W, c, token, cache, start, inv_freq)
+        return forward(self, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]

@@ -1,0 +1,427 @@
+"""GPU benchmark: decode and prefill speed against the memory-bandwidth roofline measured in the same run.
+
+    bench_cuda("tinyllama-1.1b", compare_hf=True, out_json="bench.json")   # a named shape, random weights
+    bench_cuda("path/to/ckpt")                                              # a checkpoint directory
+
+Named shapes (bench_configs.json) are config.json contents: the plugin is picked by the same config
+scoring as detection, the weights are made on the GPU (no download, no checkpoint on disk).
+
+What is reported, per model (dtype float16 unless the checkpoint says otherwise):
+- copy_gbps: device-to-device copy bandwidth (bytes read + written per second), measured first.
+- weight_bytes, bytes_per_token: a batch-1 decode step reads every weight once, except the token and
+  position tables of which it reads one row each (a tied table is read whole, as the output projection).
+- roofline_tok_s = copy bandwidth / bytes_per_token; decode_tok_s (128 new tokens after an 8-token
+  prompt, wall clock around generate(), CUDA graphs on) and its % of the roofline; decode without graphs.
+- prefill_tok_s for 512 and 2048 tokens (last-position logits; None past the model's context).
+- with compare_hf: the same decode / prefill figures for transformers (generate(), eager forward) in the
+  same dtype on the same card, in the same process after ours is freed.
+- gpu_used_bytes: device memory taken by loading + the runs above, beside weights + KV cache.
+
+`load_check(name)` writes a sharded random checkpoint of a named shape and loads it with core.load in a
+child process, reporting peak host RSS against the largest shard and GPU memory against weights + KV.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import Weights
+from ..config import ModelConfig
+from ..detect import score_config
+from ..errors import ConfigError
+from ..model import Model, forward
+from ..registry import default_registry
+from ..weights import condition, expected_shape
+
+CONFIGS_FILE = Path(__file__).with_name("bench_configs.json")
+DECODE_TOKENS, PROMPT_TOKENS, PREFILL_LENGTHS = 128, 8, (512, 2048)
+
+
+def named_configs() -> dict[str, dict]:
+    return {k: v for k, v in json.loads(CONFIGS_FILE.read_text()).items() if not k.startswith("_")}
+
+
+def resolve(name: str) -> tuple[str, dict]:
+    """A named shape by exact name or unique prefix ("tinyllama" → "tinyllama-1.1b")."""
+    configs = named_configs()
+    key = name.lower()
+    hits = [key] if key in configs else [k for k in configs if k.startswith(key)]
+    if len(hits) != 1:
+        raise ConfigError(f"bench config {name!r} is {'ambiguous' if hits else 'unknown'}; "
+                          f"known: {sorted(configs)} (or pass a checkpoint directory)")
+    return hits[0], configs[hits[0]]
+
+
+def pick_spec(raw: dict, registry=None):
+    """The registered spec whose detection rule scores these config.json contents highest."""
+    reg = registry if registry is not None else default_registry()
+    scores = {name: score_config(reg[name].spec, raw) for name in reg}
+    best = max(scores.values(), default=0)
+    winners = [n for n, s in scores.items() if s == best]
+    if best <= 0 or len(winners) != 1:
+        raise ConfigError(f"no unique plugin for architectures={raw.get('architectures')} "
+                          f"model_type={raw.get('model_type')!r} (scores {scores})")
+    return reg[winners[0]].spec
+
+
+def weight_shapes(spec, config: ModelConfig) -> list[tuple[str, int | None, tuple]]:
+    """(role, layer, shape) of every weight the spec loads under this config."""
+    out = []
+    for rule in spec.weights:
+        if not condition(rule.when, config):
+            continue
+        for layer in (range(config.num_layers) if rule.per_layer else [None]):
+            out += [(role, layer, expected_shape(role, config)) for role in rule.targets]
+    return out
+
+
+def _init(role: str, shape: tuple) -> tuple[float, float]:
+    """(center, half-width) of the uniform init: unit-ish norms, 1/sqrt(fan-in) matrices, small biases."""
+    if "norm" in role:
+        return 1.0, 0.05
+    if len(shape) == 1:
+        return 0.0, 0.02
+    if role in ("embed", "pos_embed"):
+        return 0.0, 0.5
+    return 0.0, 1.0 / math.sqrt(shape[1])
+
+
+def random_model(raw: dict, dtype: str = "float16", context: int | None = None, seed: int = 0) -> Model:
+    """A Model of config.json contents `raw` with random weights made on the GPU."""
+    from .backend import CudaBackend
+
+    spec = pick_spec(raw)
+    config = ModelConfig.from_hf(spec, raw, source="bench config")
+    be = CudaBackend(dtype, context=context)
+    shapes = weight_shapes(spec, config)
+    weights = Weights(layers=[{} for _ in range(config.num_layers)])
+    try:
+        be.begin_loading(config, sum(math.prod(s) for _, _, s in shapes))
+        for i, (role, layer, shape) in enumerate(shapes):
+            center, a = _init(role, shape)
+            t = be.random_weight(shape, seed * 100_003 + i + 1, a, center)
+            (weights.globals if layer is None else weights.layers[layer])[role] = t
+        be.finish_loading(weights)
+    except BaseException:
+        be.release(weights)
+        raise
+    return Model(spec, config, be, weights, device="cuda")
+
+
+def copy_bandwidth(be, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    drv = be.drv
+    src, dst = drv.mem_alloc(nbytes), drv.mem_alloc(nbytes)
+    try:
+        drv.memset_d8(src, 1, nbytes)
+        t0, t1 = drv.Event(), drv.Event()
+        drv.memcpy_dtod_async(dst, src, nbytes, be.stream)  # warm-up
+        t0.record(be.stream)
+        for _ in range(reps):
+            drv.memcpy_dtod_async(dst, src, nbytes, be.stream)
+        t1.record(be.stream)
+        t1.synchronize()
+        return 2 * nbytes * reps / (t1.time_since(t0) / 1e3)
+    finally:
+        src.free()
+        dst.free()
+
+
+def bytes_per_token(model: Model) -> int:
+    """Bytes one batch-1 decode step must read: all weights but the rows of gathered tables not read."""
+    W, n = model.weights, model.backend.weight_bytes
+    tied = "lm_head" not in W.globals
+    if not tied:
+        n -= W.globals["embed"].nbytes
+    if "pos_embed" in W.globals:
+        n -= W.globals["pos_embed"].nbytes
+    return n
+
+
+def _prompt(model: Model, n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, model.config.vocab_size, n).tolist()
+
+
+def time_decode(model: Model, n: int = DECODE_TOKENS, graphs: bool = True) -> float:
+    """tok/s of generate(): n new tokens after a PROMPT_TOKENS prompt (after a warm-up run)."""
+    model.backend.graphs = graphs
+    prompt = _prompt(model, PROMPT_TOKENS)
+    model.generate(prompt, max_new_tokens=8, stop_at_eos=False)  # compiles, captures the step graph
+    t = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=n, stop_at_eos=False)
+    dt = time.perf_counter() - t
+    assert len(out) == n
+    return n / dt
+
+
+def time_prefill(model: Model, T: int, reps: int = 3) -> float | None:
+    """tok/s of one forward pass over T tokens (last-position logits), median of `reps` after a warm-up."""
+    c = model.config
+    if T > c.max_position_embeddings:
+        return None
+    be, ids = model.backend, np.asarray(_prompt(model, T, seed=1))
+    cache = be.new_cache(c, T)
+    times = []
+    for i in range(reps + 1):
+        t = time.perf_counter()
+        forward(be, model.weights, c, ids, cache, 0, model.inv_freq, all_logits=False)
+        if i:
+            times.append(time.perf_counter() - t)
+    return T / statistics.median(times)
+
+
+def bench_ours(model: Model, bw: float) -> dict:
+    bpt = bytes_per_token(model)
+    res = {"dtype": model.backend.dtype, "weight_bytes": model.backend.weight_bytes, "kv_bytes": model.backend.kv_bytes,
+           "bytes_per_token": bpt, "roofline_tok_s": bw / bpt}
+    res["decode_tok_s"] = time_decode(model)
+    res["decode_pct_roofline"] = 100 * res["decode_tok_s"] / res["roofline_tok_s"]
+    res["decode_nograph_tok_s"] = time_decode(model, 64, graphs=False)
+    for T in PREFILL_LENGTHS:
+        res[f"prefill{T}_tok_s"] = time_prefill(model, T)
+    return res
+
+
+# -- transformers on the same card ---------------------------------------------------------------------
+def hf_model(raw: dict | None, path: str | None, dtype: str):
+    import torch
+    import transformers
+
+    td = getattr(torch, dtype)
+    if path is not None:
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=td).to("cuda").eval()
+    cfg = transformers.AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=td)
+    return model.to(td).eval()
+
+
+def bench_hf(raw: dict | None, path: str | None, dtype: str, max_pos: int) -> dict:
+    import torch
+
+    model = hf_model(raw, path, dtype)
+    V = model.config.vocab_size
+    res = {}
+    try:
+        with torch.no_grad():
+            ids = torch.randint(0, V, (1, PROMPT_TOKENS), device="cuda")
+            kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+            model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, **kw)
+            torch.cuda.synchronize()
+            res["decode_tok_s"] = (out.shape[1] - PROMPT_TOKENS) / (time.perf_counter() - t)
+            for T in PREFILL_LENGTHS:
+                res[f"prefill{T}_tok_s"] = _hf_prefill(model, V, T) if T <= max_pos else None
+    finally:
+        del model
+        torch.cuda.empty_cache()
+    return res
+
+
+def _hf_prefill(model, V: int, T: int, reps: int = 3) -> float:
+    import torch
+
+    ids = torch.randint(0, V, (1, T), device="cuda")
+    times = []
+    for i in range(reps + 1):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model(ids, use_cache=False, logits_to_keep=1)
+        torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t)
+    return T / statistics.median(times)
+
+
+# -- the entry point the CLI calls ---------------------------------------------------------------------
+def bench_cuda(config_name_or_path: str, compare_hf: bool = False, out_json: str | None = None,
+               dtype: str | None = None) -> dict:
+    """Benchmark one named shape or checkpoint on the GPU; returns (and optionally writes) the results."""
+    import pycuda.autoprimaryctx  # noqa: F401
+    import pycuda.driver as drv
+
+    from .. import load as core_load
+
+    is_path = os.path.isdir(config_name_or_path)
+    free0 = drv.mem_get_info()[0]
+    if is_path:
+        raw, name = None, str(config_name_or_path)
+        model = core_load(config_name_or_path, device="cuda", dtype=dtype, quiet=True)
+    else:
+        name, raw = resolve(config_name_or_path)
+        max_pos = ModelConfig.from_hf(pick_spec(raw), raw).max_position_embeddings
+        model = random_model(raw, dtype or "float16", context=min(max_pos, max(PREFILL_LENGTHS) + 256))
+    be = model.backend
+    result = {"config": name, "device": be.device.name(), "date": datetime.date.today().isoformat(),
+              "copy_gbps": copy_bandwidth(be) / 1e9}
+    try:
+        result.update(bench_ours(model, result["copy_gbps"] * 1e9))
+        result["gpu_used_bytes"] = free0 - drv.mem_get_info()[0]
+    finally:
+        max_pos = model.config.max_position_embeddings
+        be.release(model.weights)
+    if compare_hf:
+        result["hf"] = bench_hf(raw, None if raw else name, result["dtype"], max_pos)
+        result["hf"]["decode_speedup"] = result["decode_tok_s"] / result["hf"]["decode_tok_s"]
+    if out_json:
+        Path(out_json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(results: list[dict]) -> str:
+    """A plain-text table of bench_cuda results."""
+    def f(v, fmt="{:,.0f}"):
+        return "-" if v is None else fmt.format(v)
+
+    head = (f"{'config':<16}{'weights MB':>11}{'roof tok/s':>11}{'decode':>9}{'%roof':>7}{'nograph':>9}"
+            f"{'pf512':>9}{'pf2048':>9}{'HF dec':>8}{'HF pf512':>10}{'HF pf2048':>10}{'x HF':>7}")
+    rows = [head]
+    for r in results:
+        hf = r.get("hf", {})
+        rows.append(f"{r['config'][:15]:<16}{r['weight_bytes'] / 1e6:>11,.0f}{f(r['roofline_tok_s']):>11}"
+                    f"{f(r['decode_tok_s']):>9}{f(r['decode_pct_roofline'], '{:.1f}'):>7}{f(r['decode_nograph_tok_s']):>9}"
+                    f"{f(r['prefill512_tok_s']):>9}{f(r['prefill2048_tok_s']):>9}{f(hf.get('decode_tok_s'), '{:.1f}'):>8}"
+                    f"{f(hf.get('prefill512_tok_s')):>10}{f(hf.get('prefill2048_tok_s')):>10}"
+                    f"{f(hf.get('decode_speedup'), '{:.1f}'):>7}")
+    if results:
+        rows.append(f"card: {results[0]['device']}, copy bandwidth {results[0]['copy_gbps']:,.0f} GB/s, {results[0]['date']}")
+    return "\n".join(rows)
+
+
+# -- loading a real sharded checkpoint: host RSS and GPU memory ---------------------------------------
+def write_random_checkpoint(raw: dict, path: Path, shard_bytes: int = 4 << 30, seed: int = 0) -> list[Path]:
+    """A hub-layout F16 checkpoint of `raw` with random values, written one tensor at a time."""
+    spec = pick_spec(raw)
+    config = ModelConfig.from_hf(spec, raw)
+    tensors = []
+    for rule in spec.weights:
+        if not condition(rule.when, config):
+            continue
+        for layer in (range(config.num_layers) if rule.per_layer else [None]):
+            shape = expected_shape(rule.targets[0], config)
+            if rule.split:
+                shape = (sum(getattr(config, s) for s in rule.split),) + shape[1:]
+            name = rule.patterns[0].replace("{layer}", str(layer))
+            tensors.append((name, tuple(shape[::-1]) if rule.transpose else shape))
+    shards, cur, size = [], [], 0
+    for name, shape in tensors:
+        n = math.prod(shape) * 2
+        if cur and size + n > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((name, shape))
+        size += n
+    shards.append(cur)
+    pool = (np.random.default_rng(seed).standard_normal(1 << 25, dtype=np.float32) * 0.02).astype(np.float16)
+    path.mkdir(parents=True, exist_ok=True)
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        files.append(path / fname)
+        _write_shard(path / fname, shard, pool)
+        weight_map.update({name: fname for name, _ in shard})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps({**raw, "torch_dtype": "float16"}))
+    return files
+
+
+def _write_shard(file: Path, tensors: list, pool: np.ndarray) -> None:
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in tensors:
+        n = math.prod(shape) * 2
+        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(file, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h)
+        for _, shape in tensors:
+            left = math.prod(shape)
+            while left:
+                k = min(left, pool.size)
+                f.write(memoryview(pool)[:k])
+                left -= k
+
+
+def load_check(name: str = "qwen3-8b", workdir: str | None = None) -> dict:
+    """Load a written checkpoint of a named shape in fp16 in a child process: peak RSS and GPU memory."""
+    name, raw = resolve(name)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        t = time.perf_counter()
+        files = write_random_checkpoint(raw, Path(tmp) / name)
+        write_s = time.perf_counter() - t
+        out = subprocess.run([sys.executable, "-m", "core.cuda.bench", "--load-child", str(Path(tmp) / name)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"load child failed:\n{out.stderr[-4000:]}")
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        largest = max(f.stat().st_size for f in files)
+    res.update(config=name, write_s=write_s, largest_shard_bytes=largest,
+               rss_limit_bytes=largest + (1 << 30), rss_ok=res["peak_rss_bytes"] <= largest + (1 << 30),
+               gpu_limit_bytes=int(1.1 * (res["weight_bytes"] + res["kv_bytes"])),
+               gpu_ok=res["gpu_used_bytes"] <= 1.1 * (res["weight_bytes"] + res["kv_bytes"]))
+    return res
+
+
+def _load_child(path: str) -> None:
+    import pycuda.autoprimaryctx  # noqa: F401
+    import pycuda.driver as drv
+
+    from .. import load as core_load
+
+    free0 = drv.mem_get_info()[0]
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    model = core_load(path, device="cuda", dtype="float16", quiet=True)
+    load_s = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model.generate(list(range(1, 513)), max_new_tokens=16, stop_at_eos=False)
+    used = free0 - drv.mem_get_info()[0]
+    print(json.dumps({"load_s": load_s, "peak_rss_bytes": rss, "rss_before_load_bytes": rss0,
+                      "weight_bytes": model.backend.weight_bytes, "kv_bytes": model.backend.kv_bytes,
+                      "kv_positions": model.backend._kv[1], "gpu_used_bytes": used}))
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m core.cuda.bench", description=__doc__.split("\n")[0])
+    p.add_argument("configs", nargs="*", default=sorted(named_configs()))
+    p.add_argument("--compare-hf", action="store_true")
+    p.add_argument("--json")
+    p.add_argument("--load-check", metavar="NAME")
+    p.add_argument("--load-child", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.load_child:
+        _load_child(a.load_child)
+        return 0
+    results = []
+    for c in a.configs:
+        results.append(bench_cuda(c, a.compare_hf))
+        print(json.dumps(results[-1]), flush=True)
+    report = {"results": results}
+    if a.load_check:
+        report["load_check"] = load_check(a.load_check)
+        print(json.dumps(report["load_check"]), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+// Shared helpers for archkit's kernels: the storage type of weights / KV cache, conversions to and from
+// float (all arithmetic is fp32), 128-bit vector loads, and warp / block reductions.
+//
+// WDTYPE picks the storage type `wt`; activations are always float32.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#ifndef WDTYPE
+#define WDTYPE 1  // 0 float32, 1 float16, 2 bfloat16
+#endif
+static_assert(WDTYPE >= 0 && WDTYPE <= 2, "WDTYPE must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+
+#if WDTYPE == 0
+typedef float wt;
+#elif WDTYPE == 1
+typedef __half wt;
+#else
+typedef __nv_bfloat16 wt;
+#endif
+
+constexpr int VEC = 16 / sizeof(wt);  // wt elements in one 128-bit load
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// VEC wt values at p (16-byte aligned) as floats; through the read-only path, since weights never change.
+__device__ __forceinline__ void load_vec(const wt* p, float* f) {
+    uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    const wt* e = reinterpret_cast<const wt*>(&u);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) f[i] = to_f(e[i]);
+}
+
+// A start position that a captured CUDA graph reads from device memory (start_dev) or, uncaptured, the
+// value passed by argument: graphs bake their arguments in, so per-step values must come from memory.
+__device__ __forceinline__ int start_pos(int start, const int* start_dev) {
+    return start_dev ? *start_dev : start;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+// `scratch` is 32 floats of shared memory; the trailing barrier lets the caller reuse it at once.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : 0.f;
+    v = warp_sum(v);
+    __syncthreads();
+    return v;
+}

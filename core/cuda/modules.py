@@ -1,0 +1,55 @@
+"""Kernel modules: the `.cu` files beside this one, compiled by name with `-D` sizes and cached.
+
+A module is compiled on first use (PyCUDA also caches the cubin on disk) and kept for the life of the
+process, keyed by file and defines. `nvcc_options` is the single source of compiler flags: the runtime
+and the CI compile test (tests/test_cuda_compile.py) both use it, so CI builds exactly what runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}  # WDTYPE in common.cuh
+BASE_OPTIONS = ("-std=c++17", "-O3")  # no --use_fast_math: fp32 parity needs accurate expf/sincosf/erff
+
+_modules: dict = {}
+
+
+def kernel_files() -> list[str]:
+    """Names of every kernel source in this package."""
+    return sorted(p.name for p in HERE.glob("*.cu"))
+
+
+def variants(name: str) -> list[dict[str, int]]:
+    """The -D sets the runtime compiles `name` with (CI compiles each of them)."""
+    if name == "gemm.cu":  # tensor-core path: half types only
+        return [{"WDTYPE": 1}, {"WDTYPE": 2}]
+    if name == "gemm_f32.cu":
+        return [{"WDTYPE": 0}]
+    dtypes = [{"WDTYPE": c} for c in DTYPE_CODES.values()]
+    if name == "attention.cu":  # compiled per head size; these are the common ones plus an odd one
+        return [dict(d, HEAD_DIM=h) for d in dtypes for h in (64, 128, 80, 37)]
+    return dtypes
+
+
+def nvcc_options(defines: dict[str, int]) -> list[str]:
+    """Compiler flags for one module (arch and include path are added by the caller)."""
+    return list(BASE_OPTIONS) + [f"-D{k}={v}" for k, v in sorted(defines.items())]
+
+
+def source(name: str) -> str:
+    return (HERE / name).read_text()
+
+
+def get_module(name: str, defines: dict[str, int]):
+    """The compiled pycuda SourceModule for `name` with `defines` (compiled once per process)."""
+    key = (name, tuple(sorted(defines.items())))
+    mod = _modules.get(key)
+    if mod is None:
+        from pycuda.compiler import SourceModule
+
+        # no_extern_c: the kernels declare extern "C" themselves; wrapping would break <mma.h>.
+        mod = SourceModule(source(name), options=nvcc_options(defines), include_dirs=[str(HERE)], no_extern_c=True)
+        _modules[key] = mod
+    return mod

@@ -1,0 +1,242 @@
+"""Property tests: every CUDA kernel against its numpy reference in core.ops (GPU machine only).
+
+Inputs are fresh random values for every example; shapes include sizes that are not multiples of the
+kernels' tiles (GEMM 128, GEMV 8-element vectors, attention 16 queries x 32 keys), every dtype, GQA
+ratios and sequences of several thousand positions. The backend runs with poison=True: every output
+buffer and KV cache is NaN-filled before the kernel runs, so an element a kernel forgets to write fails
+the comparison. References are computed in float64 from the same rounded weights the GPU holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, strategies as st
+
+from core import ops
+from core.backend import NumpyBackend, Weights
+from core.config import RopeConfig
+from core.load import cuda_available
+
+OK, WHY = cuda_available()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not OK, reason=f"needs PyCUDA and an NVIDIA GPU: {WHY}")]
+
+DTYPES = ("float32", "float16", "bfloat16")
+# ‖gpu − ref‖ / ‖ref‖ allowed where the GPU rounds activations or cached keys/values to the dtype (GEMM
+# operands, KV cache). Ops computed in fp32 from the same rounded weights are held to TOL["float32"].
+TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+EXACT = TOL["float32"]
+
+
+class S:
+    """Strategies."""
+
+    dtype = st.sampled_from(DTYPES)
+    seed = st.integers(0, 2**32 - 1)
+    # Mostly awkward sizes, sometimes the aligned sizes real models use (vector paths).
+    dim = st.one_of(st.integers(1, 300), st.sampled_from([64, 128, 256, 768, 1024, 2048]))
+    head_dim = st.sampled_from([64, 128, 80, 37])  # the compiled variants CI checks, plus one odd size
+    gqa = st.sampled_from([1, 2, 4, 8])
+    act = st.sampled_from(sorted(ops.ACT))
+
+
+_backends: dict = {}
+
+
+@contextlib.contextmanager
+def backend(dtype):
+    """A poisoning CudaBackend per dtype, its weights and caches released after each example."""
+    from core.cuda.backend import CudaBackend
+
+    be = _backends.get(dtype) or _backends.setdefault(dtype, CudaBackend(dtype, poison=True))
+    try:
+        yield be
+    finally:
+        be.release(Weights())
+
+
+def rng(seed):
+    return np.random.default_rng(seed)
+
+
+def upload_weight(be, w):
+    """(device weight, the float64 copy the GPU holds: rounded to be.dtype exactly as loading does)."""
+    return be.convert(np.asarray(w, np.float32), "F32", "test"), NumpyBackend(be.dtype).convert(
+        np.asarray(w, np.float32), "F32", "test").astype(np.float64)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.isfinite(a).all(), f"{np.count_nonzero(~np.isfinite(a))} of {a.size} outputs are not finite"
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# --- embedding --------------------------------------------------------------------------------------------------
+@given(dtype=S.dtype, V=st.integers(1, 5000), D=S.dim, T=st.integers(1, 600), scaled=st.booleans(), seed=S.seed)
+def test_embed(dtype, V, D, T, scaled, seed):
+    r = rng(seed)
+    with backend(dtype) as be:
+        table, ref = upload_weight(be, r.normal(size=(V, D)))
+        ids = r.integers(0, V, T)
+        scale = float(r.uniform(0.5, 40)) if scaled else None
+        got = be.to_host(be.embed(table, ids, scale))
+        np.testing.assert_array_equal(got, ops.embed(ref.astype(np.float32), ids, scale))
+
+
+@given(dtype=S.dtype, P=st.integers(1, 4000), D=S.dim, T=st.integers(1, 300), seed=S.seed, data=st.data())
+def test_add_positions(dtype, P, D, T, seed, data):
+    assume(T <= P)
+    start = data.draw(st.integers(0, P - T))
+    r = rng(seed)
+    with backend(dtype) as be:
+        table, ref = upload_weight(be, r.normal(size=(P, D)))
+        x = r.normal(size=(T, D)).astype(np.float32)
+        got = be.to_host(be.add_positions(be.from_host(x), table, start))
+        np.testing.assert_array_equal(got, x + ref.astype(np.float32)[start:start + T])
+
+
+# --- elementwise ------------------------------------------------------------------------------------------------
+@given(n=st.integers(1, 3_000_000), seed=S.seed)
+def test_add(n, seed):
+    r = rng(seed)
+    a, b = r.normal(size=n).astype(np.float32), r.normal(size=n).astype(np.float32)
+    with backend("float32") as be:
+        np.testing.assert_array_equal(be.to_host(be.add(be.from_host(a), be.from_host(b))), a + b)
+
+
+@given(kind=S.act, n=st.integers(1, 200_000), seed=S.seed)
+def test_act(kind, n, seed):
+    x = (rng(seed).normal(size=n) * 4).astype(np.float32)
+    with backend("float32") as be:
+        assert rel_err(be.to_host(be.act(be.from_host(x), kind)), ops.ACT[kind](x.astype(np.float64))) < EXACT
+
+
+@given(kind=S.act, n=st.integers(1, 200_000), seed=S.seed)
+def test_gated_act(kind, n, seed):
+    r = rng(seed)
+    g, u = (r.normal(size=n) * 4).astype(np.float32), r.normal(size=n).astype(np.float32)
+    with backend("float32") as be:
+        got = be.to_host(be.gated_act(be.from_host(g), be.from_host(u), kind))
+        assert rel_err(got, ops.ACT[kind](g.astype(np.float64)) * u) < EXACT
+
+
+@given(n=st.integers(1, 200_000), cap=st.floats(1.0, 60.0), seed=S.seed)
+def test_soft_cap(n, cap, seed):
+    x = (rng(seed).normal(size=n) * 30).astype(np.float32)
+    with backend("float32") as be:
+        assert rel_err(be.to_host(be.soft_cap(be.from_host(x), cap)), ops.soft_cap(x.astype(np.float64), cap)) < EXACT
+
+
+# --- matrix products --------------------------------------------------------------------------------------------
+@given(dtype=S.dtype, T=st.one_of(st.integers(1, 4), st.integers(5, 700), st.just(1100)), K=S.dim, N=S.dim,
+       bias=st.booleans(), view=st.booleans(), seed=S.seed)
+def test_linear(dtype, T, K, N, bias, view, seed):
+    """GEMV for T <= 4, tensor-core (or fp32) GEMM above; `view` feeds rows 1.. of a bigger buffer (unaligned)."""
+    r = rng(seed)
+    with backend(dtype) as be:
+        w, wr = upload_weight(be, r.normal(size=(N, K)) / np.sqrt(K))
+        b, br = upload_weight(be, r.normal(size=N)) if bias else (None, None)
+        x = r.normal(size=(T + view, K)).astype(np.float32)
+        xd = be.from_host(x)[1:] if view else be.from_host(x)
+        x = x[1:] if view else x
+        got = be.to_host(be.linear(xd, w, b))
+        assert got.shape == (T, N)
+        tol = TOL[dtype] if T > 4 else EXACT  # the GEMV keeps x in fp32; the GEMM rounds it to the dtype
+        assert rel_err(got, ops.linear(x.astype(np.float64), wr, br)) < tol
+
+
+# --- norms ------------------------------------------------------------------------------------------------------
+@given(dtype=S.dtype, kind=st.sampled_from(["layernorm", "rmsnorm"]), R=st.integers(1, 300), D=S.dim,
+       offset=st.sampled_from([0.0, 1.0]), bias=st.booleans(), eps=st.sampled_from([1e-5, 1e-6]), seed=S.seed)
+def test_norm_and_add_norm(dtype, kind, R, D, offset, bias, eps, seed):
+    r = rng(seed)
+    with backend(dtype) as be:
+        w, wr = upload_weight(be, r.normal(size=D))
+        b, br = upload_weight(be, r.normal(size=D)) if bias and kind == "layernorm" else (None, None)
+        x, d = (r.normal(size=(R, D)) * 3 + 1).astype(np.float32), r.normal(size=(R, D)).astype(np.float32)
+        ref = NumpyBackend("float32")
+        want = ref.norm(x.astype(np.float64), wr, br, eps, kind, offset)
+        assert rel_err(be.to_host(be.norm(be.from_host(x), w, b, eps, kind, offset)), want) < EXACT
+        s, y = be.add_norm(be.from_host(x), be.from_host(d), w, b, eps, kind, offset)
+        ws, wy = ref.add_norm(x.astype(np.float64), d.astype(np.float64), wr, br, eps, kind, offset)
+        assert rel_err(be.to_host(s), ws) < EXACT
+        assert rel_err(be.to_host(y), wy) < EXACT
+
+
+@given(dtype=S.dtype, T=st.integers(1, 300), H=st.integers(1, 40), Dh=S.head_dim, offset=st.sampled_from([0.0, 1.0]),
+       seed=S.seed)
+def test_head_norm(dtype, T, H, Dh, offset, seed):
+    r = rng(seed)
+    with backend(dtype) as be:
+        w, wr = upload_weight(be, r.normal(size=Dh))
+        x = (r.normal(size=(T, H, Dh)) * 2).astype(np.float32)
+        got = be.to_host(be.head_norm(be.from_host(x), w, 1e-6, offset))
+        assert rel_err(got, ops.rms_norm(x.astype(np.float64), wr, 1e-6, offset)) < EXACT
+
+
+# --- rotary embedding -------------------------------------------------------------------------------------------
+@given(T=st.integers(1, 500), H=st.integers(1, 40), half=st.integers(1, 128), start=st.integers(0, 8000),
+       theta=st.sampled_from([1e4, 5e5, 1e6]), rtype=st.sampled_from(["default", "linear", "llama3"]), seed=S.seed)
+def test_rope(T, H, half, start, theta, rtype, seed):
+    Dh = 2 * half
+    rope = RopeConfig(theta=theta, type=rtype, factor=8.0 if rtype != "default" else 1.0)
+    inv = rope.inv_freq(Dh)
+    x = rng(seed).normal(size=(T, H, Dh)).astype(np.float32)
+    with backend("float32") as be:
+        got = be.to_host(be.rope(be.from_host(x), start, inv))
+    assert rel_err(got, ops.rope(x.astype(np.float64), np.arange(start, start + T), inv)) < EXACT
+
+
+# --- KV cache and attention -------------------------------------------------------------------------------------
+def _round(dtype, x):
+    return NumpyBackend(dtype).convert(np.asarray(x, np.float32), "F32", "kv").astype(np.float64)
+
+
+def _attention_case(dtype, T, start, Hkv, g, Dh, window, softcap, seed, spare):
+    """Fill a poisoned cache with `start` old positions and T new ones; compare the cache and attention."""
+    r = rng(seed)
+    H, n = Hkv * g, start + T
+    k, v = r.normal(size=(2, n, Hkv, Dh)).astype(np.float32)
+    q = r.normal(size=(T, H, Dh)).astype(np.float32)
+    scale = 1.0 / np.sqrt(Dh)
+    cfg = SimpleNamespace(num_layers=1, num_kv_heads=Hkv, head_dim=Dh, max_position_embeddings=n + spare)
+    with backend(dtype) as be:
+        cache = be.new_cache(cfg, n + spare)
+        if start:
+            be.cache_write(cache, 0, be.from_host(k[:start]), be.from_host(v[:start]), 0)
+        be.cache_write(cache, 0, be.from_host(k[start:]), be.from_host(v[start:]), start)
+        kc, vc = be.to_host(cache.k[0]), be.to_host(cache.v[0])
+        out = be.to_host(be.attention(be.from_host(q), cache, 0, start, scale, window=window, softcap=softcap))
+    kr, vr = _round(dtype, k).transpose(1, 0, 2), _round(dtype, v).transpose(1, 0, 2)  # [Hkv, n, Dh]
+    np.testing.assert_array_equal(kc[:, :n], kr)
+    np.testing.assert_array_equal(vc[:, :n], vr)
+    assert np.isnan(kc[:, n:]).all() and np.isnan(vc[:, n:]).all(), "cache_write wrote past its positions"
+    want = ops.attention(q.astype(np.float64), kr, vr, start, scale, window, softcap)
+    assert rel_err(out, want) < TOL[dtype]
+
+
+@given(dtype=S.dtype, start=st.integers(0, 8000), Hkv=st.integers(1, 4), g=S.gqa, Dh=S.head_dim,
+       window=st.one_of(st.none(), st.integers(1, 3000)), softcap=st.one_of(st.none(), st.floats(5.0, 50.0)),
+       seed=S.seed)
+def test_attention_decode(dtype, start, Hkv, g, Dh, window, softcap, seed):
+    """One query against up to 8000 cached positions (split-KV path)."""
+    _attention_case(dtype, 1, start, Hkv, g, Dh, window, softcap, seed, spare=7)
+
+
+@given(dtype=S.dtype, T=st.integers(2, 3000), Hkv=st.integers(1, 2), g=S.gqa, Dh=S.head_dim,
+       window=st.one_of(st.none(), st.integers(1, 1000)), softcap=st.one_of(st.none(), st.floats(5.0, 50.0)),
+       seed=S.seed)
+def test_attention_prefill(dtype, T, Hkv, g, Dh, window, softcap, seed):
+    """A prompt of up to 3000 tokens from position 0."""
+    assume(Hkv * g * T * T <= 40_000_000)  # keeps the float64 reference's score matrix small
+    _attention_case(dtype, T, 0, Hkv, g, Dh, window, softcap, seed, spare=5)
+
+
+@given(dtype=S.dtype, T=st.integers(2, 200), start=st.integers(1, 1500), Hkv=st.integers(1, 3), g=S.gqa,
+       Dh=S.head_dim, window=st.one_of(st.none(), st.integers(1, 600)), seed=S.seed)
+def test_attention_chunk(dtype, T, start, Hkv, g, Dh, window, seed):
+    """Several new tokens after a cached prefix (causal mask offset by start)."""
+    _attention_case(dtype, T, start, Hkv, g, Dh, window, None, seed, spare=3)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call for the CUDA backend: kernel property tests, GPU parity, benchmark; logs under $OUT.
+#   bash tools/gpu_round.sh STEPS...   steps: kernels parity bench benchhf loadcheck (default: all)
+# Per-step time limits (seconds) come from KERNELS_S, PARITY_S, BENCH_S; BENCH_CONFIGS picks the shapes.
+# Expects PyCUDA installed and PYTHONPATH set (see ../shared/device/README.md).
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+steps=${*:-kernels parity benchhf loadcheck}
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,power.draw --format=csv | tee "$OUT/gpu.txt"
+for step in $steps; do
+  echo "=== $step ($(date +%T))"
+  case $step in
+    kernels) timeout "${KERNELS_S:-240}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
+               tests/test_cuda_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -60 ;;
+    parity) timeout "${PARITY_S:-240}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
+               tests/test_cuda_parity.py 2>&1 | tee "$OUT/parity.log" | tail -60 ;;
+    bench) timeout "${BENCH_S:-200}" python3 -m core.cuda.bench ${BENCH_CONFIGS:-} --json "$OUT/bench.json" \
+               2>&1 | tee "$OUT/bench.log" | tail -30 ;;
+    benchhf) timeout "${BENCH_S:-300}" python3 -m core.cuda.bench ${BENCH_CONFIGS:-} --compare-hf \
+               --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -30 ;;
+    loadcheck) timeout "${LOAD_S:-200}" python3 -c "import json, core.cuda.bench as b; \
+               print(json.dumps(b.load_check('${LOAD_CONFIG:-qwen3-8b}', '${LOAD_DIR:-/tmp}'), indent=1))" \
+               2>&1 | tee "$OUT/loadcheck.log" | tail -30 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+echo "=== done ($(date +%T))"
