@@ -65,6 +65,9 @@ class NumpyBackend:
             x = to_float32(float32_to_bf16_bits(x), "BF16")
         return np.ascontiguousarray(x, dtype=np.float32)
 
+    def begin_loading(self, config, numel: int) -> None:
+        """Hook called before the first convert(): the model's config and its weights' element count."""
+
     def finish_loading(self, weights: Weights) -> None:
         """Hook for backends that fuse or upload after loading; nothing to do here."""
 
@@ -83,12 +86,20 @@ class NumpyBackend:
         """A float32 numpy copy of a backend tensor."""
         return np.asarray(x, dtype=np.float32)
 
+    def decode(self, forward, W, c, token: int, cache: Cache, start: int, inv_freq) -> np.ndarray:
+        """Logits [V] of one generated token at position `start` (a backend may replay a captured step)."""
+        return forward(self, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]
+
     # -- primitive operations (see core.ops for shapes) ------------------------------------------
     def embed(self, table, ids, scale=None):
         return ops.embed(table, ids, scale)
 
     def add(self, a, b):
         return a + b
+
+    def add_positions(self, x, table, start):
+        """x [T, D] + table[start:start+T] (learned absolute positions)."""
+        return x + ops.embed(table, np.arange(start, start + x.shape[0]))
 
     def linear(self, x, w, b=None):
         return ops.linear(x, w, b)

@@ -95,6 +95,7 @@ def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = N
     backend = make_backend(device, dtype, ckpt, quiet)
     weights = Weights(layers=[{} for _ in range(config.num_layers)])
     try:
+        backend.begin_loading(config, sum(src.info.numel for src in p.sources))
         for role, layer, t in p.load(backend.convert):
             (weights.globals if layer is None else weights.layers[layer])[role] = t
         backend.finish_loading(weights)

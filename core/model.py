@@ -23,7 +23,7 @@ def forward(be, W, c: ModelConfig, ids: np.ndarray, cache, start: int, inv_freq,
     T = len(ids)
     x = be.embed(W.globals["embed"], ids, c.embed_scale)
     if c.positions == "learned":
-        x = be.add(x, be.embed(W.globals["pos_embed"], np.arange(start, start + T)))
+        x = be.add_positions(x, W.globals["pos_embed"], start)
     scale = c.attn_scale
     L0 = W.layers[0]
     h = be.norm(x, L0["attn_norm.weight"], L0.get("attn_norm.bias"), c.norm_eps, c.norm, c.norm_offset)
@@ -151,8 +151,7 @@ class Model:
                     return
             if step + 1 < max_new_tokens:
                 pos = len(seen) - 1
-                logits = forward(self.backend, self.weights, self.config, np.asarray([tok]), cache, pos,
-                                 self.inv_freq, all_logits=False)[-1]
+                logits = self.backend.decode(forward, self.weights, self.config, tok, cache, pos, self.inv_freq)
 
     def generate(self, ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
