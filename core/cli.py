@@ -1,17 +1,44 @@
-"""The `archkit` command: list | inspect PATH | generate [PATH] | bench. Errors print one line."""
+"""The `archkit` command: list | inspect PATH | generate [PATH] | chat PATH | bench. Errors print one line."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import time
 from pathlib import Path
 
 from .errors import ArchkitError
 
 EPILOG_GENERATE = """examples:
-  archkit generate --arch llama --prompt "Once upon a time"      # the embedded demo model of a family
+  archkit generate --arch llama --prompt "Return the number of"  # the embedded demo model of a family
   archkit generate ./my-ckpt --prompt "def fib(n):" --max-new-tokens 64
   archkit generate ./my-ckpt --prompt "Hi" --temperature 0.8 --top-p 0.95 --seed 1
+  archkit generate ./my-ckpt --prompt "def f():" --stop "\\n\\n" --device cpu --dtype float32
+
+The prompt is echoed and the continuation streamed to stdout as it is generated; generation stops at
+--max-new-tokens, at an EOS id (generation_config.json, config.json) or after a --stop string.
+"""
+
+EPILOG_CHAT = """examples:
+  archkit chat ./Qwen3-0.6B
+  archkit chat ./Llama-3.2-1B-Instruct --system "Answer in one sentence." --temperature 0.7 --top-p 0.9
+  printf 'Hi!\\nWhat did I just say?\\n' | archkit chat ./Qwen3-0.6B     # one user turn per input line
+
+The checkpoint's chat template (chat_template.jinja, or "chat_template" in tokenizer_config.json) is
+applied to the whole conversation each turn, as transformers' apply_chat_template(...,
+add_generation_prompt=True) does; the reply streams until an EOS id such as <|im_end|>.
+In the conversation: /reset forgets it (the --system message stays), /exit or Ctrl-D ends it.
+Needs jinja2: pip install 'archkit[chat]'.
+"""
+
+EPILOG_INSPECT = """examples:
+  archkit inspect ./Llama-3.2-1B
+  archkit inspect ./my-ckpt --arch llama      # check a checkpoint against one family's spec
+
+Prints the files, tensor count and dtypes, the detected family with every plugin's detection score,
+the config as the plugin reads it, and whether every tensor the spec expects is present with the
+right shape (if not: the missing, unexpected and mismatched tensor names). Reads headers only.
 """
 
 
@@ -24,23 +51,22 @@ def _parser() -> argparse.ArgumentParser:
                    description="List registered families and broken plugins.", epilog="example:\n  archkit list",
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     ins = sub.add_parser("inspect", help="what a checkpoint directory holds and which family it is",
-                         epilog="example:\n  archkit inspect ./my-ckpt", formatter_class=argparse.RawDescriptionHelpFormatter)
-    ins.add_argument("path")
+                         description="Summarize a checkpoint directory and check it against its family's spec.",
+                         epilog=EPILOG_INSPECT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ins.add_argument("path", help="checkpoint directory (config.json, *.safetensors, ...)")
     ins.add_argument("--arch", help="family name (skip detection)")
     gen = sub.add_parser("generate", help="generate text, streamed to stdout", epilog=EPILOG_GENERATE,
+                         description="Continue a prompt with a model, streaming the text as it is generated.",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     gen.add_argument("path", nargs="?", help="checkpoint directory (omit to use the embedded demo model of --arch)")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--arch", help="family name (plugin); default: detect from the checkpoint")
-    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    _model_args(gen, max_new_tokens=64)
+    chat = sub.add_parser("chat", help="multi-turn chat through the checkpoint's chat template", epilog=EPILOG_CHAT,
+                          description="Chat with an instruction-tuned checkpoint, one user turn per input line.",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    chat.add_argument("path", help="checkpoint directory with a chat template")
+    chat.add_argument("--system", help="system message that opens the conversation")
+    _model_args(chat, max_new_tokens=256)
     b = sub.add_parser("bench", help="decode/prefill speed vs the bandwidth roofline (and transformers)",
                        epilog="examples:\n  archkit bench --device cpu --model gpt2-124m --compare-hf\n"
                               "  archkit bench --device cuda --model tinyllama-1.1b --compare-hf --json out.json",
@@ -55,6 +81,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """Options shared by generate and chat: family, device, dtype and sampling."""
+    p.add_argument("--arch", help="family name (plugin); default: detect from the checkpoint")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype (default: float32 on the CPU, the checkpoint's half type on CUDA)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default) picks cuda when PyCUDA and a GPU are present, else cpu")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding probability p")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", type=_unescape,
+                   help=r"stop string (repeatable); \n, \t and \\ are read as newline, tab and backslash")
+
+
+def _unescape(s: str) -> str:
+    r"""'\n\n' typed in a shell → two newlines (only \n, \t and \\ are escapes)."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], s)
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `archkit` console script."""
     args = _parser().parse_args(argv)
@@ -66,15 +119,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd is None:
             _parser().print_help()
             return 2
-        return {"list": cmd_list, "inspect": cmd_inspect, "generate": cmd_generate, "bench": cmd_bench}[args.cmd](args)
+        return {"list": cmd_list, "inspect": cmd_inspect, "generate": cmd_generate, "chat": cmd_chat,
+                "bench": cmd_bench}[args.cmd](args)
     except ArchkitError as e:
+        print(f"archkit: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the environment's fault (disk, permissions, a closed terminal), not a bug: one line too
+        if isinstance(e, BrokenPipeError):
+            return 0
         print(f"archkit: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("archkit: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 def cmd_list(args) -> int:
@@ -148,17 +205,112 @@ def cmd_generate(args) -> int:
             raise _usage("generate needs a checkpoint PATH, or --arch to use that family's embedded demo model")
         from .demo import demo_checkpoint
         path = demo_checkpoint(args.arch)
-    model = load(path, arch=args.arch, dtype=args.dtype, device=args.device)
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    model = load(path, arch=args.arch, dtype=args.dtype, device=args.device, progress=ProgressBar())
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
-    for piece in model.stream_text(args.prompt, **kw):
+    for piece in model.stream_text(args.prompt, **_sampling(args)):
         out.write(piece)
         out.flush()
     out.write("\n")
     return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import Chat, ChatTemplate
+    from .checkpoint import Checkpoint
+    from .errors import GenerationError
+    from .load import load
+
+    Checkpoint(args.path)  # a missing or malformed directory is reported as such, not as "no chat template"
+    template = ChatTemplate.from_dir(args.path)  # no template or no jinja2: fail before reading any weights
+    model = load(args.path, arch=args.arch, dtype=args.dtype, device=args.device, progress=ProgressBar())
+    chat = Chat(model, system=args.system, template=template)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"archkit chat: {model.spec.name} from {args.path}; /reset starts over, /exit or Ctrl-D ends", file=sys.stderr)
+    out = sys.stdout
+    for line in _user_lines(interactive):
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            chat.reset()
+            continue
+        if not line.strip():
+            continue
+        try:
+            for piece in chat.stream(line, **_sampling(args)):
+                out.write(piece)
+                out.flush()
+        except GenerationError as e:  # typically the conversation outgrew the context: say so, keep going
+            if not interactive:
+                raise
+            print(f"archkit: error: {e} (/reset starts over)", file=sys.stderr)
+            continue
+        out.write("\n")
+        out.flush()
+    return 0
+
+
+def _user_lines(interactive: bool):
+    """User turns: prompted lines from a terminal (with line editing), else one per input line."""
+    if not interactive:
+        yield from (line.rstrip("\n") for line in sys.stdin)
+        return
+    try:
+        import readline  # noqa: F401  (arrow keys and history in input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+
+
+class ProgressBar:
+    """load(progress=...) callback drawing a loading bar on stderr: percent, bytes, file k/n, rate.
+
+    Checkpoints under `min_bytes` load too fast to need one. On a terminal the bar redraws in place;
+    otherwise (logs, CI) checkpoints of `log_bytes` or more get a plain line at each quarter.
+    """
+
+    def __init__(self, stream=None, min_bytes: int = 64 << 20, log_bytes: int = 1 << 30, width: int = 28):
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.min_bytes, self.log_bytes, self.width = min_bytes, log_bytes, width
+        self.t0, self.last, self.quarter, self.shown = time.monotonic(), -1.0, -1, 0
+
+    def __call__(self, done: int, total: int, file_no: int, files: int) -> None:
+        if total < (self.min_bytes if self.tty else self.log_bytes):
+            return
+        now, frac = time.monotonic(), done / total if total else 1.0
+        if self.tty:
+            if done < total and now - self.last < 0.1:
+                return
+            self.last = now
+            fill = int(frac * self.width)
+            line = f"loading {frac:4.0%} |{'#' * fill}{'.' * (self.width - fill)}| " + self._numbers(done, total, file_no, files, now)
+            self.stream.write("\r" + line.ljust(self.shown) + ("\n" if done >= total else ""))  # pad over a longer last line
+            self.stream.flush()
+            self.shown = len(line)
+        elif int(frac * 4) > self.quarter:
+            self.quarter = int(frac * 4)
+            print(f"loading {frac:4.0%} " + self._numbers(done, total, file_no, files, now), file=self.stream, flush=True)
+
+    def _numbers(self, done, total, file_no, files, now) -> str:
+        rate = done / max(now - self.t0, 1e-9)
+        shard = f", file {file_no}/{files}" if files > 1 else ""
+        return f"{_bytes(done)} / {_bytes(total)}{shard}, {_bytes(rate)}/s"
+
+
+def _bytes(n: float) -> str:
+    """1234567 → '1.2 MB' (decimal units, like the file sizes `inspect` prints)."""
+    if n < 1000:
+        return f"{n:.0f} B"
+    unit = next((u for u, k in (("GB", 1e9), ("MB", 1e6)) if n >= k), "KB")
+    return f"{n / {'GB': 1e9, 'MB': 1e6, 'KB': 1e3}[unit]:.1f} {unit}"
 
 
 def cmd_bench(args) -> int:

@@ -64,6 +64,10 @@ class TokenizerError(ArchkitError, ValueError):
     """tokenizer.json is missing or cannot be read."""
 
 
+class ChatTemplateError(ArchkitError, ValueError):
+    """No chat template in the checkpoint, jinja2 missing, or the template failed to render."""
+
+
 class GenerationError(ArchkitError, ValueError):
     """Bad input to logits()/generate(): token ids, prompt length, sampling parameters."""
 

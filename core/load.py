@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .backend import DTYPES, NumpyBackend, Weights
@@ -68,12 +69,15 @@ def eos_ids(config: ModelConfig, generation: dict, source: str) -> tuple[int, ..
 
 
 def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = None, device: str = "auto",
-         registry: Registry | None = None, quiet: bool = False) -> Model:
+         registry: Registry | None = None, quiet: bool = False,
+         progress: Callable[[int, int, int, int], None] | None = None) -> Model:
     """Load a Hugging Face-style checkpoint directory.
 
     arch: a registered family name, or None to detect it from config.json / tensor names.
     dtype: "float32", "float16" or "bfloat16" (default: float32 on the CPU; the checkpoint's half type on CUDA).
     device: "auto", "cpu" (numpy) or "cuda".
+    progress: called as progress(done_bytes, total_bytes, file_number, num_files) before the first tensor
+    and after each tensor is read (file_number is the 1-based safetensors file it came from).
 
     >>> model = core.load("ckpt/")  # doctest: +SKIP
     >>> model.generate_text("Once upon a time", max_new_tokens=20)  # doctest: +SKIP
@@ -96,11 +100,30 @@ def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = N
     weights = Weights(layers=[{} for _ in range(config.num_layers)])
     try:
         backend.begin_loading(config, sum(src.info.numel for src in p.sources))
+        report = _progress_reporter(p, ckpt, progress)
         for role, layer, t in p.load(backend.convert):
             (weights.globals if layer is None else weights.layers[layer])[role] = t
+            report(role, layer)
         backend.finish_loading(weights)
     except BaseException:
         backend.release(weights)
         gc.collect()
         raise
     return Model(entry.spec, config, backend, weights, tokenizer, eos, Path(path), detected, backend.name)
+
+def _progress_reporter(p, ckpt: Checkpoint, progress):
+    """A (role, layer) hook for the load loop that calls `progress` once per checkpoint tensor read."""
+    if progress is None:
+        return lambda role, layer: None
+    last = {(src.rule.targets[-1], src.layer): src for src in p.sources}  # a fused tensor is done at its last role
+    files = {f: i for i, f in enumerate(ckpt.files, 1)}
+    total, done = sum(src.info.nbytes for src in p.sources), 0
+    progress(0, total, 1, len(files))
+
+    def report(role, layer):
+        nonlocal done
+        src = last.get((role, layer))
+        if src is not None:
+            done += src.info.nbytes
+            progress(done, total, files[src.info.file], len(files))
+    return report
