@@ -38,7 +38,7 @@ class S:
     seed = st.integers(0, 2**32 - 1)
     # Mostly awkward sizes, sometimes the aligned sizes real models use (vector paths).
     dim = st.one_of(st.integers(1, 300), st.sampled_from([64, 128, 256, 768, 1024, 2048]))
-    head_dim = st.sampled_from([64, 128, 80, 37])  # the compiled variants CI checks, plus one odd size
+    head_dim = st.sampled_from([32, 64, 128, 80, 37])  # common sizes, plus one odd
     gqa = st.sampled_from([1, 2, 4, 8])
     act = st.sampled_from(sorted(ops.ACT))
 
@@ -219,7 +219,7 @@ def _attention_case(dtype, T, start, Hkv, g, Dh, window, softcap, seed, spare):
 
 
 @given(dtype=S.dtype, start=st.integers(0, 8000), Hkv=st.integers(1, 4), g=S.gqa, Dh=S.head_dim,
-       window=st.one_of(st.none(), st.integers(1, 3000)), softcap=st.one_of(st.none(), st.floats(5.0, 50.0)),
+       window=st.one_of(st.none(), st.integers(1, 40), st.integers(1, 3000)), softcap=st.one_of(st.none(), st.floats(5.0, 50.0)),
        seed=S.seed)
 def test_attention_decode(dtype, start, Hkv, g, Dh, window, softcap, seed):
     """One query against up to 8000 cached positions (split-KV path)."""
@@ -227,11 +227,11 @@ def test_attention_decode(dtype, start, Hkv, g, Dh, window, softcap, seed):
 
 
 @given(dtype=S.dtype, T=st.integers(2, 3000), Hkv=st.integers(1, 2), g=S.gqa, Dh=S.head_dim,
-       window=st.one_of(st.none(), st.integers(1, 1000)), softcap=st.one_of(st.none(), st.floats(5.0, 50.0)),
+       window=st.one_of(st.none(), st.integers(1, 40), st.integers(1, 1000)), softcap=st.one_of(st.none(), st.floats(5.0, 50.0)),
        seed=S.seed)
 def test_attention_prefill(dtype, T, Hkv, g, Dh, window, softcap, seed):
     """A prompt of up to 3000 tokens from position 0."""
-    assume(Hkv * g * T * T <= 40_000_000)  # keeps the float64 reference's score matrix small
+    assume(Hkv * g * T * T <= 20_000_000)  # keeps the float64 reference's score matrix small
     _attention_case(dtype, T, 0, Hkv, g, Dh, window, softcap, seed, spare=5)
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for the CUDA backend: kernel property tests, GPU parity, benchmark; logs under $OUT.
-#   bash tools/gpu_round.sh STEPS...   steps: kernels parity bench benchhf loadcheck (default: all)
+#   bash tools/gpu_round.sh STEPS...   steps: kernels parity opdiff profile bench benchhf loadcheck
 # Per-step time limits (seconds) come from KERNELS_S, PARITY_S, BENCH_S; BENCH_CONFIGS picks the shapes.
 # Expects PyCUDA installed and PYTHONPATH set (see ../shared/device/README.md).
 set -u
@@ -22,6 +22,12 @@ for step in $steps; do
     loadcheck) timeout "${LOAD_S:-200}" python3 -c "import json, core.cuda.bench as b; \
                print(json.dumps(b.load_check('${LOAD_CONFIG:-qwen3-8b}', '${LOAD_DIR:-/tmp}'), indent=1))" \
                2>&1 | tee "$OUT/loadcheck.log" | tail -30 ;;
+    profile) timeout 120 python3 -m core.cuda.bench ${PROFILE_CONFIGS:-tinyllama qwen3-8b} --profile 2>&1 \
+               | tee "$OUT/profile.log" | tail -60 ;;
+    opdiff) timeout 120 python3 -c "import sys; sys.path.insert(0, 'tests'); import hfmodels as hf; \
+               hf.save_model('${OPDIFF_FAMILY:-gemma2}', '/tmp/opdiff', seed=3, layers=3, hidden=128, heads=4, \
+               intermediate=200, vocab=320, max_pos=512, kv_heads=2, ${OPDIFF_KW:-head_dim=32, sliding_window=24})" \
+               && python3 -m core.cuda.opdiff /tmp/opdiff --dtype ${OPDIFF_DTYPE:-float32} 2>&1 | tee "$OUT/opdiff.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -410,16 +410,21 @@ class CudaBackend:
 
     def norm(self, x: DTensor, w, b, eps, kind, offset=0.0) -> DTensor:
         y = self._alloc(x.shape)
-        self._norm_rows("norm", y, None, x, None, w, b if kind == "layernorm" else None, x.shape[-1],
-                        kind != "layernorm", eps, offset)
+        self._norm_kind("norm", y, None, x, None, w, b, eps, kind, offset)
         return y
 
     def add_norm(self, x: DTensor, delta: DTensor, w, b, eps, kind, offset=0.0):
         """(x + delta, norm(x + delta)) in one pass."""
         s, y = self._alloc(x.shape), self._alloc(x.shape)
-        self._norm_rows("add_norm", y, s, x, delta, w, b if kind == "layernorm" else None, x.shape[-1],
-                        kind != "layernorm", eps, offset)
+        self._norm_kind("add_norm", y, s, x, delta, w, b, eps, kind, offset)
         return s, y
+
+    def _norm_kind(self, op, y, xsum, x, delta, w, b, eps, kind, offset):
+        # As the numpy reference: LayerNorm takes a bias and no weight offset; RMSNorm the reverse.
+        if kind == "layernorm":
+            self._norm_rows(op, y, xsum, x, delta, w, b, x.shape[-1], False, eps, 0.0)
+        else:
+            self._norm_rows(op, y, xsum, x, delta, w, None, x.shape[-1], True, eps, offset)
 
     def head_norm(self, x: DTensor, w, eps, offset=0.0) -> DTensor:
         """Per-head RMSNorm over the last axis of [T, H, Dh]."""

@@ -194,6 +194,34 @@ def bench_ours(model: Model, bw: float) -> dict:
     return res
 
 
+def profile_step(model: Model, context: int = 128) -> dict[str, float]:
+    """Microseconds per op name for one uncaptured decode step at position `context` (events per launch)."""
+    be, c = model.backend, model.config
+    ids = np.asarray(_prompt(model, context))
+    cache = be.new_cache(c, context + 1)
+    forward(be, model.weights, c, ids, cache, 0, model.inv_freq, all_logits=False)
+    forward(be, model.weights, c, ids[-1:], cache, context, model.inv_freq, all_logits=False)  # warm-up
+    events, launch = [], be._launch
+
+    def timed(op, fn, *a, **kw):
+        e0, e1 = be.drv.Event(), be.drv.Event()
+        e0.record(be.stream)
+        launch(op, fn, *a, **kw)
+        e1.record(be.stream)
+        events.append((op, e0, e1))
+
+    be._launch = timed
+    try:
+        forward(be, model.weights, c, ids[-1:], cache, context, model.inv_freq, all_logits=False)
+    finally:
+        del be._launch
+    be.synchronize("profile")
+    out: dict[str, float] = {}
+    for op, e0, e1 in events:
+        out[op] = out.get(op, 0.0) + e1.time_since(e0) * 1e3
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 # -- transformers on the same card ---------------------------------------------------------------------
 def hf_model(raw: dict | None, path: str | None, dtype: str):
     import torch
@@ -404,10 +432,21 @@ def main(argv=None) -> int:
     p.add_argument("--compare-hf", action="store_true")
     p.add_argument("--json")
     p.add_argument("--load-check", metavar="NAME")
+    p.add_argument("--profile", action="store_true", help="per-op GPU time of one decode step (no bench)")
     p.add_argument("--load-child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.load_child:
         _load_child(a.load_child)
+        return 0
+    if a.profile:
+        for c in a.configs:
+            name, raw = resolve(c)
+            model = random_model(raw, context=1024)
+            prof = profile_step(model)
+            model.backend.release(model.weights)
+            print(f"{name}: one decode step at position 128, GPU time per op (us), total {sum(prof.values()):,.0f}")
+            for op, us in prof.items():
+                print(f"  {op:<22}{us:>10,.1f}")
         return 0
     results = []
     for c in a.configs:
