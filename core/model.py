@@ -76,7 +76,23 @@ def _mlp_block(be, L, c: ModelConfig, h):
 
 
 class Model:
-    """A loaded model: `logits`, `generate`, `stream`, and text helpers when a tokenizer is present."""
+    """A loaded model: `logits`, `generate`, `stream`, and text helpers when a tokenizer is present.
+
+    Attributes: `spec` (the family's ModelSpec), `config` (the ModelConfig read from config.json),
+    `device` ("cpu" or "cuda"), `dtype`, `tokenizer` (None without tokenizer.json), `eos_token_ids`,
+    `path`, and `detected` (how the family was chosen; None when given by name).
+
+    >>> model = core.load("path/to/ckpt")                       # doctest: +SKIP
+    >>> model                                                   # doctest: +SKIP
+    <archkit Model llama from 'path/to/ckpt': 16 layers, hidden 2048, 32/8 heads, vocab 128256, numpy float32>
+    >>> model.spec.name, model.config.num_layers, model.device  # doctest: +SKIP
+    ('llama', 16, 'cpu')
+    >>> ids = model.tokenizer.encode("The capital of France is")  # doctest: +SKIP
+    >>> model.logits(ids).shape                                 # doctest: +SKIP
+    (6, 128256)
+    >>> model.tokenizer.decode(model.generate(ids, max_new_tokens=5))  # doctest: +SKIP
+    ' Paris. It is the'
+    """
 
     def __init__(self, spec, config: ModelConfig, backend, weights, tokenizer=None, eos_token_ids=(),
                  path=None, detected=None, device: str = "cpu"):
@@ -120,7 +136,10 @@ class Model:
     def stream(self, ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: Iterable[str] | None = None, stop_at_eos: bool = True) -> Iterator[int]:
-        """Yield new token ids one at a time (see generate for the parameters)."""
+        """Yield new token ids one at a time (see generate for the parameters).
+
+        >>> for t in model.stream(ids, max_new_tokens=16): print(model.tokenizer.decode([t]), end="")  # doctest: +SKIP
+        """
         ids = self._check_ids(ids)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed).validate()
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
@@ -172,7 +191,11 @@ class Model:
         return self.tokenizer
 
     def stream_text(self, prompt: str, **kw) -> Iterator[str]:
-        """Yield text pieces as they are generated from `prompt` (stop strings are cut off)."""
+        """Yield text pieces as they are generated from `prompt` (stop strings are cut off).
+
+        >>> for piece in model.stream_text("def fib(n):", max_new_tokens=64, stop=["\\n\\n"]):  # doctest: +SKIP
+        ...     print(piece, end="", flush=True)
+        """
         tok = self._tokenizer()
         ids = tok.encode(prompt)
         dec, text, stops = tok.stream(), "", [s for s in kw.get("stop") or [] if s]
@@ -193,5 +216,8 @@ class Model:
             yield text[emitted:]
 
     def generate_text(self, prompt: str, **kw) -> str:
-        """The text generated after `prompt` (same keywords as generate)."""
+        """The text generated after `prompt` (same keywords as generate).
+
+        >>> model.generate_text("Once upon a time", max_new_tokens=20, temperature=0.8, seed=0)  # doctest: +SKIP
+        """
         return "".join(self.stream_text(prompt, **kw))
