@@ -203,8 +203,12 @@ def cmd_generate(args) -> int:
     if path is None:
         if not args.arch:
             raise _usage("generate needs a checkpoint PATH, or --arch to use that family's embedded demo model")
-        from .demo import demo_checkpoint
+        from .demo import DATA, demo_checkpoint
         path = demo_checkpoint(args.arch)
+        if DATA not in path.parents:
+            shipped = ", ".join(sorted(d.parent.name for d in (DATA / "demo").glob("*/config.json")))
+            print(f"archkit: note: no trained demo model ships for {args.arch!r}; this one has random weights, "
+                  f"so its text is noise (trained demos: {shipped})", file=sys.stderr)
     model = load(path, arch=args.arch, dtype=args.dtype, device=args.device, progress=ProgressBar())
     out = sys.stdout
     out.write(args.prompt)
