@@ -4,10 +4,12 @@
     core.architectures()                      # ['gpt2', 'llama', 'qwen3', ...]
     model = core.load("path/to/ckpt")         # family detected from config.json
     model.generate_text("Hello", max_new_tokens=20)
+    core.Chat(model).send("Hi!")              # through the checkpoint's chat template (needs jinja2)
 """
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from .chat import Chat, ChatTemplate
 from .errors import *  # noqa: F401,F403  (the error types are part of the public surface)
 from .hookspecs import hookimpl
 from .load import load
@@ -26,4 +28,4 @@ def architectures() -> list[str]:
 
 
 __all__ = ["load", "architectures", "hookimpl", "Registry", "default_registry", "ModelSpec", "WeightRule", "W",
-           "ConfigKey", "Derived", "Detection", "API_VERSION", "__version__"]
+           "ConfigKey", "Derived", "Detection", "API_VERSION", "Chat", "ChatTemplate", "__version__"]
