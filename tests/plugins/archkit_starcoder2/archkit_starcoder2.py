@@ -3,9 +3,9 @@ models/starcoder2/modeling_starcoder2.py and configuration_starcoder2.py impleme
 
 A family that archkit's core does not ship, declared as data from outside: pre-LayerNorm blocks
 (LayerNorm always has a bias), rotary positions, grouped-query attention, a plain (non-gated) MLP
-c_fc → gelu_pytorch_tanh → c_proj, biases on every linear layer when `use_bias` (the default), and an
-lm_head tied to the embedding by default. Sliding-window attention is not expressible in a ModelSpec, so
-a config with a `sliding_window` is rejected rather than run without its window.
+c_fc → gelu_pytorch_tanh → c_proj, biases on every linear layer when `use_bias` (the default), an
+lm_head tied to the embedding by default, and sliding-window attention on every layer when the config
+gives a `sliding_window` (starcoder2-3b/7b/15b: 4096; null or absent means plain causal attention).
 """
 
 from core import ConfigKey, Derived, Detection, ModelSpec, W, hookimpl
@@ -57,6 +57,8 @@ CONFIG = (
     # Starcoder2Config says 50256 for both, but a JSON null here means "none", which archkit reads as absent.
     ConfigKey("bos_token_id", ("bos_token_id",), None),
     ConfigKey("eos_token_ids", ("eos_token_id",), None),
+    # A query sees the last sliding_window positions (create_sliding_window_causal_mask); None: no window.
+    ConfigKey("sliding_window", ("sliding_window",), None),
 )
 
 SPEC = ModelSpec(
@@ -65,7 +67,6 @@ SPEC = ModelSpec(
     reference="transformers/models/starcoder2/modeling_starcoder2.py",
     weights=WEIGHTS,
     config=CONFIG,
-    rejects=(("sliding_window", (None,)),),  # a windowed causal mask is not something a spec can say
     norm="layernorm",
     mlp="plain",
     positions="rope",
