@@ -8,6 +8,7 @@ config.json and from tensor names alone.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -72,7 +73,14 @@ def without_config(ckpt: Path, dest: Path) -> Path:
 
 
 def detect_dir(path: Path):
-    return detect(Checkpoint(path), core.default_registry())
+    # The in-tree families only: an installed out-of-tree plugin with the same tensor names (the Seed-OSS
+    # template) would rightly make these checkpoints ambiguous by tensor names.
+    return detect(Checkpoint(path), IN_TREE())
+
+
+@functools.lru_cache(maxsize=1)
+def IN_TREE():
+    return core.Registry.discover(entry_points=False)
 
 
 # Hypothesis strategies over the configs, grouped in one place.
