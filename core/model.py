@@ -165,8 +165,10 @@ class Model:
             if stop_at_eos and tok in self.eos_token_ids:
                 return
             if dec is not None:
-                text += dec.push(tok)
-                if any(s in text[-(len(s) + 64):] for s in stops):
+                delta = dec.push(tok)
+                text += delta
+                # a new match ends inside the delta, however long the delta (one token can be 100+ chars)
+                if delta and any(s in text[-(len(s) - 1 + len(delta)):] for s in stops):
                     return
             if step + 1 < max_new_tokens:
                 pos = len(seen) - 1

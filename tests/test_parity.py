@@ -555,6 +555,22 @@ def test_eos_stops_like_transformers(tmp_path, where):
     assert model.generate(prompt, max_new_tokens=GREEDY_TOKENS, stop_at_eos=False) == free
 
 
+def test_stop_string_inside_a_long_token(tmp_path):
+    """A stop string far from the end of one long token's text still stops generation at that token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = hf.save_model("llama", tmp_path, **small("llama", vocab=64, layers=2))
+    free = hf.hf_greedy(reference(path), [1, 2], GREEDY_TOKENS)
+    i, long_id = first_new_token(free, start=4)
+    vocab = {f"t{n}": n for n in range(64)}
+    vocab["STOP" + "y" * 100] = vocab.pop(f"t{long_id}")
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+    model = core.load(path, device="cpu", quiet=True)
+    assert model.generate([1, 2], max_new_tokens=GREEDY_TOKENS, stop=["STOP"]) == free[:i + 1]
+
+
 BPE_VOCAB = 320
 CORPUS_CHARS = "hello world héllo wörld naïve café 日本語のテキスト 中文 😀🎉👍🏽 🇫🇷 Ωμέγα e\u0301 ∑∫ über".split()
 
