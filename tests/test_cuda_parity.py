@@ -52,7 +52,17 @@ def family_ckpt(request, tmp_path_factory):
     cfg = hf.hf_config(family, **COMMON, **FAMILIES[family])
     cfg.initializer_range = HALF_INIT
     half = hf.save_model(family, tmp_path_factory.mktemp(family) / "half", config=cfg, seed=3)
-    return family, path, hf.hf_reference(path), half, hf.hf_reference(half)
+    return family, path, reference(path), half, reference(half)
+
+
+def reference(path):
+    """transformers in float32 on the CPU, eager attention: the implementation that applies every option
+    (transformers 5.17's default SDPA path leaves out Gemma 2's attention-score soft-capping)."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
 
 
 def load_cuda(path, dtype):
