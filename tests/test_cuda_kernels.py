@@ -107,11 +107,18 @@ def test_add(n, seed):
         np.testing.assert_array_equal(be.to_host(be.add(be.from_host(a), be.from_host(b))), a + b)
 
 
+# Activations are checked element by element: for x << 0 a gelu is tiny (gelu(-12) ~ 1e-32) and a
+# norm-wise error would be decided by the few large elements. Below ~1e-30 nothing is compared (the float64
+# reference itself cancels to 0 there: 1 + erf(-8.5) is 0 in float64).
+ACT_RTOL, ACT_ATOL = 2e-5, 1e-30
+
+
 @given(kind=S.act, n=st.integers(1, 200_000), seed=S.seed)
 def test_act(kind, n, seed):
     x = (rng(seed).normal(size=n) * 4).astype(np.float32)
     with backend("float32") as be:
-        assert rel_err(be.to_host(be.act(be.from_host(x), kind)), ops.ACT[kind](x.astype(np.float64))) < EXACT
+        got = be.to_host(be.act(be.from_host(x), kind))
+    np.testing.assert_allclose(got, ops.ACT[kind](x.astype(np.float64)), rtol=ACT_RTOL, atol=ACT_ATOL)
 
 
 @given(kind=S.act, n=st.integers(1, 200_000), seed=S.seed)
@@ -120,7 +127,7 @@ def test_gated_act(kind, n, seed):
     g, u = (r.normal(size=n) * 4).astype(np.float32), r.normal(size=n).astype(np.float32)
     with backend("float32") as be:
         got = be.to_host(be.gated_act(be.from_host(g), be.from_host(u), kind))
-        assert rel_err(got, ops.ACT[kind](g.astype(np.float64)) * u) < EXACT
+    np.testing.assert_allclose(got, ops.ACT[kind](g.astype(np.float64)) * u, rtol=ACT_RTOL, atol=ACT_ATOL)
 
 
 @given(n=st.integers(1, 200_000), cap=st.floats(1.0, 60.0), seed=S.seed)
