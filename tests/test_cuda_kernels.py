@@ -107,10 +107,10 @@ def test_add(n, seed):
         np.testing.assert_array_equal(be.to_host(be.add(be.from_host(a), be.from_host(b))), a + b)
 
 
-# Activations are checked element by element: for x << 0 a gelu is tiny (gelu(-12) ~ 1e-32) and a
-# norm-wise error would be decided by the few large elements. Below ~1e-30 nothing is compared (the float64
-# reference itself cancels to 0 there: 1 + erf(-8.5) is 0 in float64).
-ACT_RTOL, ACT_ATOL = 2e-5, 1e-30
+# Activations are checked element by element, relative to each value: for x << 0 a gelu is tiny
+# (gelu(-4) ~ 1e-4) and a norm-wise error would be decided by the few large elements. The absolute floor is
+# the float64 reference's own error: 1 + tanh(u) and 1 + erf(z) cancel to within 1e-16 of 0.
+ACT_RTOL, ACT_ATOL = 2e-5, 1e-14
 
 
 @given(kind=S.act, n=st.integers(1, 200_000), seed=S.seed)
