@@ -16,34 +16,48 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import ModelConfig
+from .detect import score_config
+from .errors import ConfigError
 from .registry import default_registry
-from .synth import make_config, write_checkpoint
+from .synth import write_checkpoint
 
-CONFIGS = {
-    "gpt2-124m": dict(arch="gpt2", note="GPT-2 small shapes", vocab_size=50257, hidden_size=768, num_layers=12,
-                      num_heads=12, max_position_embeddings=1024),
-    "llama-300m": dict(arch="llama", note="LLaMA layout, ~290M parameters, GQA 16/4", vocab_size=32000,
-                       hidden_size=1024, num_layers=20, num_heads=16, num_kv_heads=4, intermediate_size=2816,
-                       max_position_embeddings=4096),
-    "tinyllama-1.1b": dict(arch="llama", note="TinyLlama-1.1B shapes", vocab_size=32000, hidden_size=2048, num_layers=22,
-                           num_heads=32, num_kv_heads=4, intermediate_size=5632, max_position_embeddings=4096),
-    "qwen3-0.6b": dict(arch="qwen3", note="Qwen3-0.6B shapes (tied)", vocab_size=151936, hidden_size=1024, num_layers=28,
-                       num_heads=16, num_kv_heads=8, head_dim=128, intermediate_size=3072, max_position_embeddings=40960,
-                       rope_theta=1e6, tie_word_embeddings=True),
-    "qwen3-8b": dict(arch="qwen3", note="Qwen3-8B shapes", vocab_size=151936, hidden_size=4096, num_layers=36, num_heads=32,
-                     num_kv_heads=8, head_dim=128, intermediate_size=12288, max_position_embeddings=40960, rope_theta=1e6),
-}
+CONFIGS_FILE = Path(__file__).parent / "data" / "bench_configs.json"
+
+
+def named_configs() -> dict[str, dict]:
+    """The named shapes: config.json contents keyed by name (data, so core names no family)."""
+    return {k: v for k, v in json.loads(CONFIGS_FILE.read_text()).items() if not k.startswith("_")}
+
+
+def resolve(name: str) -> tuple[str, dict]:
+    """A named shape by exact name or unique prefix ("tinyllama" → "tinyllama-1.1b")."""
+    configs = named_configs()
+    key = name.lower()
+    hits = [key] if key in configs else [k for k in configs if k.startswith(key)]
+    if len(hits) != 1:
+        raise ConfigError(f"bench config {name!r} is {'ambiguous' if hits else 'unknown'}; "
+                          f"known: {sorted(configs)} (or pass a checkpoint directory)")
+    return hits[0], configs[hits[0]]
+
+
+def pick_spec(raw: dict, registry=None):
+    """The registered spec that detection would pick for these config.json contents."""
+    reg = registry if registry is not None else default_registry()
+    scores = {name: score_config(reg[name].spec, raw) for name in reg}
+    best = max(scores.values(), default=0)
+    winners = [n for n, s in scores.items() if s == best]
+    if best <= 0 or len(winners) != 1:
+        raise ConfigError(f"no unique plugin for architectures={raw.get('architectures')} "
+                          f"model_type={raw.get('model_type')!r} (scores {scores})")
+    return reg[winners[0]].spec
 
 
 def named_config(name: str):
-    """(spec, ModelConfig) of a named bench config."""
-    from .errors import ArchkitError
-
-    if name not in CONFIGS:
-        raise ArchkitError(f"unknown bench model {name!r}: not a directory and not one of {list(CONFIGS)}")
-    kw = {k: v for k, v in CONFIGS[name].items() if k not in ("arch", "note")}
-    spec = default_registry()[CONFIGS[name]["arch"]].spec
-    return spec, make_config(spec, **kw)
+    """(spec, ModelConfig) of a named bench shape."""
+    key, raw = resolve(name)
+    spec = pick_spec(raw)
+    return spec, ModelConfig.from_hf(spec, raw, source=f"bench config {key!r}")
 
 
 def bytes_per_token(model) -> int:
@@ -111,8 +125,9 @@ def run_bench(models: list[str], device: str = "cpu", compare_hf: bool = False, 
               prompt_tokens: int = 16, json_path: str | None = None) -> list[dict]:
     """Benchmark each named config or checkpoint dir; print a table; optionally write JSON."""
     if device == "cuda":
-        from .cuda.bench import bench_cuda
+        from .cuda.bench import bench_cuda, table
         results = [bench_cuda(m, compare_hf=compare_hf, out_json=None) for m in models]
+        print(table(results))
     else:
         results = [_bench_cpu(m, compare_hf, tokens or 32, prompt_tokens) for m in models]
         _print_cpu(results)

@@ -318,10 +318,16 @@ def _bytes(n: float) -> str:
 
 
 def cmd_bench(args) -> int:
-    from .bench import CONFIGS, run_bench
+    from .bench import named_configs, pick_spec, run_bench
 
     if args.list:
-        _table(("name", "family", "description"), [(k, v["arch"], v["note"]) for k, v in CONFIGS.items()])
+        from .config import ModelConfig
+        rows = []
+        for k, raw in named_configs().items():
+            spec = pick_spec(raw)
+            c = ModelConfig.from_hf(spec, raw)
+            rows.append((k, spec.name, c.num_layers, c.hidden_size, f"{c.num_heads}/{c.num_kv_heads}", c.vocab_size))
+        _table(("name", "family", "layers", "hidden", "heads/kv", "vocab"), rows)
         return 0
     run_bench(args.model or ["gpt2-124m"], device=args.device, compare_hf=args.compare_hf, tokens=args.tokens,
               prompt_tokens=args.prompt_tokens, json_path=args.json)

@@ -39,41 +39,13 @@ import numpy as np
 
 from ..backend import Weights
 from ..config import ModelConfig
-from ..detect import score_config
+from ..bench import named_configs, pick_spec, resolve  # noqa: F401  (the named shapes live beside the CPU bench)
 from ..errors import ConfigError
 from ..model import Model, forward
 from ..registry import default_registry
 from ..weights import condition, expected_shape
 
-CONFIGS_FILE = Path(__file__).with_name("bench_configs.json")
 DECODE_TOKENS, PROMPT_TOKENS, PREFILL_LENGTHS = 128, 8, (512, 2048)
-
-
-def named_configs() -> dict[str, dict]:
-    return {k: v for k, v in json.loads(CONFIGS_FILE.read_text()).items() if not k.startswith("_")}
-
-
-def resolve(name: str) -> tuple[str, dict]:
-    """A named shape by exact name or unique prefix ("tinyllama" → "tinyllama-1.1b")."""
-    configs = named_configs()
-    key = name.lower()
-    hits = [key] if key in configs else [k for k in configs if k.startswith(key)]
-    if len(hits) != 1:
-        raise ConfigError(f"bench config {name!r} is {'ambiguous' if hits else 'unknown'}; "
-                          f"known: {sorted(configs)} (or pass a checkpoint directory)")
-    return hits[0], configs[hits[0]]
-
-
-def pick_spec(raw: dict, registry=None):
-    """The registered spec whose detection rule scores these config.json contents highest."""
-    reg = registry if registry is not None else default_registry()
-    scores = {name: score_config(reg[name].spec, raw) for name in reg}
-    best = max(scores.values(), default=0)
-    winners = [n for n, s in scores.items() if s == best]
-    if best <= 0 or len(winners) != 1:
-        raise ConfigError(f"no unique plugin for architectures={raw.get('architectures')} "
-                          f"model_type={raw.get('model_type')!r} (scores {scores})")
-    return reg[winners[0]].spec
 
 
 def weight_shapes(spec, config: ModelConfig) -> list[tuple[str, int | None, tuple]]:
