@@ -8,8 +8,11 @@ the tensor being converted, never the checkpoint twice.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -22,6 +25,8 @@ from .errors import CheckpointError, UnsupportedDtypeError
 # safetensors dtype → (numpy dtype of the stored bits, bytes per element). BF16 is kept as uint16 bits.
 DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
 MAX_HEADER = 100 << 20  # same bound as the safetensors library
+MAX_DIM = (1 << 63) - 1  # a dimension must fit numpy's int64 shapes
+MAX_NDIM = 64  # numpy's limit
 
 
 @attrs.frozen
@@ -37,13 +42,18 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # exact: int64 would wrap for a forged [2**62, 4, 0]
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate one .safetensors header; raises CheckpointError naming the file."""
+    """Parse and validate one .safetensors header; raises CheckpointError naming the file.
+
+    The rules are the safetensors library's: header length within the file and MAX_HEADER, a JSON object,
+    known dtypes, byte spans matching dtype x shape, and spans that tile the data exactly (no gaps, no
+    overlaps: two tensors cannot alias the same bytes).
+    """
     try:
-        size = path.stat().st_size
+        size = regular_file(path).st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -56,8 +66,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header must be a JSON object")
     base, data_len = 8 + n, size - 8 - n
@@ -66,26 +76,59 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         out[name] = _tensor_info(path, name, meta, base, data_len)
+    _check_tiling(path, out.values(), base, data_len)
     return out
+
+
+def regular_file(path: Path) -> os.stat_result:
+    """stat() of `path`, which must be a regular file (a FIFO would block the read; a directory cannot be read)."""
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file")
+    return st
+
+
+def _check_tiling(path: Path, infos, base: int, data_len: int) -> None:
+    end, prev = 0, None
+    for t in sorted(infos, key=lambda t: (t.offset, t.nbytes)):
+        start = t.offset - base
+        if start != end:
+            where = f"overlaps {prev!r}" if start < end else \
+                f"leaves {start - end} bytes unclaimed after {prev!r}" if prev else f"leaves the first {start} bytes unclaimed"
+            raise CheckpointError(f"{path}: tensor {t.name!r} at data bytes [{start}, {start + t.nbytes}] {where}; "
+                                  f"tensors must tile the data with no gaps or overlaps")
+        end, prev = start + t.nbytes, t.name
+    if end != data_len:
+        raise CheckpointError(f"{path}: the tensors cover {end} of the {data_len} data bytes; "
+                              f"tensors must tile the data with no gaps or overlaps")
 
 
 def _tensor_info(path: Path, name: str, meta, base: int, data_len: int) -> TensorInfo:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
     dtype, shape, offs = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-    if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-        raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+    if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
+            and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape)):
+        raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {_short(shape)} "
+                              f"(at most {MAX_NDIM} non-negative integer dimensions)")
     if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
-        raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offs!r}")
-    if dtype not in DTYPES:
-        raise UnsupportedDtypeError(f"{path}: tensor {name!r} has dtype {dtype!r}; archkit reads only {sorted(DTYPES)}")
+        raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {_short(offs)} (two integers)")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise UnsupportedDtypeError(f"{path}: tensor {name!r} has dtype {_short(dtype)}; archkit reads only {sorted(DTYPES)}")
     begin, end = offs
-    numel = int(np.prod(shape, dtype=object))
+    numel = 0 if 0 in shape else functools.reduce(lambda a, b: min(a * b, data_len + 1), shape, 1)  # capped: no bignums
     if not 0 <= begin <= end <= data_len:
         raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}] fall outside the data ({data_len} bytes)")
     if end - begin != numel * DTYPES[dtype][1]:
-        raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {numel * DTYPES[dtype][1]}")
+        need = numel * DTYPES[dtype][1] if numel <= data_len else f"more than the {data_len} data bytes"
+        raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes but {dtype}{_short(shape)} needs {need}")
     return TensorInfo(name, path, dtype, tuple(shape), base + begin, end - begin)
+
+
+def _short(x, n: int = 200) -> str:
+    """repr(x), cut to n characters: forged headers can hold megabytes in one value."""
+    r = repr(x)
+    return r if len(r) <= n else r[:n - 3] + "..."
 
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
@@ -99,6 +142,7 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     except OSError as e:
         raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({e.strerror or e})") from None
     if got != info.nbytes:
+        del arr  # not kept alive by the traceback
         raise CheckpointError(f"{info.file}: tensor {info.name!r} is truncated ({got} of {info.nbytes} bytes)")
     return arr.reshape(info.shape)
 
@@ -159,7 +203,7 @@ class Checkpoint:
         return files, tensors
 
     def _from_index(self, index: Path) -> tuple[list[Path], dict[str, str]]:
-        data = read_json(index, "model.safetensors.index.json")
+        data = read_json(index, "model.safetensors.index.json", CheckpointError)
         wm = data.get("weight_map")
         if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
@@ -167,11 +211,16 @@ class Checkpoint:
         files = []
         for shard in dict.fromkeys(wm.values()):
             p = Path(shard)
-            resolved = (self.path / p).resolve()
+            try:
+                resolved = (self.path / p).resolve()
+                present = resolved.is_file()
+            except (OSError, ValueError) as e:  # a name too long, or with a NUL byte
+                raise CheckpointError(f"{index}: shard name {_short(shard)} is not a usable file name ({e})") from None
             if p.is_absolute() or ".." in p.parts or resolved.parent != root:
-                raise CheckpointError(f"{index}: shard path {shard!r} escapes the checkpoint directory")
-            if not resolved.is_file():
-                raise CheckpointError(f"{index}: shard {shard!r} is missing")
+                raise CheckpointError(f"{index}: shard path {_short(shard)} escapes the checkpoint directory "
+                                      f"(shards are file names inside it)")
+            if not present:
+                raise CheckpointError(f"{index}: shard {_short(shard)} is missing")
             files.append(self.path / p)
         return files, wm
 

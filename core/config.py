@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +128,10 @@ class ModelConfig:
         values: dict[str, Any] = {}
         derived: dict[str, Derived] = {}
         stated: set[str] = set()  # fields config.json gives (the others come from the spec's defaults)
+        keys: dict[str, str] = {}  # field → the config.json key that gave it (or would have): errors name it
         for ck in spec.config:
             present = [k for k in ck.keys if raw.get(k) is not None or (ck.null_is_value and k in raw)]
+            keys[ck.field] = (present or ck.keys or (ck.field,))[0]
             if present:
                 values[ck.field] = raw[present[0]]
                 stated.add(ck.field)
@@ -146,7 +149,7 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "intermediate_size", "max_position_embeddings"):
             if name in values and name not in derived:
-                values[name] = _int(values[name], name, source)
+                values[name] = _int(values[name], keys.get(name, name), source)
         for name, d in derived.items():
             if d.field not in values:
                 raise ConfigError(f"{source}: cannot derive {name}: {d.field} is missing")
@@ -173,17 +176,22 @@ class ModelConfig:
             cfg = cls(**values)
         except TypeError as e:
             raise ConfigError(f"{source}: {e}") from None
-        cfg.validate(source)
+        cfg.validate(source, keys)
         return cfg
 
-    def validate(self, source: str = "config.json") -> None:
-        """Raise ConfigError for sizes that are not positive, out of bounds, or inconsistent."""
+    def validate(self, source: str = "config.json", keys: dict[str, str] | None = None) -> None:
+        """Raise ConfigError for sizes that are not positive, out of bounds, or inconsistent.
+
+        keys: field → config.json key, so that messages name what the user wrote (num_hidden_layers, n_layer).
+        """
+        k = (keys or {}).get
         for name, limit in LIMITS.items():
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v > limit:
-                raise ConfigError(f"{source}: {name}={v!r} must be an integer in [1, {limit}]")
+                raise ConfigError(f"{source}: {k(name, name)}={v!r} must be an integer in [1, {limit}]")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"{source}: num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+            raise ConfigError(f"{source}: {k('num_heads', 'num_heads')}={self.num_heads} is not a multiple of "
+                              f"{k('num_kv_heads', 'num_kv_heads')}={self.num_kv_heads}")
         if self.positions == "rope" and self.head_dim % 2:
             raise ConfigError(f"{source}: head_dim={self.head_dim} must be even for rotary embeddings")
         w = self.sliding_window
@@ -200,9 +208,10 @@ class ModelConfig:
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{source}: {name}={getattr(self, name)!r} must be true or false")
-        for t in self.eos_token_ids + tuple(x for x in (self.bos_token_id,) if x is not None):
+        specials = [("eos_token_ids", t) for t in self.eos_token_ids] + [("bos_token_id", self.bos_token_id)] * (self.bos_token_id is not None)
+        for name, t in specials:
             if not 0 <= t < self.vocab_size:
-                raise ConfigError(f"{source}: special token id {t} is outside the vocabulary [0, {self.vocab_size})")
+                raise ConfigError(f"{source}: {k(name, name)} {t} is outside the vocabulary [0, {self.vocab_size})")
 
     def summary(self) -> dict:
         """A flat dict for `archkit inspect`."""
@@ -212,9 +221,20 @@ class ModelConfig:
 
 
 def _int(v, name, source):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
         raise ConfigError(f"{source}: {name}={v!r} must be an integer")
     return int(v)
+
+
+def _finite(x, otherwise: float) -> float:
+    """float(x) for a finite JSON number (not a bool), else `otherwise`."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return otherwise
+    try:
+        f = float(x)
+    except OverflowError:  # an integer beyond float range
+        return otherwise
+    return f if math.isfinite(f) else otherwise
 
 
 def _layer_types(v, num_layers, stated: bool, source) -> tuple[str, ...]:
@@ -251,8 +271,8 @@ def parse_rope(raw: dict, source: str = "config.json") -> RopeConfig:
         if not isinstance(scaling, dict):
             raise ConfigError(f"{source}: rope_scaling must be an object or null, got {scaling!r}")
         theta = raw.get("rope_theta", 10000.0)
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 1:
-        raise ConfigError(f"{source}: rope_theta={theta!r} must be a number > 1")
+    if not 1 < _finite(theta, 0.0):
+        raise ConfigError(f"{source}: rope_theta={theta!r} must be a finite number > 1")
     rtype = scaling.get("rope_type", scaling.get("type", "default"))
     if rtype not in ROPE_TYPES:
         raise ConfigError(f"{source}: rope type {rtype!r} is not supported (supported: {list(ROPE_TYPES)})")
@@ -263,8 +283,8 @@ def parse_rope(raw: dict, source: str = "config.json") -> RopeConfig:
     needed = {"default": (), "linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}[rtype]
     for k in needed:
-        if not isinstance(scaling.get(k), (int, float)) or isinstance(scaling.get(k), bool) or scaling[k] <= 0:
-            raise ConfigError(f"{source}: rope type {rtype!r} needs a positive number {k!r}, got {scaling.get(k)!r}")
+        if not 0 < _finite(scaling.get(k), 0.0):
+            raise ConfigError(f"{source}: rope type {rtype!r} needs a finite positive number {k!r}, got {scaling.get(k)!r}")
         kw[k] = scaling[k]
     if rtype == "llama3" and kw["high_freq_factor"] <= kw["low_freq_factor"]:
         raise ConfigError(f"{source}: llama3 rope needs high_freq_factor > low_freq_factor")
@@ -273,16 +293,23 @@ def parse_rope(raw: dict, source: str = "config.json") -> RopeConfig:
     return RopeConfig(**kw)
 
 
-def read_json(path: Path, what: str) -> dict:
-    """Parse a JSON object from `path`; ConfigError naming the file otherwise."""
+def read_json(path: Path, what: str, error: type[Exception] = ConfigError) -> dict:
+    """Parse a JSON object from `path`; `error` naming the file otherwise."""
+    path = Path(path)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read
+            raise error(f"{path}: {what} is not a regular file")
+        raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{path}: {what} is not valid JSON ({e})") from None
+        raise error(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: "[[[[..."
+        raise error(f"{path}: {what} is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
+        raise error(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
     return data
 
 

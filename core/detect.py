@@ -69,7 +69,7 @@ def detect(ckpt: Checkpoint, registry: Registry) -> Detected:
     best = max(scores.values(), default=0.0)
     winners = sorted(n for n, s in scores.items() if s == best and s > 0)
     ranked = ", ".join(f"{n}={s:g}" for n, s in sorted(scores.items(), key=lambda kv: -kv[1]))
-    broken = f"; broken plugins: {', '.join(b.name for b in registry.broken)}" if registry.broken else ""
+    broken = registry.broken_hint()
     if not winners:
         raise UnknownArchitectureError(
             f"{ckpt.path}: no registered architecture matches ({what}, by {method}); candidates: {ranked or 'none'}{broken}")

@@ -107,9 +107,11 @@ def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = N
         backend.finish_loading(weights)
     except BaseException:
         backend.release(weights)
+        t = None  # noqa: F841  the traceback keeps this frame alive: it must not keep the last tensor too
         gc.collect()
         raise
     return Model(entry.spec, config, backend, weights, tokenizer, eos, Path(path), detected, backend.name)
+
 
 def _progress_reporter(p, ckpt: Checkpoint, progress):
     """A (role, layer) hook for the load loop that calls `progress` once per checkpoint tensor read."""

@@ -112,8 +112,10 @@ class Model:
 
     def _check_ids(self, ids) -> np.ndarray:
         arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
-        if arr.ndim != 1 or arr.size == 0:
-            raise GenerationError(f"token ids must be a non-empty 1-D sequence, got shape {arr.shape}")
+        if arr.size == 0:
+            raise GenerationError("empty prompt: generation needs at least one token id")
+        if arr.ndim != 1:
+            raise GenerationError(f"token ids must be a 1-D sequence, got shape {arr.shape}")
         if not np.issubdtype(arr.dtype, np.integer):
             raise GenerationError(f"token ids must be integers, got {arr.dtype}")
         bad = arr[(arr < 0) | (arr >= self.config.vocab_size)]
@@ -200,6 +202,8 @@ class Model:
         """
         tok = self._tokenizer()
         ids = tok.encode(prompt)
+        if not ids:
+            raise GenerationError(f"empty prompt: {prompt!r} encodes to no tokens; generation needs at least one token")
         dec, text, stops = tok.stream(), "", [s for s in kw.get("stop") or [] if s]
         emitted = 0
         for t in self.stream(ids, **kw):

@@ -67,9 +67,12 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
-            hint = f"; broken plugins: {', '.join(b.name for b in self.broken)}" if self.broken else ""
             raise UnknownArchitectureError(
-                f"unknown architecture {name!r}; registered: {', '.join(self) or 'none'}{hint}") from None
+                f"unknown architecture {name!r}; registered: {', '.join(self) or 'none'}{self.broken_hint()}") from None
+
+    def broken_hint(self) -> str:
+        """'; broken plugins: name (why), ...' for error messages, or '' when none is broken."""
+        return "; broken plugins: " + ", ".join(f"{b.name} ({b.error})" for b in self.broken) if self.broken else ""
 
     def entries(self) -> list[Entry]:
         """All entries, sorted by family name."""
@@ -100,8 +103,8 @@ class Registry:
             dists[name] = dist
             try:
                 pm.register(load(), name=name)
-            except Exception as e:  # a plugin's own import error is its problem, not the host's
-                broken.append(BrokenPlugin(name, f"failed to load: {type(e).__name__}: {e}", dist[0]))
+            except (Exception, SystemExit) as e:  # a plugin's own import error is its problem, not the host's
+                broken.append(BrokenPlugin(name, _one_line(f"failed to load: {type(e).__name__}: {e}"), dist[0]))
 
         for mod in builtins:
             add(mod.rsplit(".", 1)[-1], functools.partial(importlib.import_module, mod), ("archkit", _version("archkit")))
@@ -115,8 +118,17 @@ class Registry:
         for obj in extra:
             add(getattr(obj, "__name__", repr(obj)).rsplit(".", 1)[-1], lambda o=obj: o)
         entries: dict[str, Entry] = {}
-        for impl in pm.hook.archkit_register_architectures.get_hookimpls():
+        impls = pm.hook.archkit_register_architectures.get_hookimpls()
+        for impl in impls:
             _collect(impl.plugin_name, impl.function, dists.get(impl.plugin_name, (None, None)), entries, broken)
+        hooked = {impl.plugin_name for impl in impls}
+        for name in dists:  # loaded, but never registers anything: say so rather than skip it silently
+            if pm.has_plugin(name) and name not in hooked:
+                broken.append(BrokenPlugin(name, "has no archkit_register_architectures hook (missing @core.hookimpl?)",
+                                           dists[name][0]))
+        for name in sorted((allowed or set()) - set(dists) - {b.name for b in broken}):
+            broken.append(BrokenPlugin(name, f"is in the plugin allow-list (${ALLOW_ENV} or allow=) but no installed "
+                                             f"plugin has that name"))
         return cls(entries, broken)
 
 
@@ -137,11 +149,18 @@ def _collect(plugin: str, hook, dist, entries: dict[str, Entry], broken: list[Br
 
     try:
         hook(register=register)
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         problems.append(f"raised in archkit_register_architectures: {type(e).__name__}: {e}")
+    if not mine and not problems:
+        problems.append("its archkit_register_architectures hook registered no architecture")
     entries.update(mine)
     if problems:
-        broken.append(BrokenPlugin(plugin, "; ".join(problems), dist[0]))
+        broken.append(BrokenPlugin(plugin, _one_line("; ".join(problems)), dist[0]))
+
+
+def _one_line(text: str) -> str:
+    """Whitespace runs (pluggy's messages span lines) as single spaces, so errors stay one line."""
+    return " ".join(text.split())
 
 
 def _version(dist: str) -> str | None:

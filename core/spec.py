@@ -132,7 +132,9 @@ def validate_spec(spec: Any, config_fields: frozenset[str], bool_fields: frozens
     """Every way `spec` breaks the contract, as messages (empty when it is valid)."""
     if not isinstance(spec, ModelSpec):
         return [f"expected a core.spec.ModelSpec, got {type(spec).__name__}"]
-    bad = []
+    bad = _structure(spec)
+    if bad:  # the checks below (and detection) assume these types
+        return bad
     if spec.api_version != API_VERSION:
         bad.append(f"api_version {spec.api_version!r} is not supported (this archkit speaks {API_VERSION})")
     if not re.fullmatch(r"[a-z][a-z0-9_\-]*", spec.name or ""):
@@ -167,6 +169,42 @@ def validate_spec(spec: Any, config_fields: frozenset[str], bool_fields: frozens
     for p in spec.ignore:
         if not _PATTERN_OK.match(p):
             bad.append(f"ignore pattern {p!r} is malformed")
-    if not isinstance(spec.detection, Detection):
-        bad.append("detection must be a core.spec.Detection")
+    return bad
+
+
+def _strs(x, nonempty: bool = False) -> bool:
+    # Plain str only: a str subclass can define __eq__ to match every name (and so claim every checkpoint).
+    return type(x) is tuple and all(type(s) is str and (s or not nonempty) for s in x)
+
+
+def _structure(spec: ModelSpec) -> list[str]:
+    """Type problems: every field a plain tuple / str / bool of the documented records, nothing duck-typed."""
+    bad = []
+    if type(spec.api_version) is not int:
+        bad.append(f"api_version must be an int, got {spec.api_version!r}")
+    for flag in ("name", "norm", "mlp", "positions", "rope_style"):
+        if type(getattr(spec, flag)) is not str:
+            bad.append(f"{flag} must be a str, got {getattr(spec, flag)!r}")
+    if type(spec.weights) is not tuple or not all(type(r) is WeightRule for r in spec.weights):
+        bad.append("weights must be a tuple of core.spec.WeightRule")
+    else:
+        for r in spec.weights:
+            if not (_strs(r.targets) and _strs(r.patterns) and _strs(r.split) and type(r.transpose) is bool
+                    and type(r.ignore_when_false) is bool and (r.when is None or type(r.when) is str)):
+                bad.append(f"weight rule {r!r}: targets, patterns and split must be tuples of str, when a str or None")
+    if type(spec.config) is not tuple or not all(type(k) is ConfigKey and type(k.field) is str and _strs(k.keys, True)
+                                                   for k in spec.config):
+        bad.append("config must be a tuple of core.spec.ConfigKey, each with a str field and a tuple of str keys")
+    else:
+        bad += [f"config field {k.field!r} is required but names no config.json key" for k in spec.config
+                if k.default is REQUIRED and not k.keys]
+    if not _strs(spec.ignore):
+        bad.append("ignore must be a tuple of str")
+    if type(spec.rejects) is not tuple or not all(type(r) is tuple and len(r) == 2 and type(r[0]) is str
+                                                    and type(r[1]) is tuple for r in spec.rejects):
+        bad.append("rejects must be a tuple of (config key, tuple of accepted values) pairs")
+    d = spec.detection
+    if type(d) is not Detection or not _strs(d.architectures, True) or not _strs(d.model_types, True):
+        bad.append(f"detection {d!r} must be a core.spec.Detection of tuples of non-empty str (exact names: "
+                   f"a rule that matches anything would claim every checkpoint)")
     return bad

@@ -23,6 +23,8 @@ class Tokenizer:
             if required:
                 raise TokenizerError(f"{f}: not found (text in/out needs the checkpoint's tokenizer.json)")
             return None
+        if not f.is_file():  # a FIFO would block the read
+            raise TokenizerError(f"{f}: not a regular file")
         try:
             return cls(HFTokenizer.from_file(str(f)), f)
         except Exception as e:  # the Rust side raises plain Exception for every parse error

@@ -102,18 +102,23 @@ class Plan:
         applied in float32 unless the tensor needs none, in which case the raw bits are passed on.
         """
         for src in self.sources:
-            bits = read_tensor(src.info)
-            rule = src.rule
-            if not rule.transpose and len(rule.targets) == 1:
-                yield rule.targets[0], src.layer, convert(bits, src.info.dtype, rule.targets[0])
-                continue
-            x = to_float32(bits, src.info.dtype)
-            del bits
-            if rule.transpose:
-                x = np.ascontiguousarray(x.T)
-            parts = [x] if len(rule.targets) == 1 else np.split(x, np.cumsum([getattr(self.config, s) for s in rule.split])[:-1])
-            for role, part in zip(rule.targets, parts):
-                yield role, src.layer, convert(np.ascontiguousarray(part), "F32", role)
+            # One sub-generator per tensor: its frame (and the arrays in it) is gone once the tensor is handed
+            # over, so a failure at the next tensor cannot keep this one alive through the traceback.
+            yield from self._one(src, convert)
+
+    def _one(self, src: Source, convert) -> Iterator[tuple[str, int | None, object]]:
+        bits = read_tensor(src.info)
+        rule = src.rule
+        if not rule.transpose and len(rule.targets) == 1:
+            yield rule.targets[0], src.layer, convert(bits, src.info.dtype, rule.targets[0])
+            return
+        x = to_float32(bits, src.info.dtype)
+        del bits
+        if rule.transpose:
+            x = np.ascontiguousarray(x.T)
+        parts = [x] if len(rule.targets) == 1 else np.split(x, np.cumsum([getattr(self.config, s) for s in rule.split])[:-1])
+        for role, part in zip(rule.targets, parts):
+            yield role, src.layer, convert(np.ascontiguousarray(part), "F32", role)
 
 
 def plan(spec: ModelSpec, config: ModelConfig, ckpt: Checkpoint) -> Plan:
