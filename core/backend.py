@@ -7,6 +7,8 @@ reference in core.ops. The numpy backend is the reference: fp32 compute, always 
 
 from __future__ import annotations
 
+import contextlib
+
 import attrs
 import numpy as np
 
@@ -67,6 +69,10 @@ class NumpyBackend:
 
     def begin_loading(self, config, numel: int) -> None:
         """Hook called before the first convert(): the model's config and its weights' element count."""
+
+    def session(self):
+        """Held around each forward or generation: nothing to guard here (every call has its own cache)."""
+        return contextlib.nullcontext()
 
     def finish_loading(self, weights: Weights) -> None:
         """Hook for backends that fuse or upload after loading; nothing to do here."""

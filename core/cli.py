@@ -6,7 +6,6 @@ import argparse
 import re
 import sys
 import time
-from pathlib import Path
 
 from .errors import ArchkitError
 
@@ -197,8 +196,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .load import load
-
     path = args.path
     if path is None:
         if not args.arch:
@@ -209,7 +206,7 @@ def cmd_generate(args) -> int:
             shipped = ", ".join(sorted(d.parent.name for d in (DATA / "demo").glob("*/config.json")))
             print(f"archkit: note: no trained demo model ships for {args.arch!r}; this one has random weights, "
                   f"so its text is noise (trained demos: {shipped})", file=sys.stderr)
-    model = load(path, arch=args.arch, dtype=args.dtype, device=args.device, progress=ProgressBar())
+    model = _load(args, path)
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
@@ -224,11 +221,10 @@ def cmd_chat(args) -> int:
     from .chat import Chat, ChatTemplate
     from .checkpoint import Checkpoint
     from .errors import GenerationError
-    from .load import load
 
     Checkpoint(args.path)  # a missing or malformed directory is reported as such, not as "no chat template"
     template = ChatTemplate.from_dir(args.path)  # no template or no jinja2: fail before reading any weights
-    model = load(args.path, arch=args.arch, dtype=args.dtype, device=args.device, progress=ProgressBar())
+    model = _load(args, args.path)
     chat = Chat(model, system=args.system, template=template)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -332,6 +328,16 @@ def cmd_bench(args) -> int:
     run_bench(args.model or ["gpt2-124m"], device=args.device, compare_hf=args.compare_hf, tokens=args.tokens,
               prompt_tokens=args.prompt_tokens, json_path=args.json)
     return 0
+
+
+def _load(args, path):
+    """core.load for a command; says which device "auto" chose only once loading succeeded (errors stay one line)."""
+    from .load import load
+
+    model = load(path, arch=args.arch, dtype=args.dtype, device=args.device, progress=ProgressBar(), quiet=True)
+    if args.device == "auto":
+        print(f"archkit: device auto → {model.device} ({model.backend.dtype})", file=sys.stderr)
+    return model
 
 
 def _usage(msg: str) -> ArchkitError:

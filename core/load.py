@@ -36,8 +36,15 @@ def cuda_available() -> tuple[bool, str]:
     return True, "PyCUDA and a GPU are present"
 
 
-def make_backend(device: str, dtype: str | None, ckpt: Checkpoint | None = None, quiet: bool = False):
-    """The backend for `device` ("auto" picks cuda when usable, else numpy, and says which)."""
+def make_backend(device: str, dtype: str | None, ckpt: Checkpoint | None = None, quiet: bool = False,
+                 context: int | None = None):
+    """The backend for `device` ("auto" picks cuda when usable, else numpy, and says which).
+
+    context: positions of KV cache to preallocate on the GPU (default: the model's context, capped by free
+    memory); the numpy backend sizes its cache per call and ignores it.
+    """
+    if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context < 1):
+        raise DeviceError(f"context={context!r} must be a positive number of positions")
     if device not in DEVICES:
         raise DeviceError(f"device {device!r} is not one of {list(DEVICES)}")
     if dtype is not None and dtype not in DTYPES:
@@ -56,7 +63,7 @@ def make_backend(device: str, dtype: str | None, ckpt: Checkpoint | None = None,
         from .cuda.backend import CudaBackend
     except ImportError as e:
         raise DeviceError(f"device 'cuda' is not usable: {e}") from None
-    return CudaBackend(dtype or CudaBackend.default_dtype(ckpt))
+    return CudaBackend(dtype or CudaBackend.default_dtype(ckpt), context=context)
 
 
 def eos_ids(config: ModelConfig, generation: dict, source: str) -> tuple[int, ...]:
@@ -70,12 +77,13 @@ def eos_ids(config: ModelConfig, generation: dict, source: str) -> tuple[int, ..
 
 def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = None, device: str = "auto",
          registry: Registry | None = None, quiet: bool = False,
-         progress: Callable[[int, int, int, int], None] | None = None) -> Model:
+         progress: Callable[[int, int, int, int], None] | None = None, context: int | None = None) -> Model:
     """Load a Hugging Face-style checkpoint directory.
 
     arch: a registered family name, or None to detect it from config.json / tensor names.
     dtype: "float32", "float16" or "bfloat16" (default: float32 on the CPU; the checkpoint's half type on CUDA).
     device: "auto", "cpu" (numpy) or "cuda".
+    context: KV-cache positions to preallocate on the GPU (default: max_position_embeddings capped by free memory).
     progress: called as progress(done_bytes, total_bytes, file_number, num_files) before the first tensor
     and after each tensor is read (file_number is the 1-based safetensors file it came from).
 
@@ -96,7 +104,7 @@ def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = N
     eos = eos_ids(config, ckpt.generation_config, str(ckpt.path / "generation_config.json"))
     p = plan(entry.spec, config, ckpt)  # every name and shape checked before any data is read
     tokenizer = Tokenizer.from_dir(ckpt.path)
-    backend = make_backend(device, dtype, ckpt, quiet)
+    backend = make_backend(device, dtype, ckpt, quiet, context)
     weights = Weights(layers=[{} for _ in range(config.num_layers)])
     try:
         backend.begin_loading(config, sum(src.info.numel for src in p.sources))

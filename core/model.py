@@ -132,8 +132,9 @@ class Model:
         """float32 logits [len(ids), vocab] of a full forward pass over `ids` (no cache reuse)."""
         ids = self._check_ids(ids)
         self._check_context(len(ids), f"a prompt of {len(ids)} tokens")
-        cache = self.backend.new_cache(self.config, len(ids))
-        return forward(self.backend, self.weights, self.config, ids, cache, 0, self.inv_freq, all_logits=True)
+        with self.backend.session():
+            cache = self.backend.new_cache(self.config, len(ids))
+            return forward(self.backend, self.weights, self.config, ids, cache, 0, self.inv_freq, all_logits=True)
 
     def stream(self, ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
@@ -155,6 +156,12 @@ class Model:
     def _stream(self, ids, max_new_tokens, params, stops, stop_at_eos) -> Iterator[int]:
         if max_new_tokens == 0:
             return
+        # The backend's session spans the whole generation: on the GPU it owns the model's KV cache
+        # (another thread waits; the same thread starting a second generation gets a clear error).
+        with self.backend.session():
+            yield from self._generate(ids, max_new_tokens, params, stops, stop_at_eos)
+
+    def _generate(self, ids, max_new_tokens, params, stops, stop_at_eos) -> Iterator[int]:
         rng = np.random.default_rng(params.seed)
         cache = self.backend.new_cache(self.config, len(ids) + max_new_tokens)
         seen = list(ids)

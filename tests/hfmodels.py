@@ -95,8 +95,6 @@ def to_legacy(family: str, path: Path) -> None:
 
 def rename_tensors(path: Path, fn) -> None:
     """Rename every tensor in every safetensors file (and the index) of a checkpoint."""
-    from safetensors.numpy import load_file, save_file
-    import torch
     from safetensors.torch import load_file as tload, save_file as tsave
 
     for f in sorted(path.glob("*.safetensors")):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import weakref
 
 import numpy as np
@@ -107,6 +108,8 @@ class CudaBackend:
         self.poison = os.environ.get("ARCHKIT_CUDA_POISON") == "1" if poison is None else poison
         self.sync_each = os.environ.get("ARCHKIT_CUDA_SYNC") == "1"
         self.device = drv.Context.get_device()
+        self._ctx = drv.Context.get_current()  # the primary context; other threads push it (session.py)
+        self._session_lock, self._session_owner = threading.Lock(), None
         cc = self.device.compute_capability()
         if cc < (8, 0):
             raise DeviceError(f"{self.device.name()} has compute capability {cc[0]}.{cc[1]}; archkit's kernels need 8.0+")
@@ -236,6 +239,11 @@ class CudaBackend:
         return (max(1, min((n + block - 1) // block, 8192)), 1, 1)
 
     # -- loading ---------------------------------------------------------------------------------
+    def session(self):
+        """Held around each forward or generation: one at a time per model, from any thread (session.py)."""
+        from .session import Session
+        return Session(self)
+
     def begin_loading(self, config, numel: int) -> None:
         """Remember the config (for the KV cache) and fail early if the weights cannot fit."""
         self._config = config

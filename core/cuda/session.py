@@ -1,0 +1,44 @@
+"""One generation at a time per CUDA model, from any thread.
+
+A CudaBackend owns one preallocated KV cache and one set of decode buffers (baked into its CUDA graph),
+so two generations on the same model cannot overlap: another thread waits its turn, and the same thread
+starting a second generation before finishing the first gets a DeviceError rather than corrupted output.
+PyCUDA makes the primary context current only in the thread that imported pycuda.autoprimaryctx, so
+each session pushes it in other threads.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..errors import DeviceError
+
+
+class Session:
+    """Context manager returned by CudaBackend.session()."""
+
+    def __init__(self, backend):
+        self.be = backend
+        self.pushed = False
+
+    def __enter__(self):
+        lock, me = self.be._session_lock, threading.get_ident()
+        if self.be._session_owner == me:
+            raise DeviceError("this model is already generating in this thread (its GPU KV cache is in use); "
+                              "finish or close that generator first, or load the model twice")
+        lock.acquire()
+        self.be._session_owner = me
+        cur = self.be.drv.Context.get_current()
+        if cur is None or cur.handle != self.be._ctx.handle:
+            self.be._ctx.push()
+            self.pushed = True
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if self.pushed:
+                self.be.drv.Context.pop()
+        finally:
+            self.be._session_owner = None
+            self.be._session_lock.release()
+        return False
