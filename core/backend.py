@@ -110,6 +110,18 @@ class NumpyBackend:
     def linear(self, x, w, b=None):
         return ops.linear(x, w, b)
 
+    def linears(self, x, pairs):
+        """(linear(x, w, b) for (w, b) in pairs): several products of one input (q, k, v)."""
+        return tuple(ops.linear(x, w, b) for w, b in pairs)
+
+    def linear_act(self, x, w, b, kind):
+        """act(linear(x, w, b))."""
+        return ops.ACT[kind](ops.linear(x, w, b))
+
+    def gated_linear(self, x, wg, bg, wu, bu, kind):
+        """act(linear(x, wg, bg)) * linear(x, wu, bu): a gated MLP's first half."""
+        return ops.ACT[kind](ops.linear(x, wg, bg)) * ops.linear(x, wu, bu)
+
     def norm(self, x, w, b, eps, kind, offset=0.0):
         if kind == "layernorm":
             return ops.layer_norm(x, w, b, eps)
@@ -134,6 +146,16 @@ class NumpyBackend:
     def rope(self, x, start, inv_freq):
         """RoPE on [T, H, Dh] at positions start..start+T-1."""
         return ops.rope(x, np.arange(start, start + x.shape[0]), inv_freq)
+
+    def rope_cache_write(self, q, k, v, cache: Cache, layer: int, start: int, inv_freq, qk_norm=None):
+        """RoPE on q and k (after per-head RMSNorm when qk_norm = (q weight, k weight, eps, offset)), k and v
+        stored in the cache; returns the rotated q."""
+        if qk_norm is not None:
+            qw, kw, eps, offset = qk_norm
+            q, k = self.head_norm(q, qw, eps, offset), self.head_norm(k, kw, eps, offset)
+        q, k = self.rope(q, start, inv_freq), self.rope(k, start, inv_freq)
+        self.cache_write(cache, layer, k, v, start)
+        return q
 
     def cache_write(self, cache: Cache, layer: int, k, v, start: int) -> None:
         ops.cache_write(cache.k[layer], cache.v[layer], k, v, start)

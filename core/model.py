@@ -53,25 +53,26 @@ def _post_norm(be, L, role, c: ModelConfig, y):
 
 def _attention_block(be, L, c: ModelConfig, h, cache, i, start, inv_freq, scale):
     T = h.shape[0]
-    q = be.linear(h, L["q.weight"], L.get("q.bias")).reshape(T, c.num_heads, c.head_dim)
-    k = be.linear(h, L["k.weight"], L.get("k.bias")).reshape(T, c.num_kv_heads, c.head_dim)
-    v = be.linear(h, L["v.weight"], L.get("v.bias")).reshape(T, c.num_kv_heads, c.head_dim)
-    if c.qk_norm:
-        q = be.head_norm(q, L["q_norm.weight"], c.norm_eps, c.norm_offset)
-        k = be.head_norm(k, L["k_norm.weight"], c.norm_eps, c.norm_offset)
-    if c.positions == "rope":
-        q, k = be.rope(q, start, inv_freq), be.rope(k, start, inv_freq)
-    be.cache_write(cache, i, k, v, start)
+    q, k, v = be.linears(h, [(L[r + ".weight"], L.get(r + ".bias")) for r in ("q", "k", "v")])
+    q = q.reshape(T, c.num_heads, c.head_dim)
+    k, v = k.reshape(T, c.num_kv_heads, c.head_dim), v.reshape(T, c.num_kv_heads, c.head_dim)
+    qk_norm = (L["q_norm.weight"], L["k_norm.weight"], c.norm_eps, c.norm_offset) if c.qk_norm else None
+    if c.positions == "rope":  # a backend may fuse the norm, RoPE and the cache write
+        q = be.rope_cache_write(q, k, v, cache, i, start, inv_freq, qk_norm)
+    else:
+        if qk_norm:
+            qw, kw, eps, off = qk_norm
+            q, k = be.head_norm(q, qw, eps, off), be.head_norm(k, kw, eps, off)
+        be.cache_write(cache, i, k, v, start)
     o = be.attention(q, cache, i, start, scale, window=c.window(i), softcap=c.attn_softcap).reshape(T, c.q_dim)
     return be.linear(o, L["o.weight"], L.get("o.bias"))
 
 
 def _mlp_block(be, L, c: ModelConfig, h):
-    up = be.linear(h, L["up.weight"], L.get("up.bias"))
     if c.mlp == "gated":
-        y = be.gated_act(be.linear(h, L["gate.weight"], L.get("gate.bias")), up, c.activation)
+        y = be.gated_linear(h, L["gate.weight"], L.get("gate.bias"), L["up.weight"], L.get("up.bias"), c.activation)
     else:
-        y = be.act(up, c.activation)
+        y = be.linear_act(h, L["up.weight"], L.get("up.bias"), c.activation)
     return be.linear(y, L["down.weight"], L.get("down.bias"))
 
 

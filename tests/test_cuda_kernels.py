@@ -155,8 +155,48 @@ def test_linear(dtype, T, K, N, bias, view, seed):
         assert rel_err(got, ops.linear(x.astype(np.float64), wr, br)) < tol
 
 
+@given(dtype=S.dtype, T=st.integers(1, 5), K=S.dim, Ns=st.lists(S.dim, min_size=1, max_size=4),
+       bias=st.booleans(), view=st.booleans(), seed=S.seed)
+def test_linears(dtype, T, K, Ns, bias, view, seed):
+    """Up to 3 products of one x per GEMV launch (q, k, v; a 4th goes to a second launch); T = 5 falls back."""
+    r = rng(seed)
+    with backend(dtype) as be:
+        ws = [upload_weight(be, r.normal(size=(N, K)) / np.sqrt(K)) for N in Ns]
+        bs = [upload_weight(be, r.normal(size=N)) if bias else (None, None) for N in Ns]
+        x = r.normal(size=(T + view, K)).astype(np.float32)
+        xd = be.from_host(x)[1:] if view else be.from_host(x)
+        x = x[1:] if view else x
+        got = be.linears(xd, [(w[0], b[0]) for w, b in zip(ws, bs)])
+        assert len(got) == len(Ns)
+        for g, (w, wr), (b, br) in zip(got, ws, bs):
+            tol = TOL[dtype] if T > 4 else EXACT
+            assert rel_err(be.to_host(g), ops.linear(x.astype(np.float64), wr, br)) < tol
+
+
+@given(dtype=S.dtype, kind=S.act, gated=st.booleans(), T=st.integers(1, 5), K=S.dim, N=S.dim, bias=st.booleans(),
+       view=st.booleans(), seed=S.seed)
+def test_linear_act_and_gated_linear(dtype, kind, gated, T, K, N, bias, view, seed):
+    """act(x wu^T + bu), or act(x wg^T + bg) * (x wu^T + bu): the activation as the GEMV's epilogue."""
+    r = rng(seed)
+    with backend(dtype) as be:
+        wu, wur = upload_weight(be, r.normal(size=(N, K)) * 2 / np.sqrt(K))
+        wg, wgr = upload_weight(be, r.normal(size=(N, K)) * 2 / np.sqrt(K))
+        bu, bur = upload_weight(be, r.normal(size=N)) if bias else (None, None)
+        bg, bgr = upload_weight(be, r.normal(size=N)) if bias else (None, None)
+        x = r.normal(size=(T + view, K)).astype(np.float32)
+        xd = be.from_host(x)[1:] if view else be.from_host(x)
+        x64 = (x[1:] if view else x).astype(np.float64)
+        up = ops.linear(x64, wur, bur)
+        if gated:
+            got, want = be.gated_linear(xd, wg, bg, wu, bu, kind), ops.ACT[kind](ops.linear(x64, wgr, bgr)) * up
+        else:
+            got, want = be.linear_act(xd, wu, bu, kind), ops.ACT[kind](up)
+        assert rel_err(be.to_host(got), want) < (TOL[dtype] if T > 4 else EXACT)
+
+
 # --- norms ------------------------------------------------------------------------------------------------------
-@given(dtype=S.dtype, kind=st.sampled_from(["layernorm", "rmsnorm"]), R=st.integers(1, 300), D=S.dim,
+@given(dtype=S.dtype, kind=st.sampled_from(["layernorm", "rmsnorm"]), R=st.integers(1, 300),
+       D=st.one_of(S.dim, st.sampled_from([4096, 8192, 8196])),  # register path up to 8192, then two-pass
        offset=st.sampled_from([0.0, 1.0]), bias=st.booleans(), eps=st.sampled_from([1e-5, 1e-6]), seed=S.seed)
 def test_norm_and_add_norm(dtype, kind, R, D, offset, bias, eps, seed):
     r = rng(seed)
@@ -195,6 +235,34 @@ def test_rope(T, H, half, start, theta, rtype, seed):
     with backend("float32") as be:
         got = be.to_host(be.rope(be.from_host(x), start, inv))
     assert rel_err(got, ops.rope(x.astype(np.float64), np.arange(start, start + T), inv)) < EXACT
+
+
+@given(dtype=S.dtype, T=st.integers(1, 40), Hkv=st.integers(1, 5), g=S.gqa, half=st.integers(1, 80),
+       start=st.integers(0, 5000), norm=st.booleans(), offset=st.sampled_from([0.0, 1.0]), seed=S.seed)
+def test_rope_cache_write(dtype, T, Hkv, g, half, start, norm, offset, seed):
+    """(per-head RMSNorm,) RoPE on q and k, k and v stored in the cache: one kernel; q returned rotated."""
+    r = rng(seed)
+    Dh, H, S_ = 2 * half, Hkv * g, start + T + 3
+    inv = RopeConfig(theta=1e4).inv_freq(Dh)
+    q, k, v = (r.normal(size=(T, h, Dh)).astype(np.float32) for h in (H, Hkv, Hkv))
+    cfg = SimpleNamespace(num_layers=1, num_kv_heads=Hkv, head_dim=Dh, max_position_embeddings=S_)
+    with backend(dtype) as be:
+        qk, refs = None, None
+        if norm:
+            (qw, qwr), (kw, kwr) = upload_weight(be, r.normal(size=Dh)), upload_weight(be, r.normal(size=Dh))
+            qk, refs = (qw, kw, 1e-6, offset), (qwr, kwr)
+        cache = be.new_cache(cfg, S_)
+        got = be.to_host(be.rope_cache_write(be.from_host(q), be.from_host(k), be.from_host(v), cache, 0, start, inv, qk))
+        kc, vc = be.to_host(cache.k[0]), be.to_host(cache.v[0])
+    q64, k64, pos = q.astype(np.float64), k.astype(np.float64), np.arange(start, start + T)
+    if norm:
+        q64, k64 = ops.rms_norm(q64, refs[0], 1e-6, offset), ops.rms_norm(k64, refs[1], 1e-6, offset)
+    assert rel_err(got, ops.rope(q64, pos, inv)) < EXACT
+    want_k = ops.rope(k64, pos, inv).transpose(1, 0, 2)
+    assert rel_err(kc[:, start:start + T], want_k) < max(EXACT, TOL[dtype] / 4)  # GPU rounds its fp32 result
+    np.testing.assert_array_equal(vc[:, start:start + T], _round(dtype, v).transpose(1, 0, 2))
+    for c in (kc, vc):
+        assert np.isnan(c[:, :start]).all() and np.isnan(c[:, start + T:]).all(), "wrote outside its positions"
 
 
 # --- KV cache and attention -------------------------------------------------------------------------------------

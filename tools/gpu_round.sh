@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call for the CUDA backend: kernel property tests, GPU parity, benchmark; logs under $OUT.
-#   bash tools/gpu_round.sh STEPS...   steps: kernels parity opdiff profile bench benchhf loadcheck
-# Per-step time limits (seconds) come from KERNELS_S, PARITY_S, BENCH_S; BENCH_CONFIGS picks the shapes.
+#   bash tools/gpu_round.sh STEPS...   steps: kernels kernels2 parity ab opdiff profile bench benchhf loadcheck
+# Per-step time limits (seconds) come from KERNELS_S, PARITY_S, BENCH_S; BENCH_CONFIGS picks the shapes;
+# KERNELS_K / KERNELS2_K / PARITY_K select tests (pytest -k) for kernels / kernels2 / parity.
+# ab: decode only, the previous kernels (ARCHKIT_CUDA_FUSED=0 path) against the fused ones in one process.
 # Expects PyCUDA installed and PYTHONPATH set (see ../shared/device/README.md).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -12,9 +14,13 @@ for step in $steps; do
   echo "=== $step ($(date +%T))"
   case $step in
     kernels) timeout "${KERNELS_S:-240}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
-               tests/test_cuda_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -60 ;;
+               ${KERNELS_K:+-k "$KERNELS_K"} tests/test_cuda_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    kernels2) timeout "${KERNELS2_S:-240}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
+               ${KERNELS2_K:+-k "$KERNELS2_K"} tests/test_cuda_kernels.py 2>&1 | tee "$OUT/kernels2.log" | tail -30 ;;
     parity) timeout "${PARITY_S:-240}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
-               tests/test_cuda_parity.py 2>&1 | tee "$OUT/parity.log" | tail -60 ;;
+               ${PARITY_K:+-k "$PARITY_K"} tests/test_cuda_parity.py 2>&1 | tee "$OUT/parity.log" | tail -40 ;;
+    ab) timeout "${BENCH_S:-200}" python3 -m core.cuda.bench ${BENCH_CONFIGS:-} --ab --json "$OUT/ab.json" \
+               2>&1 | tee "$OUT/ab.log" | tail -12 ;;
     bench) timeout "${BENCH_S:-200}" python3 -m core.cuda.bench ${BENCH_CONFIGS:-} --json "$OUT/bench.json" \
                2>&1 | tee "$OUT/bench.log" | tail -30 ;;
     benchhf) timeout "${BENCH_S:-300}" python3 -m core.cuda.bench ${BENCH_CONFIGS:-} --compare-hf \

@@ -31,6 +31,8 @@ from .modules import DTYPE_CODES, get_module
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4}
 ACT_CODES = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu": 1, "silu": 2, "relu": 3}  # elementwise.cu
 GEMV_MAX_T = 4        # gemv.cu handles up to this many tokens per weight read; more go to the GEMM
+GEMV_ROWS, GEMV_THREADS = 4, 128  # gemv.cu gemv_rows / gemv_gated: output rows and threads per block
+NORM_VPT = 2          # norm.cu norm_reg: float4 values per thread kept in registers
 CONVERT_CHUNK = 1 << 24  # elements converted on the host per upload step (64 MB as float32)
 PREFILL_NQ, PREFILL_BK = 16, 32  # attention.cu: queries per block, keys per tile
 WORKSPACE_RESERVE = 512 << 20    # bytes left free beside the default KV cache for activations
@@ -126,6 +128,9 @@ class CudaBackend:
         self._last_op = None
         self.capture = None          # set by core.cuda.graph while a decode step is being captured
         self.graphs = os.environ.get("ARCHKIT_CUDA_GRAPHS", "1") != "0"
+        # Fused decode kernels (issue 4: multi-row GEMV with epilogues, register norms, RoPE + cache write);
+        # ARCHKIT_CUDA_FUSED=0 runs the previous one-op-per-kernel path (benchmarks compare the two).
+        self.fused = os.environ.get("ARCHKIT_CUDA_FUSED", "1") != "0"
         self._graph_cache = None
 
     def __repr__(self):
@@ -398,6 +403,8 @@ class CudaBackend:
         if w.shape[1] != K:
             raise DeviceError(f"linear: x has {K} features but the weight is {list(w.shape)}")
         M = x.size // K if K else 0
+        if M <= GEMV_MAX_T and self.fused:
+            return self.linears(x, [(w, b)])[0]
         y = self._alloc(x.shape[:-1] + (N,))
         if M <= GEMV_MAX_T:
             fn = self._fn("gemv.cu", "gemv", "PPPPiii", GEMV_MAX_T=GEMV_MAX_T)
@@ -410,8 +417,64 @@ class CudaBackend:
             self._launch("linear(gemm)", fn, (-(-N // 128), -(-M // 128), 1), (256, 1, 1), y, x, w, b, M, N, K)
         return y
 
+    def linears(self, x: DTensor, pairs) -> tuple:
+        """(x @ w.T (+ b) for (w, b) in pairs): for a few tokens one GEMV launch covers up to 3 products."""
+        K = x.shape[-1]
+        M = x.size // K if K else 0
+        if M > GEMV_MAX_T or not self.fused:
+            return tuple(self.linear(x, w, b) for w, b in pairs)
+        outs = []
+        for i in range(0, len(pairs), 3):
+            outs += self._gemv_rows(x, pairs[i:i + 3], -1, "linear(gemv)")
+        return tuple(outs)
+
+    def _gemv_rows(self, x, pairs, act: int, op: str) -> list:
+        K = x.shape[-1]
+        M = x.size // K if K else 0
+        segs, ys = [], []
+        for w, b in pairs:
+            if w.shape[1] != K:
+                raise DeviceError(f"{op}: x has {K} features but the weight is {list(w.shape)}")
+            ys.append(self._alloc(x.shape[:-1] + (w.shape[0],)))
+            segs += [ys[-1], w, b, w.shape[0]]
+        segs += [None, None, None, 0] * (3 - len(pairs))
+        blocks = sum(-(-w.shape[0] // GEMV_ROWS) for w, _ in pairs)
+        fn = self._fn("gemv.cu", "gemv_rows", "Piii" + "PPPi" * 3, GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T)
+        if blocks:
+            self._launch(op, fn, (blocks, 1, 1), (GEMV_THREADS, 1, 1), x, M, K, act, *segs)
+        return ys
+
+    def linear_act(self, x: DTensor, w: DTensor, b, kind: str) -> DTensor:
+        """act(x @ w.T (+ b)): the activation as the GEMV's epilogue for a few tokens."""
+        M = x.size // x.shape[-1] if x.shape[-1] else 0
+        if M > GEMV_MAX_T or not self.fused:
+            return self.act(self.linear(x, w, b), kind)
+        return self._gemv_rows(x, [(w, b)], self._act_code(kind), f"linear_act({kind})")[0]
+
+    def gated_linear(self, x: DTensor, wg: DTensor, bg, wu: DTensor, bu, kind: str) -> DTensor:
+        """act(x @ wg.T (+ bg)) * (x @ wu.T (+ bu)): for a few tokens one GEMV reads both weights."""
+        K, N = x.shape[-1], wg.shape[0]
+        M = x.size // K if K else 0
+        if M > GEMV_MAX_T or not self.fused:
+            return self.gated_act(self.linear(x, wg, bg), self.linear(x, wu, bu), kind)
+        if wg.shape[1] != K or wu.shape != wg.shape:
+            raise DeviceError(f"gated_linear: x has {K} features, gate {list(wg.shape)}, up {list(wu.shape)}")
+        y = self._alloc(x.shape[:-1] + (N,))
+        fn = self._fn("gemv.cu", "gemv_gated", "PPPPPPiiii", GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T)
+        if N:
+            self._launch(f"gated_linear({kind})", fn, (-(-N // GEMV_ROWS), 1, 1), (GEMV_THREADS, 1, 1),
+                         y, x, wg, bg, wu, bu, M, N, K, self._act_code(kind))
+        return y
+
     def _norm_rows(self, op, y, xsum, x, delta, w, b, D, rms, eps, offset):
         R = x.size // D
+        threads = 32 * -(-D // (4 * NORM_VPT * 32))
+        if (self.fused and D % 4 == 0 and threads <= 1024
+                and all(t is None or t.ptr % 16 == 0 for t in (y, xsum, x, delta))):
+            fn = self._fn("norm.cu", "norm_reg", "PPPPPPiiiff", NORM_VPT=NORM_VPT)
+            self._launch(op, fn, (R, 1, 1), (threads, 1, 1), y, xsum, x, delta, w, b, R, D, int(rms), float(eps),
+                         float(offset))
+            return
         threads = 32 if D <= 256 else 128 if D <= 2048 else 256
         fn = self._fn("norm.cu", "norm_rows", "PPPPPPiiiff")
         self._launch(op, fn, (R, 1, 1), (threads, 1, 1), y, xsum, x, delta, w, b, R, D, int(rms), float(eps), float(offset))
@@ -480,6 +543,29 @@ class CudaBackend:
         fn = self._fn("rope.cu", "rope", "PPPiPiii")
         self._launch("rope", fn, (T * H, 1, 1), (32 if Dh <= 64 else 64, 1, 1), y, x, f, start, self._start_dev(), T, H, Dh)
         return y
+
+    def rope_cache_write(self, q: DTensor, k: DTensor, v: DTensor, cache: Cache, layer: int, start: int, inv_freq,
+                         qk_norm=None) -> DTensor:
+        """RoPE on q and k, k and v stored in the cache, the rotated q returned; qk_norm = (q weight, k weight,
+        eps, offset) applies per-head RMSNorm to q and k first. One kernel (rope_kv) when fused."""
+        T, H, Dh = q.shape
+        Hkv = k.shape[1]
+        if not self.fused or Dh % 2 or T > 65535:
+            if qk_norm is not None:
+                qw, kw, eps, off = qk_norm
+                q, k = self.head_norm(q, qw, eps, off), self.head_norm(k, kw, eps, off)
+            q, k = self.rope(q, start, inv_freq), self.rope(k, start, inv_freq)
+            self.cache_write(cache, layer, k, v, start)
+            return q
+        self._check_room(cache, layer, start, T, "rope_cache_write")
+        f = self._freq(inv_freq)
+        qw, kw, eps, off = qk_norm if qk_norm is not None else (None, None, 0.0, 0.0)
+        kc, vc = cache.k[layer], cache.v[layer]
+        qo = self._alloc(q.shape)
+        fn = self._fn("rope.cu", "rope_kv", "PPPPPPPPPffiPiiiii")
+        self._launch("rope_cache_write", fn, (-(-(H + Hkv) // 4), T, 1), (128, 1, 1), qo, q, k, v, kc, vc, f, qw, kw,
+                     float(eps), float(off), start, self._start_dev(), T, H, Hkv, kc.shape[1], Dh)
+        return qo
 
     def _check_room(self, cache: Cache, layer: int, start: int, T: int, what: str) -> None:
         S = cache.k[layer].shape[1]

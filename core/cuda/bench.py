@@ -166,6 +166,41 @@ def bench_ours(model: Model, bw: float) -> dict:
     return res
 
 
+def decode_ab(name: str, reps: int = 2) -> dict:
+    """Decode tok/s of a named shape with the previous kernels (fused=False) and the fused ones, alternating,
+    in one process on one card, CUDA graphs on; also whether both give the same greedy tokens."""
+    import pycuda.autoprimaryctx  # noqa: F401
+
+    name, raw = resolve(name)
+    max_pos = ModelConfig.from_hf(pick_spec(raw), raw).max_position_embeddings
+    model = random_model(raw, "float16", context=min(max_pos, max(PREFILL_LENGTHS) + 256))  # as bench_cuda
+    be = model.backend
+    res = {"config": name, "device": be.device.name(), "date": datetime.date.today().isoformat(),
+           "copy_gbps": copy_bandwidth(be) / 1e9, "bytes_per_token": bytes_per_token(model)}
+    res["roofline_tok_s"] = res["copy_gbps"] * 1e9 / res["bytes_per_token"]
+    prompt, tokens = _prompt(model, PROMPT_TOKENS), {}
+    try:
+        for rep in range(reps):
+            for fused in (False, True):
+                be.fused = fused
+                if be._graph_cache is not None:
+                    be._graph_cache.clear()
+                model.generate(prompt, max_new_tokens=8, stop_at_eos=False)  # compile, capture
+                t = time.perf_counter()
+                out = model.generate(prompt, max_new_tokens=DECODE_TOKENS, stop_at_eos=False)
+                rate = DECODE_TOKENS / (time.perf_counter() - t)
+                res.setdefault("new" if fused else "old", []).append(rate)
+                tokens[fused] = out
+    finally:
+        be.release(model.weights)
+    for k in ("old", "new"):
+        res[k + "_tok_s"] = max(res[k])
+        res[k + "_pct_roofline"] = 100 * res[k + "_tok_s"] / res["roofline_tok_s"]
+    res["speedup"] = res["new_tok_s"] / res["old_tok_s"]
+    res["same_tokens"] = sum(a == b for a, b in zip(tokens[False], tokens[True]))
+    return res
+
+
 def profile_step(model: Model, context: int = 128) -> dict[str, float]:
     """Microseconds per op name for one uncaptured decode step at position `context` (events per launch)."""
     be, c = model.backend, model.config
@@ -405,10 +440,26 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     p.add_argument("--load-check", metavar="NAME")
     p.add_argument("--profile", action="store_true", help="per-op GPU time of one decode step (no bench)")
+    p.add_argument("--ab", action="store_true", help="decode only: previous kernels vs fused ones, same run")
     p.add_argument("--load-child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.load_child:
         _load_child(a.load_child)
+        return 0
+    if a.ab:
+        rows = []
+        for c in a.configs:
+            rows.append(decode_ab(c))
+            print(json.dumps(rows[-1]), flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=2))
+        print(f"{'config':<16}{'roof tok/s':>11}{'old tok/s':>10}{'%roof':>7}{'new tok/s':>10}{'%roof':>7}{'x':>6}"
+              f"{'same tok':>9}")
+        for r in rows:
+            print(f"{r['config'][:15]:<16}{r['roofline_tok_s']:>11,.0f}{r['old_tok_s']:>10,.0f}{r['old_pct_roofline']:>7.1f}"
+                  f"{r['new_tok_s']:>10,.0f}{r['new_pct_roofline']:>7.1f}{r['speedup']:>6.2f}{r['same_tokens']:>6}/{DECODE_TOKENS}")
+        if rows:
+            print(f"card: {rows[0]['device']}, copy bandwidth {rows[0]['copy_gbps']:,.0f} GB/s, {rows[0]['date']}")
         return 0
     if a.profile:
         for c in a.configs:

@@ -47,6 +47,23 @@ __device__ __forceinline__ int start_pos(int start, const int* start_dev) {
     return start_dev ? *start_dev : start;
 }
 
+// Activation codes, shared with core/cuda/backend.py (ACT_CODES); used by elementwise.cu and gemv.cu.
+#define ACT_GELU_TANH 0  // gelu_new / gelu_pytorch_tanh
+#define ACT_GELU_ERF 1   // exact gelu
+#define ACT_SILU 2
+#define ACT_RELU 3
+
+// The gelus are written without 1 + tanh / 1 + erf, which cancel for negative x (x = -4: 1 + erf(x/sqrt2)
+// = 4e-5, so one ulp of erf is 1e-3 of the result): 0.5 (1 + tanh u) = sigmoid(2u), 1 + erf z = erfc(-z).
+__device__ __forceinline__ float activate(float x, int kind) {
+    switch (kind) {
+        case ACT_GELU_TANH: return x / (1.f + expf(-1.5957691216057308f * (x + 0.044715f * x * x * x)));
+        case ACT_GELU_ERF: return 0.5f * x * erfcf(-x * 0.7071067811865476f);
+        case ACT_SILU: return x / (1.f + expf(-x));
+        default: return fmaxf(x, 0.f);
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

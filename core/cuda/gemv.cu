@@ -61,3 +61,161 @@ gemv(float* __restrict__ y,        // float32 [T, N]
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// gemv_rows / gemv_gated: the decode GEMV at bandwidth (issue 4). A block of GEMV_THREADS threads owns
+// GEMV_ROWS output rows and splits K across all its threads, so each thread keeps GEMV_ROWS x GEMV_UNROLL
+// independent 128-bit weight loads in flight and reuses each x chunk for every row (x is re-read once per
+// GEMV_ROWS rows instead of once per row). Partial sums meet in shared memory; the epilogue adds the bias and
+// applies the activation (gemv_rows: act >= 0) or act(gate) * up (gemv_gated), so those never round-trip
+// through memory.
+//   gemv_rows: up to 3 independent products of the same x in one launch (q, k, v): segment s has weight
+//     w_s [n_s, K], bias b_s [n_s] or NULL, output y_s [T, n_s]; blocks 0.. cover segment 0, then 1, then 2.
+//   gemv_gated: y [T, n] = act(x wg^T + bg) * (x wu^T + bu), each block reading GEMV_ROWS rows of both.
+#ifndef GEMV_ROWS
+#define GEMV_ROWS 4
+#endif
+#ifndef GEMV_UNROLL
+#define GEMV_UNROLL 2  // K chunks per thread whose loads are issued before any is used
+#endif
+#define GEMV_THREADS 128
+static_assert(GEMV_ROWS >= 1 && GEMV_ROWS <= 8, "GEMV_ROWS must be in [1, 8]");
+static_assert(GEMV_UNROLL >= 1 && GEMV_UNROLL <= 4, "GEMV_UNROLL must be in [1, 4]");
+
+// Sums over the block of x[t] . rows[r] for r < NR, t < T, left in tot[r * GEMV_MAX_T + t] (shared).
+template <int NR>
+__device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const float* __restrict__ x, int T, int K,
+                                         bool vec, float* tot /* shared [GEMV_THREADS / 32][NR * GEMV_MAX_T] */) {
+    float acc[NR][GEMV_MAX_T];
+#pragma unroll
+    for (int r = 0; r < NR; ++r)
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_T; ++t) acc[r][t] = 0.f;
+    if (vec) {
+        const int nvec = K / VEC;
+        for (int c0 = threadIdx.x; c0 < nvec; c0 += GEMV_THREADS * GEMV_UNROLL) {
+            uint4 wv[GEMV_UNROLL][NR];
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL; ++u) {
+                int c = c0 + u * GEMV_THREADS;
+#pragma unroll
+                for (int r = 0; r < NR; ++r)
+                    if (c < nvec) wv[u][r] = __ldg(reinterpret_cast<const uint4*>(rows[r] + (size_t)c * VEC));
+            }
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL; ++u) {
+                int c = c0 + u * GEMV_THREADS;
+                if (c >= nvec) break;
+#pragma unroll
+                for (int t = 0; t < GEMV_MAX_T; ++t) {
+                    if (t >= T) break;
+                    float xf[VEC];
+                    const float4* xp = reinterpret_cast<const float4*>(x + (size_t)t * K + (size_t)c * VEC);
+#pragma unroll
+                    for (int e = 0; e < VEC / 4; ++e) {
+                        float4 xv = xp[e];
+                        xf[4 * e] = xv.x, xf[4 * e + 1] = xv.y, xf[4 * e + 2] = xv.z, xf[4 * e + 3] = xv.w;
+                    }
+#pragma unroll
+                    for (int r = 0; r < NR; ++r) {
+                        const wt* we = reinterpret_cast<const wt*>(&wv[u][r]);
+                        float s = acc[r][t];
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) s += to_f(we[e]) * xf[e];
+                        acc[r][t] = s;
+                    }
+                }
+            }
+        }
+    } else {
+        for (int k = threadIdx.x; k < K; k += GEMV_THREADS) {
+            float wf[NR];
+#pragma unroll
+            for (int r = 0; r < NR; ++r) wf[r] = to_f(rows[r][k]);
+#pragma unroll
+            for (int t = 0; t < GEMV_MAX_T; ++t) {
+                if (t >= T) break;
+                float xv = x[(size_t)t * K + k];
+#pragma unroll
+                for (int r = 0; r < NR; ++r) acc[r][t] += wf[r] * xv;
+            }
+        }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int r = 0; r < NR; ++r)
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_T; ++t) {
+            float v = warp_sum(acc[r][t]);
+            if (lane == 0) tot[warp * NR * GEMV_MAX_T + r * GEMV_MAX_T + t] = v;
+        }
+    __syncthreads();
+    if (threadIdx.x < NR * GEMV_MAX_T) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < GEMV_THREADS / 32; ++w) s += tot[w * NR * GEMV_MAX_T + threadIdx.x];
+        tot[threadIdx.x] = s;  // only this thread touches column threadIdx.x
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
+gemv_rows(const float* __restrict__ x,  // float32 [T, K]
+          int T, int K,                 // T <= GEMV_MAX_T
+          int act,                      // ACT_* code applied after the bias, or -1 for none
+          float* y0, const wt* __restrict__ w0, const wt* __restrict__ b0, int n0,  // segment 0
+          float* y1, const wt* __restrict__ w1, const wt* __restrict__ b1, int n1,  // segment 1 (n1 = 0: none)
+          float* y2, const wt* __restrict__ w2, const wt* __restrict__ b2, int n2)  // segment 2 (n2 = 0: none)
+{
+    __shared__ float tot[GEMV_THREADS / 32 * GEMV_ROWS * GEMV_MAX_T];
+    int blk = blockIdx.x;
+    int nb0 = (n0 + GEMV_ROWS - 1) / GEMV_ROWS, nb1 = (n1 + GEMV_ROWS - 1) / GEMV_ROWS;
+    float* y = y0; const wt* w = w0; const wt* b = b0; int n = n0;
+    if (blk >= nb0 + nb1) { blk -= nb0 + nb1; y = y2; w = w2; b = b2; n = n2; }
+    else if (blk >= nb0) { blk -= nb0; y = y1; w = w1; b = b1; n = n1; }
+    int r0 = blk * GEMV_ROWS;
+    if (r0 >= n) return;  // whole block: no barrier is skipped by part of it
+    const wt* rows[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) rows[r] = w + (size_t)min(r0 + r, n - 1) * K;  // clamped rows are not written
+    bool vec = (K % VEC == 0) && aligned16(w) && aligned16(x);
+    dot_rows<GEMV_ROWS>(rows, x, T, K, vec, tot);
+    if (threadIdx.x < GEMV_ROWS * GEMV_MAX_T) {
+        int r = threadIdx.x / GEMV_MAX_T, t = threadIdx.x % GEMV_MAX_T, row = r0 + r;
+        if (t < T && row < n) {
+            float v = tot[threadIdx.x] + (b ? to_f(b[row]) : 0.f);
+            y[(size_t)t * n + row] = act >= 0 ? activate(v, act) : v;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
+gemv_gated(float* __restrict__ y,         // float32 [T, n]
+           const float* __restrict__ x,   // float32 [T, K]
+           const wt* __restrict__ wg,     // wt [n, K] (gate)
+           const wt* __restrict__ bg,     // wt [n] or NULL
+           const wt* __restrict__ wu,     // wt [n, K] (up)
+           const wt* __restrict__ bu,     // wt [n] or NULL
+           int T, int n, int K, int act)  // T <= GEMV_MAX_T; act: ACT_* code
+{
+    __shared__ float tot[GEMV_THREADS / 32 * 2 * GEMV_ROWS * GEMV_MAX_T];
+    int r0 = blockIdx.x * GEMV_ROWS;
+    if (r0 >= n) return;
+    const wt* rows[2 * GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) {
+        size_t off = (size_t)min(r0 + r, n - 1) * K;
+        rows[r] = wg + off;
+        rows[GEMV_ROWS + r] = wu + off;
+    }
+    bool vec = (K % VEC == 0) && aligned16(wg) && aligned16(wu) && aligned16(x);
+    dot_rows<2 * GEMV_ROWS>(rows, x, T, K, vec, tot);
+    if (threadIdx.x < GEMV_ROWS * GEMV_MAX_T) {
+        int r = threadIdx.x / GEMV_MAX_T, t = threadIdx.x % GEMV_MAX_T, row = r0 + r;
+        if (t < T && row < n) {
+            float g = tot[threadIdx.x] + (bg ? to_f(bg[row]) : 0.f);
+            float u = tot[GEMV_ROWS * GEMV_MAX_T + threadIdx.x] + (bu ? to_f(bu[row]) : 0.f);
+            y[(size_t)t * n + row] = activate(g, act) * u;
+        }
+    }
+}

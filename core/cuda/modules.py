@@ -28,6 +28,10 @@ def variants(name: str) -> list[dict[str, int]]:
     if name == "gemm_f32.cu":
         return [{"WDTYPE": 0}]
     dtypes = [{"WDTYPE": c} for c in DTYPE_CODES.values()]
+    if name == "gemv.cu":  # one token (decode) and up to GEMV_MAX_T tokens per weight read
+        return [dict(d, GEMV_MAX_T=t) for d in dtypes for t in (1, 4)]
+    if name == "norm.cu":
+        return [dict(d, NORM_VPT=2) for d in dtypes]
     if name == "attention.cu":  # compiled per head size; these are the common ones plus an odd one
         return [dict(d, HEAD_DIM=h) for d in dtypes for h in (64, 128, 80, 37)]
     return dtypes

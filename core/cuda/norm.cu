@@ -50,3 +50,73 @@ extern "C" __global__ void norm_rows(float* __restrict__ y,            // float3
         yr[d] = o;
     }
 }
+
+// norm_reg: the same op for rows with D % 4 == 0 and 16-byte aligned rows, D <= 4 * NORM_VPT * 1024: the
+// row is read once with float4 loads and kept in registers (NORM_VPT float4 per thread), so a row costs one
+// load round trip and the block reductions instead of two or three passes over memory. One block per row,
+// blockDim.x >= D / (4 * NORM_VPT). Decode (one row) is latency-bound: this shortens the critical path.
+#ifndef NORM_VPT
+#define NORM_VPT 2
+#endif
+static_assert(NORM_VPT >= 1 && NORM_VPT <= 8, "NORM_VPT must be in [1, 8]");
+
+extern "C" __global__ void norm_reg(float* __restrict__ y,            // float32 [R, D]
+                                    float* __restrict__ xsum,         // float32 [R, D] x + delta, or NULL
+                                    const float* __restrict__ x,      // float32 [R, D]
+                                    const float* __restrict__ delta,  // float32 [R, D] or NULL
+                                    const wt* __restrict__ w,         // wt [D]
+                                    const wt* __restrict__ b,         // wt [D] or NULL (LayerNorm bias)
+                                    int R, int D, int rms, float eps, float offset) {
+    __shared__ float scratch[32];
+    int r = blockIdx.x;
+    if (r >= R) return;
+    int n4 = D / 4;
+    const float4* xr = reinterpret_cast<const float4*>(x + (size_t)r * D);
+    const float4* dr = delta ? reinterpret_cast<const float4*>(delta + (size_t)r * D) : nullptr;
+    float4* sr = xsum ? reinterpret_cast<float4*>(xsum + (size_t)r * D) : nullptr;
+    float4 v[NORM_VPT];
+    float sum = 0.f, sumsq = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_VPT; ++j) {
+        int c = threadIdx.x + j * blockDim.x;
+        v[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (c < n4) {
+            v[j] = xr[c];
+            if (dr) {
+                float4 d = dr[c];
+                v[j].x += d.x, v[j].y += d.y, v[j].z += d.z, v[j].w += d.w;
+            }
+            if (sr) sr[c] = v[j];
+        }
+        sum += (v[j].x + v[j].y) + (v[j].z + v[j].w);
+        sumsq += (v[j].x * v[j].x + v[j].y * v[j].y) + (v[j].z * v[j].z + v[j].w * v[j].w);
+    }
+    float mean = 0.f, var;
+    if (rms) {
+        var = block_sum(sumsq, scratch) / D;
+    } else {
+        mean = block_sum(sum, scratch) / D;
+        float dev = 0.f;
+#pragma unroll
+        for (int j = 0; j < NORM_VPT; ++j)
+            if (threadIdx.x + j * blockDim.x < n4) {
+                float a = v[j].x - mean, bb = v[j].y - mean, c = v[j].z - mean, d = v[j].w - mean;
+                dev += (a * a + bb * bb) + (c * c + d * d);
+            }
+        var = block_sum(dev, scratch) / D;
+    }
+    float inv = 1.f / sqrtf(var + eps);
+    float4* yr = reinterpret_cast<float4*>(y + (size_t)r * D);
+#pragma unroll
+    for (int j = 0; j < NORM_VPT; ++j) {
+        int c = threadIdx.x + j * blockDim.x;
+        if (c >= n4) continue;
+        float o[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            o[e] = (o[e] - mean) * inv * (offset + to_f(w[4 * c + e]));
+            if (b) o[e] += to_f(b[4 * c + e]);
+        }
+        yr[c] = make_float4(o[0], o[1], o[2], o[3]);
+    }
+}

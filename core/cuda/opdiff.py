@@ -40,6 +40,8 @@ class DiffBackend:
     def _side(self, x, gpu: bool):
         if isinstance(x, Pair):
             return x.a if gpu else x.b
+        if isinstance(x, (tuple, list)):  # linears' (w, b) pairs, rope_cache_write's qk_norm
+            return type(x)(self._side(e, gpu) for e in x)
         if isinstance(x, Cache):
             return Cache([self._side(t, gpu) for t in x.k], [self._side(t, gpu) for t in x.v], x.length)
         if gpu and isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.ndim >= 2:
