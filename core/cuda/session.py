@@ -29,7 +29,7 @@ class Session:
         lock.acquire()
         self.be._session_owner = me
         cur = self.be.drv.Context.get_current()
-        if cur is None or cur.handle != self.be._ctx.handle:
+        if cur is None or getattr(cur, "handle", cur) != getattr(self.be._ctx, "handle", self.be._ctx):
             self.be._ctx.push()
             self.pushed = True
         return self
