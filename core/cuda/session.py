@@ -27,11 +27,16 @@ class Session:
             raise DeviceError("this model is already generating in this thread (its GPU KV cache is in use); "
                               "finish or close that generator first, or load the model twice")
         lock.acquire()
-        self.be._session_owner = me
-        cur = self.be.drv.Context.get_current()
-        if cur is None or getattr(cur, "handle", cur) != getattr(self.be._ctx, "handle", self.be._ctx):
-            self.be._ctx.push()
-            self.pushed = True
+        try:
+            self.be._session_owner = me
+            cur = self.be.drv.Context.get_current()
+            if cur is None or getattr(cur, "handle", cur) != getattr(self.be._ctx, "handle", self.be._ctx):
+                self.be._ctx.push()
+                self.pushed = True
+        except BaseException:
+            self.be._session_owner = None
+            lock.release()
+            raise
         return self
 
     def __exit__(self, *exc):
