@@ -92,9 +92,11 @@ class NumpyBackend:
         """A float32 numpy copy of a backend tensor."""
         return np.asarray(x, dtype=np.float32)
 
-    def decode(self, forward, W, c, token: int, cache: Cache, start: int, inv_freq) -> np.ndarray:
-        """Logits [V] of one generated token at position `start` (a backend may replay a captured step)."""
-        return forward(self, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]
+    def decode(self, forward, W, c, token: int, cache: Cache, start: int, inv_freq, greedy: bool = False):
+        """Logits [V] of one generated token at position `start`, or with greedy its argmax id (an int; a
+        backend may then pick it on its device). A backend may replay a captured step."""
+        logits = forward(self, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]
+        return int(np.argmax(logits)) if greedy else logits
 
     # -- primitive operations (see core.ops for shapes) ------------------------------------------
     def embed(self, table, ids, scale=None):

@@ -167,9 +167,11 @@ class Model:
         cache = self.backend.new_cache(self.config, len(ids) + max_new_tokens)
         seen = list(ids)
         text, dec = "", (self.tokenizer.stream() if stops else None)
+        # Greedy without a repetition penalty needs no logits on the host: the backend picks the id.
+        greedy, nxt = params.greedy and params.repetition_penalty == 1.0, None
         logits = forward(self.backend, self.weights, self.config, ids, cache, 0, self.inv_freq, all_logits=False)[-1]
         for step in range(max_new_tokens):
-            tok = sample(logits, params, rng, np.asarray(seen))
+            tok = nxt if nxt is not None else sample(logits, params, rng, np.asarray(seen))
             seen.append(tok)
             yield tok
             if stop_at_eos and tok in self.eos_token_ids:
@@ -182,7 +184,8 @@ class Model:
                     return
             if step + 1 < max_new_tokens:
                 pos = len(seen) - 1
-                logits = self.backend.decode(forward, self.weights, self.config, tok, cache, pos, self.inv_freq)
+                out = self.backend.decode(forward, self.weights, self.config, tok, cache, pos, self.inv_freq, greedy)
+                nxt, logits = (out, None) if greedy else (None, out)
 
     def generate(self, ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,

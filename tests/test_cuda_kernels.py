@@ -265,6 +265,23 @@ def test_rope_cache_write(dtype, T, Hkv, g, half, start, norm, offset, seed):
         assert np.isnan(c[:, :start]).all() and np.isnan(c[:, start + T:]).all(), "wrote outside its positions"
 
 
+# --- greedy sampling --------------------------------------------------------------------------------------------
+@given(n=st.one_of(st.integers(1, 3000), st.integers(3000, 300_000)), levels=st.sampled_from([2, 5, 0]),
+       seed=S.seed)
+def test_argmax(n, levels, seed):
+    """The GPU argmax (decode graphs end in it) is numpy's: the first index of the largest value, ties included
+    (levels > 0 draws from a few values, so ties are common; -0.0 and +0.0 compare equal)."""
+    r = rng(seed)
+    x = (r.integers(-levels, levels + 1, n) * 0.5 if levels else r.normal(size=n) * 10).astype(np.float32)
+    x[x == 0] = r.choice(np.array([0.0, -0.0], np.float32), size=int((x == 0).sum()))
+    with backend("float32") as be:
+        key = be.argmax_key(be.from_host(x))
+        be.synchronize()
+        raw = np.empty(2, np.int32)
+        be.drv.memcpy_dtoh(raw, key.ptr)
+    assert be.key_to_id(raw) == int(np.argmax(x))
+
+
 # --- KV cache and attention -------------------------------------------------------------------------------------
 def _round(dtype, x):
     return NumpyBackend(dtype).convert(np.asarray(x, np.float32), "F32", "kv").astype(np.float64)

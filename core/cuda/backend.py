@@ -617,12 +617,30 @@ class CudaBackend:
         return out
 
     # -- decode steps ----------------------------------------------------------------------------
-    def decode(self, forward, W, c, token: int, cache: Cache, start: int, inv_freq) -> np.ndarray:
-        """Logits [V] for one new token at position `start`: replayed as a CUDA graph when enabled."""
+    def decode(self, forward, W, c, token: int, cache: Cache, start: int, inv_freq, greedy: bool = False):
+        """Logits [V] for one new token at position `start` (greedy: the argmax id instead, as an int):
+        replayed as a CUDA graph when enabled; with fused kernels a greedy graph ends in argmax_key, so only
+        the id crosses to the host."""
         if self.graphs:
             from .graph import GraphCache
 
             if self._graph_cache is None:
                 self._graph_cache = GraphCache(self)
-            return self._graph_cache.step(forward, W, c, token, cache, start, inv_freq)
-        return forward(self, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]
+            on_gpu = greedy and self.fused
+            out = self._graph_cache.step(forward, W, c, token, cache, start, inv_freq, on_gpu)
+            return int(np.argmax(out)) if greedy and not on_gpu else out
+        logits = forward(self, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]
+        return int(np.argmax(logits)) if greedy else logits
+
+    def argmax_key(self, x: DTensor) -> DTensor:
+        """uint64 key of x's argmax (sample.cu; the id is 0xffffffff - the low word): stays on the GPU."""
+        key = self._alloc((2,), "int32")
+        self._check(lambda: self.drv.memset_d8_async(key.ptr, 0, 8, self.stream), "argmax")
+        fn = self._fn("sample.cu", "argmax_key", "PPi")
+        self._launch("argmax", fn, (max(1, min(-(-x.size // 1024), 264)), 1, 1), (256, 1, 1), key, x, x.size)
+        return key
+
+    @staticmethod
+    def key_to_id(key: np.ndarray) -> int:
+        """The id in an argmax key read back as int32 [2] (little-endian: low word first)."""
+        return 0xFFFFFFFF - int(np.asarray(key).view(np.uint32)[0])

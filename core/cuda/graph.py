@@ -69,7 +69,7 @@ class Capture:
 class Graph:
     """One captured decode step: its input buffer, output tensor and the instantiated graph."""
 
-    def __init__(self, be, forward, W, c, cache, start, inv_freq):
+    def __init__(self, be, forward, W, c, cache, start, inv_freq, greedy: bool = False):
         from .backend import DTensor
 
         drv = be.drv
@@ -79,21 +79,25 @@ class Graph:
         cap = Capture(DTensor(self.inputs, int(self.inputs), (1,), "int32"), int(self.inputs) + 4)
         self.graph = ctypes.c_void_p()
         self.exec = ctypes.c_void_p()
+        if greedy:  # compiled and loaded before capture, as the first (eager) step compiled the rest
+            be._fn("sample.cu", "argmax_key", "PPi")
         be.synchronize("graph capture")
         stream = ctypes.c_void_p(be.stream.handle)
         _call("cuStreamBeginCapture_v2", stream, CAPTURE_MODE_RELAXED)
         be.capture = cap
         try:
             forward(be, W, c, np.asarray([0]), cache, start, inv_freq, all_logits=False)
+            if greedy and cap.out is not None:  # the step ends in the argmax: only its key is copied back
+                cap.out = be.argmax_key(cap.out.reshape(-1))
         finally:
             be.capture = None
             rc = _cuda().cuStreamEndCapture(stream, ctypes.byref(self.graph))
         if rc != 0 or cap.out is None:
             raise DeviceError(f"CUDA graph capture of a decode step failed (cuStreamEndCapture returned {rc})")
         _call("cuGraphInstantiateWithFlags", ctypes.byref(self.exec), self.graph, 0)
-        self.keep, self.out = cap.keep, cap.out
+        self.keep, self.out, self.greedy = cap.keep, cap.out, greedy
         self.capacity = cache.k[0].shape[1]
-        self.logits = drv.pagelocked_empty(self.out.shape, np.float32)
+        self.logits = drv.pagelocked_empty(self.out.shape, np.int32 if greedy else np.float32)
 
     def replay(self, token: int, start: int) -> np.ndarray:
         if start + 1 > self.capacity:
@@ -104,7 +108,7 @@ class Graph:
         _call("cuGraphLaunch", self.exec, ctypes.c_void_p(be.stream.handle))
         drv.memcpy_dtoh_async(self.logits, self.out.ptr, be.stream)
         be.synchronize("graph replay")
-        return self.logits[-1].copy()
+        return be.key_to_id(self.logits) if self.greedy else self.logits[-1].copy()
 
     def destroy(self) -> None:
         if self.exec:
@@ -124,16 +128,18 @@ class GraphCache:
         self.graphs: dict = {}
         self.eager: set = set()
 
-    def step(self, forward, W, c, token: int, cache, start: int, inv_freq) -> np.ndarray:
-        key = (id(W), id(c), id(forward), cache.k[0].ptr, cache.k[0].shape, len(cache.k))
+    def step(self, forward, W, c, token: int, cache, start: int, inv_freq, greedy: bool = False):
+        """Logits [V] of the step, or with greedy the argmax id (an int)."""
+        key = (id(W), id(c), id(forward), cache.k[0].ptr, cache.k[0].shape, len(cache.k), greedy)
         g = self.graphs.get(key)
         if g is None:
             if key not in self.eager:  # first step: compile kernels and upload constants outside the graph
                 self.eager.add(key)
-                return forward(self.be, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]
+                logits = forward(self.be, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]
+                return int(np.argmax(logits)) if greedy else logits
             if len(self.graphs) >= MAX_GRAPHS:
                 self.clear()
-            g = self.graphs[key] = Graph(self.be, forward, W, c, cache, start, inv_freq)
+            g = self.graphs[key] = Graph(self.be, forward, W, c, cache, start, inv_freq, greedy)
         return g.replay(token, start)
 
     def clear(self) -> None:
