@@ -30,6 +30,7 @@ def synth(path, arch="llama", std=0.1, **sizes):
 
 
 def test_oom_during_load_names_bytes_and_the_process_goes_on(tmp_path):
+    import pycuda.autoprimaryctx  # noqa: F401  (the context the backend uses; this test asks it for free memory first)
     import pycuda.driver as drv
 
     path = synth(tmp_path / "big", hidden_size=1024, num_layers=8, intermediate_size=4096, vocab_size=32000,
@@ -48,7 +49,9 @@ def test_oom_during_load_names_bytes_and_the_process_goes_on(tmp_path):
 
 
 def test_kv_cache_that_cannot_fit_is_a_clear_error(tmp_path):
-    path = synth(tmp_path / "long", max_position_embeddings=1 << 24, num_layers=4, num_kv_heads=4, num_heads=4)
+    # 2^24 positions x 8 layers x 4 kv heads x 128 x (k, v) x 2 bytes = 275 GB: more than any card has.
+    path = synth(tmp_path / "long", max_position_embeddings=1 << 24, num_layers=8, num_kv_heads=4, num_heads=4,
+                 hidden_size=512)
     with pytest.raises(DeviceMemoryError, match=r"needs? [\d,.]+ MiB"):
         core.load(path, device="cuda", dtype="float16", context=1 << 24, quiet=True)
     m = core.load(path, device="cuda", dtype="float16", context=512, quiet=True)
