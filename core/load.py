@@ -118,7 +118,8 @@ def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = N
         t = None  # noqa: F841  the traceback keeps this frame alive: it must not keep the last tensor too
         gc.collect()
         raise
-    return Model(entry.spec, config, backend, weights, tokenizer, eos, Path(path), detected, backend.name)
+    device = "cpu" if backend.name == "numpy" else backend.name
+    return Model(entry.spec, config, backend, weights, tokenizer, eos, Path(path), detected, device)
 
 
 def _progress_reporter(p, ckpt: Checkpoint, progress):

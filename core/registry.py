@@ -153,9 +153,10 @@ def _collect(plugin: str, hook, dist, entries: dict[str, Entry], broken: list[Br
         problems.append(f"raised in archkit_register_architectures: {type(e).__name__}: {e}")
     if not mine and not problems:
         problems.append("its archkit_register_architectures hook registered no architecture")
-    entries.update(mine)
-    if problems:
+    if problems:  # all or nothing: a plugin that broke contributes no family, not half of its families
         broken.append(BrokenPlugin(plugin, _one_line("; ".join(problems)), dist[0]))
+    else:
+        entries.update(mine)
 
 
 def _one_line(text: str) -> str:

@@ -170,7 +170,9 @@ def test_duplicate_between_outside_plugins_keeps_the_first(discover):
 
 def test_duplicate_within_one_plugin(discover):
     reg = discover(registering("stutters", llama_like(name="twice"), llama_like(name="twice")))
-    assert "twice" in reg and [b.name for b in reg.broken] == ["stutters"]
+    # all or nothing: a plugin that broke registers none of its families
+    assert "twice" not in reg and [b.name for b in reg.broken] == ["stutters"]
+    assert "duplicate architecture 'twice'" in reg.broken[0].error
 
 
 def test_registry_is_a_small_mapping(discover):
