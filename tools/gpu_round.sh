@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device call for the CUDA backend: kernel property tests, GPU parity, benchmark; logs under $OUT.
-#   bash tools/gpu_round.sh STEPS...   steps: kernels kernels2 parity ab opdiff profile bench benchhf loadcheck
+#   bash tools/gpu_round.sh STEPS...   steps: kernels kernels2 cublas parity ab prefill opdiff profile bench benchhf loadcheck
 # Per-step time limits (seconds) come from KERNELS_S, PARITY_S, BENCH_S; BENCH_CONFIGS picks the shapes;
 # KERNELS_K / KERNELS2_K / PARITY_K select tests (pytest -k) for kernels / kernels2 / parity.
 # ab: decode only, the previous kernels (ARCHKIT_CUDA_FUSED=0 path) against the fused ones in one process.
+# cublas: property tests of the cuBLAS linear path and the tensor-core prefill attention (tests/test_cuda_cublas.py).
+# prefill: 2,048-token prefill only, our GEMM vs cuBLAS x SIMT vs tensor-core attention, and transformers.
 # Expects PyCUDA installed and PYTHONPATH set (see ../shared/device/README.md).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -17,6 +19,10 @@ for step in $steps; do
                ${KERNELS_K:+-k "$KERNELS_K"} tests/test_cuda_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     kernels2) timeout "${KERNELS2_S:-240}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
                ${KERNELS2_K:+-k "$KERNELS2_K"} tests/test_cuda_kernels.py 2>&1 | tee "$OUT/kernels2.log" | tail -30 ;;
+    cublas) timeout "${CUBLAS_S:-120}" python3 -m pytest -v -rfEs --tb=short -p no:cacheprovider \
+               tests/test_cuda_cublas.py 2>&1 | tee "$OUT/cublas.log" | tail -25 ;;
+    prefill) timeout "${BENCH_S:-120}" python3 -m core.cuda.bench ${BENCH_CONFIGS:-tinyllama-1.1b qwen3-8b} \
+               --prefill-only --compare-hf --json "$OUT/prefill.json" 2>&1 | tee "$OUT/prefill.log" | tail -14 ;;
     parity) timeout "${PARITY_S:-240}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
                ${PARITY_K:+-k "$PARITY_K"} tests/test_cuda_parity.py 2>&1 | tee "$OUT/parity.log" | tail -40 ;;
     ab) timeout "${BENCH_S:-200}" python3 -m core.cuda.bench ${BENCH_CONFIGS:-} --ab --json "$OUT/ab.json" \

@@ -35,6 +35,7 @@ GEMV_ROWS, GEMV_THREADS = 4, 128  # gemv.cu gemv_rows / gemv_gated: output rows 
 NORM_VPT = 2          # norm.cu norm_reg: float4 values per thread kept in registers
 CONVERT_CHUNK = 1 << 24  # elements converted on the host per upload step (64 MB as float32)
 PREFILL_NQ, PREFILL_BK = 16, 32  # attention.cu: queries per block, keys per tile
+TC_FQ, TC_FK, TC_NW = 64, 64, 4  # attention_tc.cu: queries per block, keys per tile, warps (TC_SMEM_BYTES there)
 WORKSPACE_RESERVE = 512 << 20    # bytes left free beside the default KV cache for activations
 GiB = 1 << 30
 
@@ -132,6 +133,20 @@ class CudaBackend:
         # ARCHKIT_CUDA_FUSED=0 runs the previous one-op-per-kernel path (benchmarks compare the two).
         self.fused = os.environ.get("ARCHKIT_CUDA_FUSED", "1") != "0"
         self._graph_cache = None
+        # Prefill matrix products (T > GEMV_MAX_T): our WMMA GEMM, or cuBLAS through ctypes (core/cuda/cublas.py)
+        # with ARCHKIT_CUDA_GEMM=cublas or `be.gemm = "cublas"` (opt-in until measured on a GPU: NOTES.md, round 2).
+        # `be.gemm` may be switched between operations (benchmarks run both in one process).
+        # Prefill attention (T > 1): the SIMT kernel, or with ARCHKIT_CUDA_ATTN=tc / `be.attn = "tc"` the
+        # tensor-core kernel (attention_tc.cu) for half-precision caches and head sizes that are multiples of 16.
+        self.gemm = os.environ.get("ARCHKIT_CUDA_GEMM", "own")
+        if self.gemm not in ("own", "cublas"):
+            raise DeviceError(f"ARCHKIT_CUDA_GEMM={self.gemm!r}: choose 'own' or 'cublas'")
+        self.attn = os.environ.get("ARCHKIT_CUDA_ATTN", "simt")
+        if self.attn not in ("tc", "simt"):
+            raise DeviceError(f"ARCHKIT_CUDA_ATTN={self.attn!r}: choose 'tc' or 'simt'")
+        self._cublas, self._cublas_handle = None, None
+        if self.gemm == "cublas":
+            self._cublas_lib()  # asked for by name: say now if it is missing
 
     def __repr__(self):
         return f"CudaBackend(dtype={self.dtype!r}, device={self.device.name()!r})"
@@ -301,13 +316,19 @@ class CudaBackend:
             self._kv = self._make_kv(self._config, self._default_context(self._config))
 
     def release(self, weights) -> None:
-        """Free every weight, the KV cache, captured graphs and pooled memory."""
+        """Free every weight, the KV cache, captured graphs, the cuBLAS handle and pooled memory."""
         if self._graph_cache is not None:
             self._graph_cache.clear()
         try:
             self.stream.synchronize()
         except self.drv.Error:
             pass  # freeing is still right; the error was (or will be) reported where it happened
+        if self._cublas_handle is not None:
+            handle, self._cublas_handle = self._cublas_handle, None
+            try:
+                self._cublas.destroy(handle)
+            except DeviceError:
+                pass
         for a in self._owned:
             a.free()
         self._owned.clear()
@@ -405,6 +426,8 @@ class CudaBackend:
         M = x.size // K if K else 0
         if M <= GEMV_MAX_T and self.fused:
             return self.linears(x, [(w, b)])[0]
+        if M > GEMV_MAX_T and self._use_cublas(M, K):
+            return self._cublas_linears(x, [(w, b)])[0]
         y = self._alloc(x.shape[:-1] + (N,))
         if M <= GEMV_MAX_T:
             fn = self._fn("gemv.cu", "gemv", "PPPPiii", GEMV_MAX_T=GEMV_MAX_T)
@@ -421,12 +444,75 @@ class CudaBackend:
         """(x @ w.T (+ b) for (w, b) in pairs): for a few tokens one GEMV launch covers up to 3 products."""
         K = x.shape[-1]
         M = x.size // K if K else 0
+        if M > GEMV_MAX_T and self._use_cublas(M, K):
+            return tuple(self._cublas_linears(x, pairs))
         if M > GEMV_MAX_T or not self.fused:
             return tuple(self.linear(x, w, b) for w, b in pairs)
         outs = []
         for i in range(0, len(pairs), 3):
             outs += self._gemv_rows(x, pairs[i:i + 3], -1, "linear(gemv)")
         return tuple(outs)
+
+    @property
+    def attn_tc_available(self) -> bool:
+        """Whether the tensor-core prefill attention can run (a half-precision cache)."""
+        return self.dtype != "float32"
+
+    def _cublas_lib(self):
+        """The loaded cuBLAS (core/cuda/cublas.py); a DeviceError saying what was tried if there is none."""
+        if self._cublas is None:
+            from . import cublas
+
+            ok, why = cublas.available()
+            if not ok:
+                raise DeviceError(f"the cuBLAS GEMM was asked for (ARCHKIT_CUDA_GEMM=cublas) but {why}")
+            self._cublas = cublas.load()
+        return self._cublas
+
+    def _use_cublas(self, M: int, K: int) -> bool:
+        """Whether a product of M > GEMV_MAX_T rows goes to cuBLAS (never inside a graph capture, whose
+        buffers and launches are ours alone)."""
+        return self.gemm == "cublas" and self.capture is None and M > 0 and K > 0 and self._cublas_lib() is not None
+
+    def _cublas_op(self, op: str, call) -> None:
+        """Run one cuBLAS call (an op on the backend's stream, like _launch: named for errors, synced under
+        ARCHKIT_CUDA_SYNC=1; profilers wrap this method)."""
+        call()
+        self._last_op = op
+        if self.sync_each and self.capture is None:
+            try:
+                self.stream.synchronize()
+            except self.drv.Error as e:
+                raise DeviceError(f"CUDA op {op!r} failed: {e}") from None
+
+    def _cublas_linears(self, x: DTensor, pairs) -> list:
+        """x @ w.T (+ b) for (w, b) in pairs through cublasGemmEx: x is rounded to the weight type once (as our
+        GEMM does when it stages x), the product accumulates and is written in fp32, bias added after."""
+        K = x.shape[-1]
+        M = x.size // K
+        if self._cublas_handle is None:
+            self._cublas_handle = self._cublas_lib().create(self.stream.handle)
+        h = self._cublas_handle
+        if self.dtype == "float32":
+            xa = x
+        else:
+            xa = self._alloc((M, K), self.dtype)
+            fn = self._fn("elementwise.cu", "to_wt", "PPq")
+            self._launch("linear(cublas:round)", fn, self._grid1(M * K), (256, 1, 1), xa, x, M * K)
+        outs = []
+        for w, b in pairs:
+            N = w.shape[0]
+            if w.shape[1] != K:
+                raise DeviceError(f"linear: x has {K} features but the weight is {list(w.shape)}")
+            y = self._alloc(x.shape[:-1] + (N,))
+            if N:
+                self._cublas_op("linear(cublas)",
+                                lambda: self._cublas.linear(h, y.ptr, xa.ptr, w.ptr, M, N, K, self.dtype))
+                if b is not None:
+                    fn = self._fn("elementwise.cu", "add_bias", "PPqi")
+                    self._launch("linear(cublas:bias)", fn, self._grid1(M * N), (256, 1, 1), y, b, M * N, N)
+            outs.append(y)
+        return outs
 
     def _gemv_rows(self, x, pairs, act: int, op: str) -> list:
         K = x.shape[-1]
@@ -456,7 +542,7 @@ class CudaBackend:
         K, N = x.shape[-1], wg.shape[0]
         M = x.size // K if K else 0
         if M > GEMV_MAX_T or not self.fused:
-            return self.gated_act(self.linear(x, wg, bg), self.linear(x, wu, bu), kind)
+            return self.gated_act(*self.linears(x, [(wg, bg), (wu, bu)]), kind)
         if wg.shape[1] != K or wu.shape != wg.shape:
             raise DeviceError(f"gated_linear: x has {K} features, gate {list(wg.shape)}, up {list(wu.shape)}")
         y = self._alloc(x.shape[:-1] + (N,))
@@ -605,6 +691,14 @@ class CudaBackend:
                          self._start_dev(), H, Hkv, S, float(scale), win, cap)
             fn = self._fn("attention.cu", "attn_combine", "PPii", HEAD_DIM=Dh)
             self._launch("attention(combine)", fn, (H, 1, 1), (min(128, 32 * -(-Dh // 32)), 1, 1), out, part, H, nsplit)
+        elif self.attn == "tc" and self.attn_tc_available and Dh % 16 == 0 and Dh <= 256:
+            fn = self._fn("attention_tc.cu", "attn_prefill_tc", "PPPPiPiiiifif", HEAD_DIM=Dh)
+            smem = 2 * TC_FK * (Dh + 8) * 2 + TC_NW * (16 * (TC_FK + 4) * 4 + 16 * (TC_FK + 8) * 2 + 16 * (Dh + 4) * 4)
+            if smem > 48 * 1024 and getattr(fn, "_smem", 0) < smem:
+                fn.set_attribute(self.drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+                fn._smem = smem
+            self._launch("attention(prefill_tc)", fn, (-(-T // TC_FQ), H, 1), (32 * TC_NW, 1, 1), out, q, kc, vc, start,
+                         self._start_dev(), T, H, Hkv, S, float(scale), win, cap, shared=smem)
         else:
             fn = self._fn("attention.cu", "attn_prefill", "PPPPiPiiiifif", HEAD_DIM=Dh)
             dhp = Dh + 2 if Dh % 2 else Dh + 1

@@ -201,6 +201,32 @@ def decode_ab(name: str, reps: int = 2) -> dict:
     return res
 
 
+def _timed_forward(model: Model, ids, cache, start: int) -> dict[str, float]:
+    """Microseconds per op name for one uncaptured forward (events around every launch and cuBLAS call)."""
+    be, c = model.backend, model.config
+    events, launch, cublas_op = [], be._launch, be._cublas_op
+
+    def timed(inner):
+        def run(op, *a, **kw):
+            e0, e1 = be.drv.Event(), be.drv.Event()
+            e0.record(be.stream)
+            inner(op, *a, **kw)
+            e1.record(be.stream)
+            events.append((op, e0, e1))
+        return run
+
+    be._launch, be._cublas_op = timed(launch), timed(cublas_op)
+    try:
+        forward(be, model.weights, c, ids, cache, start, model.inv_freq, all_logits=False)
+    finally:
+        del be._launch, be._cublas_op
+    be.synchronize("profile")
+    out: dict[str, float] = {}
+    for op, e0, e1 in events:
+        out[op] = out.get(op, 0.0) + e1.time_since(e0) * 1e3
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def profile_step(model: Model, context: int = 128) -> dict[str, float]:
     """Microseconds per op name for one uncaptured decode step at position `context` (events per launch)."""
     be, c = model.backend, model.config
@@ -208,25 +234,87 @@ def profile_step(model: Model, context: int = 128) -> dict[str, float]:
     cache = be.new_cache(c, context + 1)
     forward(be, model.weights, c, ids, cache, 0, model.inv_freq, all_logits=False)
     forward(be, model.weights, c, ids[-1:], cache, context, model.inv_freq, all_logits=False)  # warm-up
-    events, launch = [], be._launch
+    return _timed_forward(model, ids[-1:], cache, context)
 
-    def timed(op, fn, *a, **kw):
-        e0, e1 = be.drv.Event(), be.drv.Event()
-        e0.record(be.stream)
-        launch(op, fn, *a, **kw)
-        e1.record(be.stream)
-        events.append((op, e0, e1))
 
-    be._launch = timed
+def op_shares(prof: dict[str, float]) -> dict[str, float]:
+    """GPU microseconds of a profile grouped: matrix products, attention, everything else."""
+    out = {"gemm_us": 0.0, "attention_us": 0.0, "other_us": 0.0}
+    for op, us in prof.items():
+        key = "gemm_us" if op.startswith("linear") else "attention_us" if op.startswith("attention") else "other_us"
+        out[key] += us
+    return out
+
+
+PREFILL_VARIANTS = (("own", "simt"), ("cublas", "simt"), ("own", "tc"), ("cublas", "tc"))
+
+
+def prefill_ab(name: str, T: int = 2048, reps: int = 2, compare_hf: bool = True) -> dict:
+    """Prefill tok/s of a named shape (fp16, T tokens, last-position logits) for each (GEMM, attention)
+    variant the backend has (PREFILL_VARIANTS: our WMMA GEMM or cuBLAS; SIMT or tensor-core attention),
+    alternating, best of `reps`, in one process on one card; a per-op GPU profile of each; the largest
+    relative logit difference to the first variant; then transformers' eager forward (cuBLAS + SDPA)."""
+    import pycuda.autoprimaryctx  # noqa: F401
+
+    name, raw = resolve(name)
+    model = random_model(raw, "float16", context=T)
+    be, c = model.backend, model.config
+    from . import cublas
+
+    found, where = cublas.available()
+    res = {"config": name, "T": T, "device": be.device.name(), "date": datetime.date.today().isoformat(),
+           "cublas": where if found else None, "variants": {}}
+    variants = [v for v in PREFILL_VARIANTS if (v[0] == "own" or found) and (v[1] == "simt" or be.attn_tc_available)]
+    ids = np.asarray(_prompt(model, T, seed=1))
     try:
-        forward(be, model.weights, c, ids[-1:], cache, context, model.inv_freq, all_logits=False)
+        cache = be.new_cache(c, T)
+        ref = None
+        for gemm, attn in variants:
+            be.gemm, be.attn = gemm, attn
+            logits = forward(be, model.weights, c, ids, cache, 0, model.inv_freq, all_logits=False)[-1]
+            ref = logits if ref is None else ref
+            key = f"{gemm}+{attn}"
+            res["variants"][key] = {"logit_rel_diff": float(np.linalg.norm(logits - ref) / np.linalg.norm(ref)),
+                                    "profile_us": op_shares(_timed_forward(model, ids, cache, 0)), "tok_s": []}
+        del cache
+        for _ in range(reps):
+            for gemm, attn in variants:
+                be.gemm, be.attn = gemm, attn
+                res["variants"][f"{gemm}+{attn}"]["tok_s"].append(time_prefill(model, T))
     finally:
-        del be._launch
-    be.synchronize("profile")
-    out: dict[str, float] = {}
-    for op, e0, e1 in events:
-        out[op] = out.get(op, 0.0) + e1.time_since(e0) * 1e3
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+        be.release(model.weights)
+    for v in res["variants"].values():
+        v["best_tok_s"] = max(v["tok_s"])
+    if compare_hf:
+        import torch
+
+        hf = hf_model(raw, None, "float16")
+        try:
+            with torch.no_grad():
+                res["hf_tok_s"] = _hf_prefill(hf, hf.config.vocab_size, T)
+        finally:
+            del hf
+            torch.cuda.empty_cache()
+        for v in res["variants"].values():
+            v["x_hf"] = v["best_tok_s"] / res["hf_tok_s"]
+    return res
+
+
+def prefill_table(rows: list[dict]) -> str:
+    out = [f"{'config':<16}{'variant':<14}{'tok/s':>9}{'ms':>8}{'x HF':>7}{'gemm ms':>9}{'attn ms':>9}{'other ms':>9}"
+           f"{'logit diff':>11}"]
+    for r in rows:
+        for k, v in r["variants"].items():
+            p = v["profile_us"]
+            out.append(f"{r['config'][:15]:<16}{k:<14}{v['best_tok_s']:>9,.0f}{1e3 * r['T'] / v['best_tok_s']:>8.1f}"
+                       f"{v.get('x_hf', float('nan')):>7.2f}{p['gemm_us'] / 1e3:>9.1f}{p['attention_us'] / 1e3:>9.1f}"
+                       f"{p['other_us'] / 1e3:>9.1f}{v['logit_rel_diff']:>11.1e}")
+        if "hf_tok_s" in r:
+            out.append(f"{r['config'][:15]:<16}{'transformers':<14}{r['hf_tok_s']:>9,.0f}{1e3 * r['T'] / r['hf_tok_s']:>8.1f}"
+                       f"{1.0:>7.2f}")
+    if rows:
+        out.append(f"card: {rows[0]['device']}, T = {rows[0]['T']}, fp16, {rows[0]['date']}, cuBLAS: {rows[0]['cublas']}")
+    return "\n".join(out)
 
 
 # -- transformers on the same card ---------------------------------------------------------------------
@@ -441,10 +529,22 @@ def main(argv=None) -> int:
     p.add_argument("--load-check", metavar="NAME")
     p.add_argument("--profile", action="store_true", help="per-op GPU time of one decode step (no bench)")
     p.add_argument("--ab", action="store_true", help="decode only: previous kernels vs fused ones, same run")
+    p.add_argument("--prefill-only", action="store_true",
+                   help="prefill only: our GEMM vs cuBLAS, SIMT vs tensor-core attention, and transformers, same run")
+    p.add_argument("--tokens", type=int, default=2048, help="prompt length for --prefill-only")
     p.add_argument("--load-child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.load_child:
         _load_child(a.load_child)
+        return 0
+    if a.prefill_only:
+        rows = []
+        for c in a.configs:
+            rows.append(prefill_ab(c, a.tokens, compare_hf=a.compare_hf))
+            print(json.dumps(rows[-1]), flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=2))
+        print(prefill_table(rows))
         return 0
     if a.ab:
         rows = []

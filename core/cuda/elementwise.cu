@@ -1,5 +1,5 @@
 // Elementwise kernels on float32 activations: residual add, activation, gated activation (act(gate) * up),
-// soft-capping (cap * tanh(x / cap)).
+// soft-capping (cap * tanh(x / cap)); for the cuBLAS path, x rounded to the weight type and a bias add.
 // Grid-stride loops, so any grid size is correct; n may be any length.
 #include "common.cuh"
 
@@ -31,4 +31,20 @@ extern "C" __global__ void soft_cap(float* __restrict__ y,        // float32 [n]
                                     long long n, float cap) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         y[i] = cap * tanhf(x[i] / cap);
+}
+
+// x rounded to the storage type (the operand a vendor GEMM reads; core/cuda/cublas.py).
+extern "C" __global__ void to_wt(wt* __restrict__ y,           // wt [n]
+                                 const float* __restrict__ x,  // float32 [n]
+                                 long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = from_f<wt>(x[i]);
+}
+
+// y[r, j] += b[j] for a row-major y of n elements and rows of N (bias after a vendor GEMM).
+extern "C" __global__ void add_bias(float* __restrict__ y,     // float32 [n / N, N]
+                                    const wt* __restrict__ b,  // wt [N]
+                                    long long n, int N) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] += to_f(b[i % N]);
 }

@@ -32,6 +32,8 @@ def variants(name: str) -> list[dict[str, int]]:
         return [dict(d, GEMV_MAX_T=t) for d in dtypes for t in (1, 4)]
     if name == "norm.cu":
         return [dict(d, NORM_VPT=2) for d in dtypes]
+    if name == "attention_tc.cu":  # tensor-core prefill: half types, head sizes that are multiples of 16
+        return [{"WDTYPE": c, "HEAD_DIM": h} for c in (1, 2) for h in (64, 128, 80, 48, 32, 256)]
     if name == "attention.cu":  # compiled per head size; these are the common ones plus an odd one
         return [dict(d, HEAD_DIM=h) for d in dtypes for h in (64, 128, 80, 37)]
     return dtypes
