@@ -166,7 +166,7 @@ class Chat:
         reply = []
         try:
             ids = self.prompt_ids()
-            for piece in _text_pieces(self.model, ids, kw):
+            for piece in self.model.stream_text_ids(ids, **kw):
                 reply.append(piece)
                 yield piece
         except BaseException:
@@ -178,22 +178,3 @@ class Chat:
         """Send `user` and return the whole reply."""
         return "".join(self.stream(user, **kw))
 
-
-def _text_pieces(model, ids: list[int], kw: dict) -> Iterator[str]:
-    """Text deltas of model.stream(ids), with stop strings cut off (as Model.stream_text does for text)."""
-    dec, text, emitted = model.tokenizer.stream(), "", 0
-    stops = [s for s in kw.get("stop") or [] if s]
-    hold = max((len(s) - 1 for s in stops), default=0)  # a stop string may be completed by the next piece
-    for t in model.stream(ids, **kw):
-        text += dec.push(t)
-        cut = min((text.find(s) for s in stops if s in text), default=-1)
-        if cut >= 0:
-            if cut > emitted:
-                yield text[emitted:cut]
-            return
-        if len(text) - hold > emitted:
-            yield text[emitted:len(text) - hold]
-            emitted = len(text) - hold
-    text += dec.flush()
-    if len(text) > emitted:
-        yield text[emitted:]

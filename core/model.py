@@ -215,7 +215,16 @@ class Model:
         ids = tok.encode(prompt)
         if not ids:
             raise GenerationError(f"empty prompt: {prompt!r} encodes to no tokens; generation needs at least one token")
+        yield from self.stream_text_ids(ids, **kw)
+
+    def stream_text_ids(self, ids, **kw) -> Iterator[str]:
+        """Yield the text generated after the prompt token `ids`, piece by piece (stop strings cut off).
+
+        Never emits half a UTF-8 character, and holds back text that could still become a stop string.
+        """
+        tok = self._tokenizer()
         dec, text, stops = tok.stream(), "", [s for s in kw.get("stop") or [] if s]
+        hold = max((len(s) - 1 for s in stops), default=0)  # a stop string may be completed by the next piece
         emitted = 0
         for t in self.stream(ids, **kw):
             text += dec.push(t)
@@ -224,10 +233,9 @@ class Model:
                 if cut > emitted:
                     yield text[emitted:cut]
                 return
-            safe = len(text) - max((len(s) - 1 for s in stops), default=0)  # hold back a possible stop prefix
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
+            if len(text) - hold > emitted:
+                yield text[emitted:len(text) - hold]
+                emitted = len(text) - hold
         text += dec.flush()
         if len(text) > emitted:
             yield text[emitted:]
