@@ -125,6 +125,12 @@ def run_bench(models: list[str], device: str = "cpu", compare_hf: bool = False, 
               prompt_tokens: int = 16, json_path: str | None = None) -> list[dict]:
     """Benchmark each named config or checkpoint dir; print a table; optionally write JSON."""
     if device == "cuda":
+        from .errors import DeviceError
+        from .load import cuda_available
+
+        ok, why = cuda_available()
+        if not ok:
+            raise DeviceError(f"device 'cuda' is not usable: {why}")
         from .cuda.bench import bench_cuda, table
         results = [bench_cuda(m, compare_hf=compare_hf, out_json=None) for m in models]
         print(table(results))

@@ -81,3 +81,15 @@ def test_unknown_family_is_a_one_line_error(capsys):
     assert main(["generate", "--arch", "no-such-family", "--prompt", "x"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("archkit: error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["bench", "--device", "cuda", "--model", "gpt2-124m"],
+                                  ["generate", "--arch", "gpt2", "--prompt", "hi", "--device", "cuda"]])
+def test_cuda_without_a_gpu_is_a_one_line_error(argv, capsys):
+    from core.load import cuda_available
+
+    if cuda_available()[0]:
+        pytest.skip("a GPU is present here: the commands would run")
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("archkit: error: device 'cuda' is not usable")
