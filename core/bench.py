@@ -124,6 +124,12 @@ def time_hf(path: Path, prompt: np.ndarray, tokens: int, device: str) -> dict:
 def run_bench(models: list[str], device: str = "cpu", compare_hf: bool = False, tokens: int | None = None,
               prompt_tokens: int = 16, json_path: str | None = None) -> list[dict]:
     """Benchmark each named config or checkpoint dir; print a table; optionally write JSON."""
+    if compare_hf:
+        import importlib.util
+
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"--compare-hf needs {' and '.join(missing)} installed (pip install 'archkit[test]')")
     if device == "cuda":
         from .errors import DeviceError
         from .load import cuda_available

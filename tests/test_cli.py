@@ -93,3 +93,13 @@ def test_cuda_without_a_gpu_is_a_one_line_error(argv, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("archkit: error: device 'cuda' is not usable")
+
+
+def test_compare_hf_without_transformers_is_a_one_line_error(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    assert main(["bench", "--device", "cpu", "--model", "gpt2-124m", "--compare-hf"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["archkit: error: --compare-hf needs transformers installed (pip install 'archkit[test]')"]
