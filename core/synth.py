@@ -40,27 +40,40 @@ def hf_config_dict(spec: ModelSpec, c: ModelConfig) -> dict:
     return d
 
 
-def random_tensors(spec: ModelSpec, c: ModelConfig, seed: int = 0, std: float = 0.02):
-    """Yield (checkpoint name, float32 array) for every tensor the spec expects under `c`."""
-    rng = np.random.default_rng(seed)
+def checkpoint_tensors(spec: ModelSpec, c: ModelConfig):
+    """Yield (checkpoint name, rule, layer) for every tensor the spec expects under `c`, in rule order."""
     for rule in spec.weights:
         if not condition(rule.when, c):
             continue
         for layer in (range(c.num_layers) if rule.per_layer else [None]):
-            parts = []
-            for role in rule.targets:
-                shape = expected_shape(role, c)
-                if role.endswith("norm.weight"):
-                    parts.append((1.0 - spec.norm_offset + 0.1 * rng.standard_normal(shape)).astype(np.float32))
-                elif len(shape) == 1:
-                    parts.append((std * rng.standard_normal(shape)).astype(np.float32))
-                else:
-                    parts.append((std * rng.standard_normal(shape, dtype=np.float32)))
-            x = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            if rule.transpose:
-                x = np.ascontiguousarray(x.T)
-            name = rule.patterns[0].replace("{layer}", str(layer))
-            yield name, x
+            yield rule.patterns[0].replace("{layer}", str(layer)), rule, layer
+
+
+def stored_shape(rule, c: ModelConfig) -> tuple[int, ...]:
+    """The shape a rule's tensor has in the checkpoint (fused parts stacked, transposed back as stored)."""
+    shape = expected_shape(rule.targets[0], c)
+    if rule.split:
+        shape = (sum(getattr(c, s) for s in rule.split),) + shape[1:]
+    return tuple(shape[::-1]) if rule.transpose else tuple(shape)
+
+
+def random_tensors(spec: ModelSpec, c: ModelConfig, seed: int = 0, std: float = 0.02):
+    """Yield (checkpoint name, float32 array) for every tensor the spec expects under `c`."""
+    rng = np.random.default_rng(seed)
+    for name, rule, _ in checkpoint_tensors(spec, c):
+        parts = []
+        for role in rule.targets:
+            shape = expected_shape(role, c)
+            if role.endswith("norm.weight"):
+                parts.append((1.0 - spec.norm_offset + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+            elif len(shape) == 1:
+                parts.append((std * rng.standard_normal(shape)).astype(np.float32))
+            else:
+                parts.append((std * rng.standard_normal(shape, dtype=np.float32)))
+        x = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if rule.transpose:
+            x = np.ascontiguousarray(x.T)
+        yield name, x
 
 
 def write_checkpoint(spec: ModelSpec, c: ModelConfig, path: str | Path, dtype: str = "float32", seed: int = 0,

@@ -40,9 +40,8 @@ import numpy as np
 from ..backend import Weights
 from ..config import ModelConfig
 from ..bench import named_configs, pick_spec, resolve  # noqa: F401  (the named shapes live beside the CPU bench)
-from ..errors import ConfigError
 from ..model import Model, forward
-from ..registry import default_registry
+from ..synth import checkpoint_tensors, stored_shape
 from ..weights import condition, expected_shape
 
 DECODE_TOKENS, PROMPT_TOKENS, PREFILL_LENGTHS = 128, 8, (512, 2048)
@@ -430,16 +429,7 @@ def write_random_checkpoint(raw: dict, path: Path, shard_bytes: int = 4 << 30, s
     """A hub-layout F16 checkpoint of `raw` with random values, written one tensor at a time."""
     spec = pick_spec(raw)
     config = ModelConfig.from_hf(spec, raw)
-    tensors = []
-    for rule in spec.weights:
-        if not condition(rule.when, config):
-            continue
-        for layer in (range(config.num_layers) if rule.per_layer else [None]):
-            shape = expected_shape(rule.targets[0], config)
-            if rule.split:
-                shape = (sum(getattr(config, s) for s in rule.split),) + shape[1:]
-            name = rule.patterns[0].replace("{layer}", str(layer))
-            tensors.append((name, tuple(shape[::-1]) if rule.transpose else shape))
+    tensors = [(name, stored_shape(rule, config)) for name, rule, _ in checkpoint_tensors(spec, config)]
     shards, cur, size = [], [], 0
     for name, shape in tensors:
         n = math.prod(shape) * 2
