@@ -243,6 +243,10 @@ class CudaBackend:
             fn.prepared_async_call(grid, block, self.stream, *args, shared_size=shared)
         except self.drv.Error as e:
             raise DeviceError(f"CUDA op {op!r} failed to launch (grid {grid}, block {block}): {e}") from None
+        self._after_op(op)
+
+    def _after_op(self, op: str) -> None:
+        """Remember the op for error messages; under ARCHKIT_CUDA_SYNC=1 pin an asynchronous error on it."""
         self._last_op = op
         if self.sync_each and self.capture is None:
             try:
@@ -478,12 +482,7 @@ class CudaBackend:
         """Run one cuBLAS call (an op on the backend's stream, like _launch: named for errors, synced under
         ARCHKIT_CUDA_SYNC=1; profilers wrap this method)."""
         call()
-        self._last_op = op
-        if self.sync_each and self.capture is None:
-            try:
-                self.stream.synchronize()
-            except self.drv.Error as e:
-                raise DeviceError(f"CUDA op {op!r} failed: {e}") from None
+        self._after_op(op)
 
     def _cublas_linears(self, x: DTensor, pairs) -> list:
         """x @ w.T (+ b) for (w, b) in pairs through cublasGemmEx: x is rounded to the weight type once (as our
