@@ -117,6 +117,7 @@ __device__ __forceinline__ double s_mass(unsigned k, double T, double ymax) {
 // Adds one element per lane (bin < 0: none) to the shared histogram, one atomic per distinct bin in the warp.
 // Every lane of the warp must call it.
 __device__ __forceinline__ void s_hist_add(unsigned* hc, double* hm, int bin, double mass, bool with_mass) {
+    if (!__any_sync(0xffffffffu, bin >= 0)) return;  // sparse passes: most warps hold no candidate
     unsigned peers = __match_any_sync(0xffffffffu, bin);
     int lane = threadIdx.x & 31;
     bool leader = lane == __ffs(peers) - 1 && bin >= 0;
@@ -187,9 +188,9 @@ __device__ void s_pick(SampleState* st, bool by_mass, unsigned rank, double targ
     }
     if (threadIdx.x == 0) pk->bin = -1;
     unsigned ctot;
-    double mtot;
+    double mtot = 0.0, mex = 0.0;
     unsigned cex = s_block_excl(csum, shc, ctot);
-    double mex = s_block_excl(msum, shm, mtot);
+    if (by_mass) mex = s_block_excl(msum, shm, mtot);
     if (frac_of_total) target *= mtot;
 #pragma unroll
     for (int j = 0; j < BPT; ++j) {
@@ -292,14 +293,15 @@ sample_pass(const SampleParams* __restrict__ prm, SampleState* __restrict__ st, 
     const int width = tie ? 11 : (level == 2 ? 10 : 11);
     const unsigned mask = (1u << width) - 1u;
     const bool counting = pass != 0 || (!greedy && prm->top_k > 0 && prm->top_k < V);
-    for (int b = threadIdx.x; b < SBINS; b += blockDim.x) { hc[b] = 0; hm[b] = 0.0; }
+    if (counting)
+        for (int b = threadIdx.x; b < SBINS; b += blockDim.x) { hc[b] = 0; hm[b] = 0.0; }
     __syncthreads();
 
-    unsigned prefix = 0, Tk = 0, vp = 0;
+    unsigned prefix = 0, Tk = 0, vp = 0;  // prefix: the bins chosen at the levels above (none at level 0)
     double ymax = 0.0;
     if (pass > 0) {
         Tk = st->Tk;
-        prefix = tie ? st->tie_prefix : by_mass ? st->tp_prefix : st->tk_prefix;
+        if (level > 0) prefix = tie ? st->tie_prefix : by_mass ? st->tp_prefix : st->tk_prefix;
         vp = st->vp;
         ymax = (double)s_val((unsigned)(st->maxkey >> 32)) / T;
     }
