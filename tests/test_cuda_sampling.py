@@ -92,7 +92,8 @@ def host_scores(x_pen, params, seed, counter):
     kept = np.isfinite(warp(x_pen, params))
     y = (x_pen.astype(np.float64) / params.temperature).astype(np.float32)
     bits = philox_x(np.arange(x_pen.size), counter, seed)
-    u = ((bits >> np.uint64(8)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)
+    u = ((bits >> np.uint64(9)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-23)
+    assert (u > 0).all() and (u < 1).all()
     g = -np.log(-np.log(u))
     return np.where(kept, y + g, np.float32(-np.inf)).astype(np.float32)
 

@@ -49,8 +49,9 @@ extern "C" __global__ void argmax_key(unsigned long long* __restrict__ key,  // 
 //       select over the (22-bit) index among the tied tokens finds the index cut.
 //   8   Gumbel-max over kept tokens: argmax of (float)y_i - log(-log u_i), u_i from Philox-4x32-10 keyed by
 //       the seed, counter (seed, step, i, 0); the last block writes the id and marks it seen.
-// Everything kept is described by one 64-bit threshold: token i is kept iff (key_i << 32 | ~i) >= thr, the
-// order of the stable descending sort. temperature == 0: pass 8 returns the argmax of pass 0 (numpy's rule).
+// What is kept is described by Tk and one 64-bit threshold: token i is kept iff key_i >= Tk and
+// (key_i << 32 | ~i) >= thr, the order of the stable descending sort (top-p's cut may be a bin's lower bound,
+// which can lie below Tk). temperature == 0: pass 8 returns the argmax of pass 0 (numpy's rule).
 #define SAMPLE_THREADS 512   // blockDim.x of every launch (gpu_sampling.py)
 #define SBINS 2048           // histogram bins (11-bit digits)
 #define SAMPLE_PASSES 9
@@ -102,9 +103,10 @@ __device__ __forceinline__ unsigned philox_x(unsigned c0, unsigned c1, unsigned 
     return c0;
 }
 
-// Gumbel noise from 24 random bits: u = (r + 1/2) / 2^24 in (0, 1), g = -log(-log u).
+// Gumbel noise from 23 random bits: u = (r + 1/2) / 2^23 in (0, 1), exact in float (24 bits would round the
+// top value's u up to 1, g = +inf: that token would win whatever its logit), g = -log(-log u).
 __device__ __forceinline__ float gumbel(unsigned bits) {
-    float u = ((float)(bits >> 8) + 0.5f) * 5.9604644775390625e-8f;
+    float u = ((float)(bits >> 9) + 0.5f) * 1.1920928955078125e-7f;
     return -logf(-logf(u));
 }
 
@@ -254,13 +256,14 @@ sample_pass(const SampleParams* __restrict__ prm, SampleState* __restrict__ st, 
             }
             return;
         }
-        const unsigned long long thr = st->thr;
+        const unsigned long long thr = st->thr;  // top-p's cut, within the top-k survivors (key >= Tk)
+        const unsigned Tk = st->Tk;
         const unsigned ctr = counter_dev ? (unsigned)*counter_dev : (unsigned)counter;
         const unsigned k0 = prm->seed_lo, k1 = prm->seed_hi;
         unsigned long long best = 0;
         for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < V; i += stride) {
             unsigned key = keys[i];
-            bool kept = (((unsigned long long)key << 32) | (0xffffffffu - (unsigned)i)) >= thr;
+            bool kept = key >= Tk && (((unsigned long long)key << 32) | (0xffffffffu - (unsigned)i)) >= thr;
             float y = (float)((double)s_val(key) / T);
             if (kept) {
                 float s = y + gumbel(philox_x((unsigned)i, ctr, 0u, 0u, k0, k1));
