@@ -51,7 +51,12 @@ def backend(dtype):
     """A poisoning CudaBackend per dtype, its weights and caches released after each example."""
     from core.cuda.backend import CudaBackend
 
-    be = _backends.get(dtype) or _backends.setdefault(dtype, CudaBackend(dtype, poison=True))
+    be = _backends.get(dtype)
+    if be is None:
+        be = _backends[dtype] = CudaBackend(dtype, poison=True)
+        # our own GEMM and SIMT prefill attention (the fallbacks); cuBLAS and the tensor-core attention
+        # are tested in test_cuda_cublas.py
+        be.gemm, be.attn = "own", "simt"
     try:
         yield be
     finally:
@@ -287,8 +292,9 @@ def _round(dtype, x):
     return NumpyBackend(dtype).convert(np.asarray(x, np.float32), "F32", "kv").astype(np.float64)
 
 
-def _attention_case(dtype, T, start, Hkv, g, Dh, window, softcap, seed, spare):
-    """Fill a poisoned cache with `start` old positions and T new ones; compare the cache and attention."""
+def _attention_case(dtype, T, start, Hkv, g, Dh, window, softcap, seed, spare, fused=True):
+    """Fill a poisoned cache with `start` old positions and T new ones; compare the cache and attention.
+    fused=False: the previous two-kernel decode path (attn_decode + attn_combine) instead of attn_decode_gqa."""
     r = rng(seed)
     H, n = Hkv * g, start + T
     k, v = r.normal(size=(2, n, Hkv, Dh)).astype(np.float32)
@@ -301,7 +307,11 @@ def _attention_case(dtype, T, start, Hkv, g, Dh, window, softcap, seed, spare):
             be.cache_write(cache, 0, be.from_host(k[:start]), be.from_host(v[:start]), 0)
         be.cache_write(cache, 0, be.from_host(k[start:]), be.from_host(v[start:]), start)
         kc, vc = be.to_host(cache.k[0]), be.to_host(cache.v[0])
-        out = be.to_host(be.attention(be.from_host(q), cache, 0, start, scale, window=window, softcap=softcap))
+        be.fused = fused
+        try:
+            out = be.to_host(be.attention(be.from_host(q), cache, 0, start, scale, window=window, softcap=softcap))
+        finally:
+            be.fused = True
     kr, vr = _round(dtype, k).transpose(1, 0, 2), _round(dtype, v).transpose(1, 0, 2)  # [Hkv, n, Dh]
     np.testing.assert_array_equal(kc[:, :n], kr)
     np.testing.assert_array_equal(vc[:, :n], vr)
@@ -312,10 +322,33 @@ def _attention_case(dtype, T, start, Hkv, g, Dh, window, softcap, seed, spare):
 
 @given(dtype=S.dtype, start=st.integers(0, 8000), Hkv=st.integers(1, 4), g=S.gqa, Dh=S.head_dim,
        window=st.one_of(st.none(), st.integers(1, 40), st.integers(1, 3000)), softcap=st.one_of(st.none(), st.floats(5.0, 50.0)),
-       seed=S.seed)
-def test_attention_decode(dtype, start, Hkv, g, Dh, window, softcap, seed):
-    """One query against up to 8000 cached positions (split-KV path)."""
-    _attention_case(dtype, 1, start, Hkv, g, Dh, window, softcap, seed, spare=7)
+       seed=S.seed, fused=st.booleans())
+def test_attention_decode(dtype, start, Hkv, g, Dh, window, softcap, seed, fused):
+    """One query against up to 8000 cached positions: the one-launch GQA split-KV kernel (its last block
+    merges the slices) and the previous two-kernel path."""
+    _attention_case(dtype, 1, start, Hkv, g, Dh, window, softcap, seed, spare=7, fused=fused)
+
+
+@given(dtype=S.dtype, Hkv=st.integers(1, 4), g=S.gqa, Dh=S.head_dim, seed=S.seed, data=st.data())
+def test_attention_decode_repeated_launches(dtype, Hkv, g, Dh, seed, data):
+    """The block counters attn_decode_gqa counts in are left at zero: launches back to back at growing
+    positions (as graph replays do) each merge their own slices."""
+    r = rng(seed)
+    n = data.draw(st.integers(2, 3000))
+    H = Hkv * g
+    k, v = r.normal(size=(2, n, Hkv, Dh)).astype(np.float32)
+    q = r.normal(size=(n, H, Dh)).astype(np.float32)
+    cfg = SimpleNamespace(num_layers=1, num_kv_heads=Hkv, head_dim=Dh, max_position_embeddings=n)
+    positions = sorted(set(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=6))))
+    with backend(dtype) as be:
+        cache = be.new_cache(cfg, n)
+        be.cache_write(cache, 0, be.from_host(k), be.from_host(v), 0)
+        outs = [be.attention(be.from_host(q[p:p + 1]), cache, 0, p, 0.125) for p in positions]
+        got = [be.to_host(o) for o in outs]
+    kr, vr = _round(dtype, k).transpose(1, 0, 2), _round(dtype, v).transpose(1, 0, 2)
+    for p, out in zip(positions, got):
+        want = ops.attention(q[p:p + 1].astype(np.float64), kr[:, :p + 1], vr[:, :p + 1], p, 0.125, None, None)
+        assert rel_err(out, want) < TOL[dtype], f"position {p}"
 
 
 @given(dtype=S.dtype, T=st.integers(2, 3000), Hkv=st.integers(1, 2), g=S.gqa, Dh=S.head_dim,

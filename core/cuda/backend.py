@@ -44,6 +44,12 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):,.1f} MiB"
 
 
+# Kernels that call pdl_wait() before touching anything another kernel writes (common.cuh), so they may be
+# launched with programmatic stream serialization inside a decode graph.
+PDL_KERNELS = frozenset({"embed", "norm_rows", "norm_reg", "rope", "rope_kv", "add", "act", "gated_act", "soft_cap",
+                         "kv_write", "gemv_rows", "gemv_gated", "attn_decode_gqa", "step_advance"})
+
+
 class DTensor:
     """A tensor in GPU memory: an allocation (kept alive here), a pointer into it, shape and dtype.
 
@@ -132,16 +138,20 @@ class CudaBackend:
         # Fused decode kernels (issue 4: multi-row GEMV with epilogues, register norms, RoPE + cache write);
         # ARCHKIT_CUDA_FUSED=0 runs the previous one-op-per-kernel path (benchmarks compare the two).
         self.fused = os.environ.get("ARCHKIT_CUDA_FUSED", "1") != "0"
+        # Programmatic dependent launch inside decode graphs (core/cuda/pdl.py; sm_90+): ARCHKIT_CUDA_PDL=0 off.
+        self.pdl = os.environ.get("ARCHKIT_CUDA_PDL", "1") != "0" and cc >= (9, 0)
         self._graph_cache = None
-        # Prefill matrix products (T > GEMV_MAX_T): our WMMA GEMM, or cuBLAS through ctypes (core/cuda/cublas.py)
-        # with ARCHKIT_CUDA_GEMM=cublas or `be.gemm = "cublas"` (opt-in until measured on a GPU: NOTES.md, round 2).
-        # `be.gemm` may be switched between operations (benchmarks run both in one process).
-        # Prefill attention (T > 1): the SIMT kernel, or with ARCHKIT_CUDA_ATTN=tc / `be.attn = "tc"` the
-        # tensor-core kernel (attention_tc.cu) for half-precision caches and head sizes that are multiples of 16.
-        self.gemm = os.environ.get("ARCHKIT_CUDA_GEMM", "own")
-        if self.gemm not in ("own", "cublas"):
-            raise DeviceError(f"ARCHKIT_CUDA_GEMM={self.gemm!r}: choose 'own' or 'cublas'")
-        self.attn = os.environ.get("ARCHKIT_CUDA_ATTN", "simt")
+        # Prefill matrix products (T > GEMV_MAX_T): cuBLAS through ctypes (core/cuda/cublas.py) when a libcublas
+        # is found ("auto", the default: 2.8x / 3.0x our WMMA GEMM at 2,048 tokens on an H200, NOTES.md round 2),
+        # else our WMMA GEMM; ARCHKIT_CUDA_GEMM=own / cublas (or `be.gemm = ...`) forces one, and "cublas"
+        # without a library is an error. `be.gemm` may be switched between operations (benchmarks run both).
+        # Prefill attention (T > 1): the tensor-core kernel (attention_tc.cu, "tc", the default) for
+        # half-precision caches and head sizes that are multiples of 16, else (or with ARCHKIT_CUDA_ATTN=simt)
+        # the SIMT kernel.
+        self.gemm = os.environ.get("ARCHKIT_CUDA_GEMM", "auto")
+        if self.gemm not in ("auto", "own", "cublas"):
+            raise DeviceError(f"ARCHKIT_CUDA_GEMM={self.gemm!r}: choose 'auto', 'own' or 'cublas'")
+        self.attn = os.environ.get("ARCHKIT_CUDA_ATTN", "tc")
         if self.attn not in ("tc", "simt"):
             raise DeviceError(f"ARCHKIT_CUDA_ATTN={self.attn!r}: choose 'tc' or 'simt'")
         self._cublas, self._cublas_handle = None, None
@@ -234,11 +244,22 @@ class CudaBackend:
             except Exception as e:  # CompileError, LogicError: say which kernel and defines
                 raise DeviceError(f"cannot build kernel {kernel!r} from {file} with {defines}: {e}") from None
             fn.prepare(fmt)
+            fn._archkit = (file, kernel, dict(defines), fmt)  # what pdl.function needs to load it again
             self._fns[key] = fn
         return fn
 
     def _launch(self, op: str, fn, grid, block, *args, shared: int = 0) -> None:
         args = [a.ptr if isinstance(a, DTensor) else (0 if a is None else a) for a in args]
+        if self.capture is not None and self.pdl and fn._archkit[1] in PDL_KERNELS:
+            from . import pdl
+
+            file, kernel, defines, fmt = fn._archkit
+            rc = pdl.launch(pdl.function(file, kernel, defines), fmt, grid, block, self.stream.handle, args, shared)
+            if rc != 0:
+                raise DeviceError(f"CUDA op {op!r} failed to launch with programmatic dependent launch "
+                                  f"(grid {grid}, block {block}, CUresult {rc})")
+            self._after_op(op)
+            return
         try:
             fn.prepared_async_call(grid, block, self.stream, *args, shared_size=shared)
         except self.drv.Error as e:
@@ -463,12 +484,15 @@ class CudaBackend:
         return self.dtype != "float32"
 
     def _cublas_lib(self):
-        """The loaded cuBLAS (core/cuda/cublas.py); a DeviceError saying what was tried if there is none."""
+        """The loaded cuBLAS (core/cuda/cublas.py), or None under "auto" when there is none; a DeviceError
+        saying what was tried when it was asked for by name."""
         if self._cublas is None:
             from . import cublas
 
             ok, why = cublas.available()
             if not ok:
+                if self.gemm == "auto":
+                    return None
                 raise DeviceError(f"the cuBLAS GEMM was asked for (ARCHKIT_CUDA_GEMM=cublas) but {why}")
             self._cublas = cublas.load()
         return self._cublas
@@ -476,7 +500,8 @@ class CudaBackend:
     def _use_cublas(self, M: int, K: int) -> bool:
         """Whether a product of M > GEMV_MAX_T rows goes to cuBLAS (never inside a graph capture, whose
         buffers and launches are ours alone)."""
-        return self.gemm == "cublas" and self.capture is None and M > 0 and K > 0 and self._cublas_lib() is not None
+        return (self.gemm in ("auto", "cublas") and self.capture is None and M > 0 and K > 0
+                and self._cublas_lib() is not None)
 
     def _cublas_op(self, op: str, call) -> None:
         """Run one cuBLAS call (an op on the backend's stream, like _launch: named for errors, synced under
@@ -679,7 +704,22 @@ class CudaBackend:
             raise DeviceError(f"attention: {H} query heads are not a multiple of {Hkv} key/value heads")
         self._check_room(cache, layer, start, T, "attention")
         out = self._alloc(q.shape)
-        if T == 1:
+        g = H // Hkv
+        if T == 1 and self.fused and g * Dh <= 2048:
+            # One launch: a block per (kv head, slice) for all its query heads; the last block of each kv head
+            # merges the slices. The kernel splits the live keys evenly over the slices itself (it reads the
+            # position from device memory), so a captured graph keeps one grid for every position.
+            esize = 4 if self.dtype == "float32" else 2
+            tk = 64 if Dh * esize <= 256 else 32 if Dh * esize <= 512 else 16
+            n = S if self.capture is not None else start + 1
+            n = min(n, win) if win else n
+            minchunk = int(os.environ.get("ARCHKIT_CUDA_ATTN_MINCHUNK", tk))  # a tuning knob (bench --ab)
+            nsplit = max(1, min(64, self._sm_count() // Hkv, -(-n // minchunk)))
+            part = self._alloc((Hkv, nsplit, g, 2 + Dh))
+            fn = self._fn("attention.cu", "attn_decode_gqa", "PPPPPPiPiifif", HEAD_DIM=Dh, GROUP=g, DG_MINCHUNK=minchunk)
+            self._launch("attention(decode)", fn, (Hkv, nsplit, 1), (128, 1, 1), out, part, self._counters(Hkv), q,
+                         kc, vc, start, self._start_dev(), Hkv, S, float(scale), win, cap)
+        elif T == 1:
             # Slices of ~256 keys; a captured graph sizes them for the whole cache (positions change).
             n = S if self.capture is not None else start + 1
             n = min(n, win) if win else n
@@ -709,6 +749,22 @@ class CudaBackend:
                          self._start_dev(), T, H, Hkv, S, float(scale), win, cap, shared=smem)
         return out
 
+    def _sm_count(self) -> int:
+        if not hasattr(self, "_sms"):
+            self._sms = self.device.get_attribute(self.drv.device_attribute.MULTIPROCESSOR_COUNT)
+        return self._sms
+
+    def _counters(self, n: int) -> DTensor:
+        """int32 [>= n] of zeros that kernels count blocks in and leave at zero (attn_decode_gqa)."""
+        c = getattr(self, "_counter_buf", None)
+        if c is None or c.size < n:
+            if self.capture is not None:
+                raise DeviceError("attention: block counters must be allocated before a graph capture")
+            alloc = self.drv.mem_alloc(4 * max(n, 256))
+            self.drv.memset_d32(alloc, 0, max(n, 256))
+            c = self._counter_buf = DTensor(alloc, int(alloc), (max(n, 256),), "int32")
+        return c
+
     # -- decode steps ----------------------------------------------------------------------------
     def decode(self, forward, W, c, token: int, cache: Cache, start: int, inv_freq, greedy: bool = False):
         """Logits [V] for one new token at position `start` (greedy: the argmax id instead, as an int):
@@ -724,6 +780,18 @@ class CudaBackend:
             return int(np.argmax(out)) if greedy and not on_gpu else out
         logits = forward(self, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]
         return int(np.argmax(logits)) if greedy else logits
+
+    def decode_ids(self, forward, W, c, token: int, cache: Cache, start: int, inv_freq, count: int, params):
+        """An iterator of the ids of `count` decode steps from (token, start) picked on the GPU, with steps
+        launched ahead of the host (CUDA graphs, fused kernels, greedy without a repetition penalty); None
+        when these parameters need the logits on the host (the caller then steps with decode())."""
+        if not (self.graphs and self.fused and params.greedy and params.repetition_penalty == 1.0):
+            return None
+        from .graph import GraphCache
+
+        if self._graph_cache is None:
+            self._graph_cache = GraphCache(self)
+        return self._graph_cache.run(forward, W, c, token, cache, start, inv_freq, count)
 
     def argmax_key(self, x: DTensor) -> DTensor:
         """uint64 key of x's argmax (sample.cu; the id is 0xffffffff - the low word): stays on the GPU."""
