@@ -170,22 +170,36 @@ class Model:
         # Greedy without a repetition penalty needs no logits on the host: the backend picks the id.
         greedy, nxt = params.greedy and params.repetition_penalty == 1.0, None
         logits = forward(self.backend, self.weights, self.config, ids, cache, 0, self.inv_freq, all_logits=False)[-1]
-        for step in range(max_new_tokens):
-            tok = nxt if nxt is not None else sample(logits, params, rng, np.asarray(seen))
-            seen.append(tok)
-            yield tok
-            if stop_at_eos and tok in self.eos_token_ids:
-                return
-            if dec is not None:
-                delta = dec.push(tok)
-                text += delta
-                # a new match ends inside the delta, however long the delta (one token can be 100+ chars)
-                if delta and any(s in text[-(len(s) - 1 + len(delta)):] for s in stops):
+        tok = sample(logits, params, rng, np.asarray(seen))
+        # A backend that picks ids on its device may run steps ahead of this loop (decode_ids); steps past
+        # a stop are then computed and dropped (their cache positions lie beyond the tokens returned).
+        ahead = getattr(self.backend, "decode_ids", None)
+        picks = None
+        if ahead is not None and max_new_tokens > 1:
+            picks = ahead(forward, self.weights, self.config, tok, cache, len(ids), self.inv_freq,
+                          max_new_tokens - 1, params)
+        try:
+            for step in range(max_new_tokens):
+                if step:
+                    tok = next(picks) if picks is not None else (
+                        nxt if nxt is not None else sample(logits, params, rng, np.asarray(seen)))
+                seen.append(tok)
+                yield tok
+                if stop_at_eos and tok in self.eos_token_ids:
                     return
-            if step + 1 < max_new_tokens:
-                pos = len(seen) - 1
-                out = self.backend.decode(forward, self.weights, self.config, tok, cache, pos, self.inv_freq, greedy)
-                nxt, logits = (out, None) if greedy else (None, out)
+                if dec is not None:
+                    delta = dec.push(tok)
+                    text += delta
+                    # a new match ends inside the delta, however long the delta (one token can be 100+ chars)
+                    if delta and any(s in text[-(len(s) - 1 + len(delta)):] for s in stops):
+                        return
+                if picks is None and step + 1 < max_new_tokens:
+                    pos = len(seen) - 1
+                    out = self.backend.decode(forward, self.weights, self.config, tok, cache, pos, self.inv_freq, greedy)
+                    nxt, logits = (out, None) if greedy else (None, out)
+        finally:
+            if picks is not None:
+                picks.close()  # waits for steps still in flight
 
     def generate(self, ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,

@@ -125,6 +125,30 @@ def test_half_decode_graph_matches_eager(family_ckpt, dtype):
         np.testing.assert_array_equal(s, steps[0])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_run_ahead_decode_matches_stepwise_and_stops_cleanly(family_ckpt, dtype):
+    """Greedy steps launched ahead of the host (each graph writes the next step's input on the GPU) give
+    the ids of one-step-at-a-time graph replays; a generation cut short by EOS returns exactly the prefix,
+    and the next generation on the same cache is unaffected by the steps that ran past the stop."""
+    family, path = family_ckpt[:2]
+    prompt = np.random.default_rng(5).integers(0, COMMON["vocab"], 23).tolist()
+    model = load_cuda(path, dtype)
+    be = model.backend
+    try:
+        ahead = model.generate(prompt, max_new_tokens=40, stop_at_eos=False)
+        be.decode_ids = lambda *a, **k: None  # instance attribute: the step-by-step path
+        stepwise = model.generate(prompt, max_new_tokens=40, stop_at_eos=False)
+        del be.decode_ids
+        model.eos_token_ids = (ahead[6],)
+        cut = model.generate(prompt, max_new_tokens=40)
+        again = model.generate(prompt, max_new_tokens=40, stop_at_eos=False)
+    finally:
+        release(model)
+    assert ahead == stepwise, f"{family} {dtype}: run-ahead {ahead} vs stepwise {stepwise}"
+    assert cut == ahead[:ahead.index(ahead[6]) + 1]
+    assert again == ahead
+
+
 def test_out_of_memory_while_loading_frees_everything(family_ckpt, monkeypatch):
     path = family_ckpt[1]
     from core.cuda.backend import CudaBackend

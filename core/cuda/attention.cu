@@ -260,3 +260,197 @@ extern "C" __global__ void attn_combine(float* __restrict__ out,         // floa
         out[(size_t)h * DH + d] = acc / L;
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// attn_decode_gqa: T == 1 in ONE launch (issue 4). The previous pair above walks the keys from global memory
+// one V row at a time (a dependent load per key: ~14-22 us per layer at 128 positions on an H200, traced)
+// and re-reads each kv head once per query head. Here a block owns one kv head and its GROUP query heads
+// and a slice of the keys; each 64-key tile of K and V is staged in shared memory by 16-byte loads issued
+// together (one memory latency per tile), scores and P V come from shared memory, and the block that
+// finishes its kv head last (a counter per kv head) merges the slices' (max, sum, output) and writes the
+// result, so no second kernel runs. The slices split the live keys evenly, read from device memory, so a
+// graph captured once serves every position: at short contexts most blocks find no keys and only count in.
+#ifndef GROUP
+#define GROUP 1
+#endif
+#define DG_THREADS 128
+#define DG_TK (DH * (int)sizeof(wt) <= 256 ? 64 : DH * (int)sizeof(wt) <= 512 ? 32 : 16)  // keys per tile
+#define DG_VEC_OK (DH % VEC == 0)
+#define DG_KPAD (DG_VEC_OK ? DH + VEC : DH + 1)  // K rows padded by 16 bytes: 8 lanes of a phase, 8 banks apart
+#define DG_NOUT ((GROUP * DH + DG_THREADS - 1) / DG_THREADS)  // (head, dim) outputs per thread
+#define DG_MAXSPLIT 64
+#ifndef DG_MINCHUNK
+#define DG_MINCHUNK DG_TK  // fewest keys a slice takes (more slices only when each gets at least this many)
+#endif
+static_assert(GROUP * DH <= 2048, "attn_decode_gqa: GROUP * HEAD_DIM must be <= 2048 (the backend falls back)");
+
+extern "C" __global__ void __launch_bounds__(DG_THREADS)
+attn_decode_gqa(float* __restrict__ out,      // float32 [1, H, Dh], H = Hkv * GROUP
+                float* __restrict__ part,     // float32 [Hkv, nsplit, GROUP, 2 + Dh] scratch
+                int* __restrict__ counter,    // int32 [Hkv]: 0 before the launch, left 0 after it
+                const float* __restrict__ q,  // float32 [1, H, Dh]
+                const wt* __restrict__ kc,    // wt [Hkv, S, Dh]
+                const wt* __restrict__ vc,    // wt [Hkv, S, Dh]
+                int start, const int* __restrict__ start_dev,  // position of the query (device value if given)
+                int Hkv, int S, float scale,                   // start + 1 <= S; gridDim = (Hkv, nsplit <= 64)
+                int window, float softcap) {                   // 0: no sliding window / no soft-capping
+    pdl_wait();
+    pdl_launch();
+    __shared__ __align__(16) wt ks[DG_TK * DG_KPAD];
+    __shared__ __align__(16) wt vs[DG_TK * DH];
+    __shared__ __align__(16) float qs[GROUP * DH];
+    __shared__ float ps[GROUP * DG_TK];
+    __shared__ float ms[GROUP], ls[GROUP], al[GROUP];
+    __shared__ float wsp[GROUP * DG_MAXSPLIT];
+    __shared__ int is_last;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int hk = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
+    const int n = start_pos(start, start_dev) + 1;
+    const int lo = window > 0 ? max(0, n - window) : 0;  // first key in the window
+    const int chunk = max(DG_MINCHUNK, (n - lo + nsplit - 1) / nsplit);
+    const int used = (n - lo + chunk - 1) / chunk;       // slices holding keys, >= 1
+    const int c0 = lo + split * chunk, c1 = min(n, c0 + chunk);
+    const wt* kh = kc + (size_t)hk * S * DH;
+    const wt* vh = vc + (size_t)hk * S * DH;
+
+    float o[DG_NOUT];
+#pragma unroll
+    for (int i = 0; i < DG_NOUT; ++i) o[i] = 0.f;
+    if (split < used) {
+        for (int i = tid; i < GROUP * DH; i += DG_THREADS) qs[i] = q[(size_t)hk * GROUP * DH + i] * scale;
+        if (tid < GROUP) { ms[tid] = -INFINITY; ls[tid] = 0.f; }
+        for (int k0 = c0; k0 < c1; k0 += DG_TK) {
+            const int nk = min(DG_TK, c1 - k0);
+            __syncthreads();  // the previous tile is consumed (and qs, ms, ls are set the first time)
+            if (DG_VEC_OK) {
+                constexpr int CPR = DH / VEC;
+                for (int c = tid; c < DG_TK * CPR; c += DG_THREADS) {
+                    int j = c / CPR, d = (c % CPR) * VEC;
+                    uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);  // rows past the slice: zeros
+                    if (j < nk) {
+                        kv = __ldg(reinterpret_cast<const uint4*>(kh + (size_t)(k0 + j) * DH + d));
+                        vv = __ldg(reinterpret_cast<const uint4*>(vh + (size_t)(k0 + j) * DH + d));
+                    }
+                    *reinterpret_cast<uint4*>(ks + j * DG_KPAD + d) = kv;
+                    *reinterpret_cast<uint4*>(vs + j * DH + d) = vv;
+                }
+            } else {
+                for (int c = tid; c < DG_TK * DH; c += DG_THREADS) {
+                    int j = c / DH, d = c % DH;
+                    ks[j * DG_KPAD + d] = j < nk ? kh[(size_t)(k0 + j) * DH + d] : from_f<wt>(0.f);
+                    vs[j * DH + d] = j < nk ? vh[(size_t)(k0 + j) * DH + d] : from_f<wt>(0.f);
+                }
+            }
+            __syncthreads();
+            // scores: pair p = (head a, key j), consecutive lanes on consecutive keys
+            for (int p = tid; p < GROUP * DG_TK; p += DG_THREADS) {
+                const int a = p / DG_TK, j = p % DG_TK;
+                float s = -INFINITY;
+                if (j < nk) {
+                    const float* qa = qs + a * DH;
+                    const wt* kr = ks + j * DG_KPAD;
+                    float acc = 0.f;
+                    if (DG_VEC_OK) {
+#pragma unroll 4
+                        for (int d = 0; d < DH; d += VEC) {
+                            uint4 u = *reinterpret_cast<const uint4*>(kr + d);
+                            const wt* e = reinterpret_cast<const wt*>(&u);
+#pragma unroll
+                            for (int x = 0; x < VEC; ++x) acc = fmaf(qa[d + x], to_f(e[x]), acc);
+                        }
+                    } else {
+                        for (int d = 0; d < DH; ++d) acc = fmaf(qa[d], to_f(kr[d]), acc);
+                    }
+                    s = softcap > 0.f ? softcap * tanhf(acc / softcap) : acc;
+                }
+                ps[p] = s;
+            }
+            __syncthreads();
+            // online softmax, one warp per head: the tile's max, the rescale of what came before, p = exp(s - m)
+            for (int a = warp; a < GROUP; a += DG_THREADS / 32) {
+                float mx = -INFINITY;
+                for (int j = lane; j < DG_TK; j += 32) mx = fmaxf(mx, ps[a * DG_TK + j]);
+                const float mo = ms[a], mn = fmaxf(mo, warp_max(mx));  // finite: the tile has a key
+                float sum = 0.f;
+                for (int j = lane; j < DG_TK; j += 32) {
+                    float e = expf(ps[a * DG_TK + j] - mn);  // exp(-inf) = 0 for keys past the slice
+                    ps[a * DG_TK + j] = e;
+                    sum += e;
+                }
+                sum = warp_sum(sum);
+                if (lane == 0) {
+                    const float f = expf(mo - mn);  // 0 on the first tile (mo = -inf)
+                    al[a] = f;
+                    ls[a] = ls[a] * f + sum;
+                    ms[a] = mn;
+                }
+            }
+            __syncthreads();
+#pragma unroll
+            for (int i = 0; i < DG_NOUT; ++i) {
+                const int idx = tid + i * DG_THREADS;
+                if (idx < GROUP * DH) {
+                    const int a = idx / DH, d = idx % DH;
+                    const float* pa = ps + a * DG_TK;
+                    float acc = o[i] * al[a];
+#pragma unroll 8
+                    for (int j = 0; j < DG_TK; ++j) acc = fmaf(pa[j], to_f(vs[j * DH + d]), acc);
+                    o[i] = acc;
+                }
+            }
+        }
+        __syncthreads();
+        if (used == 1) {  // one slice holds every key: normalise and write; no merge, the counter untouched
+#pragma unroll
+            for (int i = 0; i < DG_NOUT; ++i) {
+                const int idx = tid + i * DG_THREADS;
+                if (idx < GROUP * DH) out[(size_t)hk * GROUP * DH + idx] = o[i] / ls[idx / DH];
+            }
+            return;
+        }
+        float* pr = part + ((size_t)hk * nsplit + split) * GROUP * (2 + DH);
+        if (tid < GROUP) { pr[tid * (2 + DH)] = ms[tid]; pr[tid * (2 + DH) + 1] = ls[tid]; }
+#pragma unroll
+        for (int i = 0; i < DG_NOUT; ++i) {
+            const int idx = tid + i * DG_THREADS;
+            if (idx < GROUP * DH) pr[(idx / DH) * (2 + DH) + 2 + idx % DH] = o[i];
+        }
+    }
+    if (used == 1) return;  // (block-uniform) the block with the keys wrote the result
+    // the last block of this kv head to get here merges every slice (classic threadfence reduction)
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) is_last = atomicAdd(counter + hk, 1) == nsplit - 1;
+    __syncthreads();
+    if (!is_last) return;
+    if (tid == 0) counter[hk] = 0;  // ready for the next launch (graph replays reuse the counter)
+    __threadfence();
+    const float* ph = part + (size_t)hk * nsplit * GROUP * (2 + DH);
+    for (int p = tid; p < GROUP * used; p += DG_THREADS) {
+        const int a = p / used, s = p % used;
+        wsp[a * DG_MAXSPLIT + s] = __ldcg(ph + ((size_t)s * GROUP + a) * (2 + DH));  // slice max
+    }
+    __syncthreads();
+    for (int a = warp; a < GROUP; a += DG_THREADS / 32) {
+        float M = -INFINITY;
+        for (int s = lane; s < used; s += 32) M = fmaxf(M, wsp[a * DG_MAXSPLIT + s]);
+        M = warp_max(M);
+        float L = 0.f;
+        for (int s = lane; s < used; s += 32) {
+            float f = expf(wsp[a * DG_MAXSPLIT + s] - M);
+            L += f * __ldcg(ph + ((size_t)s * GROUP + a) * (2 + DH) + 1);
+            wsp[a * DG_MAXSPLIT + s] = f;
+        }
+        L = warp_sum(L);
+        __syncwarp();
+        for (int s = lane; s < used; s += 32) wsp[a * DG_MAXSPLIT + s] /= L;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < GROUP * DH; idx += DG_THREADS) {
+        const int a = idx / DH, d = idx % DH;
+        float acc = 0.f;
+        for (int s = 0; s < used; ++s)
+            acc = fmaf(wsp[a * DG_MAXSPLIT + s], __ldcg(ph + ((size_t)s * GROUP + a) * (2 + DH) + 2 + d), acc);
+        out[((size_t)hk * GROUP + a) * DH + d] = acc;
+    }
+}

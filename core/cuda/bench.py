@@ -165,23 +165,24 @@ def bench_ours(model: Model, bw: float) -> dict:
     return res
 
 
-def decode_ab(name: str, reps: int = 2) -> dict:
-    """Decode tok/s of a named shape with the previous kernels (fused=False) and the fused ones, alternating,
-    in one process on one card, CUDA graphs on; also whether both give the same greedy tokens."""
+def decode_ab(name: str, reps: int = 2, attr: str = "fused") -> dict:
+    """Decode tok/s of a named shape with backend switch `attr` off ("old") and on ("new"), alternating, in
+    one process on one card, CUDA graphs on; also whether both give the same greedy tokens. attr "fused":
+    the previous kernels against the fused ones; "pdl": programmatic dependent launch in the graphs."""
     import pycuda.autoprimaryctx  # noqa: F401
 
     name, raw = resolve(name)
     max_pos = ModelConfig.from_hf(pick_spec(raw), raw).max_position_embeddings
     model = random_model(raw, "float16", context=min(max_pos, max(PREFILL_LENGTHS) + 256))  # as bench_cuda
     be = model.backend
-    res = {"config": name, "device": be.device.name(), "date": datetime.date.today().isoformat(),
+    res = {"config": name, "device": be.device.name(), "date": datetime.date.today().isoformat(), "switch": attr,
            "copy_gbps": copy_bandwidth(be) / 1e9, "bytes_per_token": bytes_per_token(model)}
     res["roofline_tok_s"] = res["copy_gbps"] * 1e9 / res["bytes_per_token"]
     prompt, tokens = _prompt(model, PROMPT_TOKENS), {}
     try:
         for rep in range(reps):
             for fused in (False, True):
-                be.fused = fused
+                setattr(be, attr, fused)
                 if be._graph_cache is not None:
                     be._graph_cache.clear()
                 model.generate(prompt, max_new_tokens=8, stop_at_eos=False)  # compile, capture
@@ -234,6 +235,74 @@ def profile_step(model: Model, context: int = 128) -> dict[str, float]:
     forward(be, model.weights, c, ids, cache, 0, model.inv_freq, all_logits=False)
     forward(be, model.weights, c, ids[-1:], cache, context, model.inv_freq, all_logits=False)  # warm-up
     return _timed_forward(model, ids[-1:], cache, context)
+
+
+def trace_decode(name: str, steps: int = 16, context: int = 128, out_dir: str | None = None) -> dict:
+    """Per-kernel GPU time of graph-replayed greedy decode steps at ~`context` positions, from a CUPTI
+    trace taken through torch.profiler (kernels inside a CUDA graph are traced one by one): microseconds
+    per kernel name per step, the kernel count, and the step's span (first kernel start to last kernel end)
+    against its summed kernel time, whose difference is the gaps between kernels."""
+    import pycuda.autoprimaryctx  # noqa: F401
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    name, raw = resolve(name)
+    raw = dict(raw, max_position_embeddings=max(raw.get("max_position_embeddings", 0), context + steps + 64))
+    model = random_model(raw, "float16", context=context + steps + 64)
+    torch.cuda.init()
+    prompt = _prompt(model, context)
+    try:
+        model.generate(prompt, max_new_tokens=8, stop_at_eos=False)  # compile, capture
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model.generate(prompt, max_new_tokens=steps, stop_at_eos=False)
+    finally:
+        model.backend.release(model.weights)
+    path = Path(out_dir or tempfile.gettempdir()) / f"trace-{name}.json"
+    prof.export_chrome_trace(str(path))
+    ev = [e for e in json.loads(path.read_text())["traceEvents"] if e.get("cat") == "kernel"]
+    ev.sort(key=lambda e: e["ts"])
+    # a step ends in the argmax kernel; the prefill's kernels come first and are dropped with the first step
+    ends = [i for i, e in enumerate(ev) if "argmax" in e["name"]]
+    steps_ev = [ev[a + 1:b + 1] for a, b in zip(ends, ends[1:])]
+    per: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for st in steps_ev:
+        for e in st:
+            k = e["name"].split("(")[0]
+            per[k] = per.get(k, 0.0) + e["dur"] / len(steps_ev)
+            count[k] = count.get(k, 0) + 1
+    span = statistics.median(st[-1]["ts"] + st[-1]["dur"] - st[0]["ts"] for st in steps_ev)
+    busy = statistics.median(sum(e["dur"] for e in st) for st in steps_ev)
+    between = statistics.median(b[0]["ts"] - (a[-1]["ts"] + a[-1]["dur"]) for a, b in zip(steps_ev, steps_ev[1:]))
+    return {"config": name, "device": torch.cuda.get_device_name(), "context": context, "steps": len(steps_ev),
+            "kernels_per_step": len(steps_ev[0]), "span_us": span, "busy_us": busy, "host_gap_us": between,
+            "per_kernel_us": dict(sorted(per.items(), key=lambda kv: -kv[1])),
+            "count_per_step": {k: v // len(steps_ev) for k, v in count.items()}}
+
+
+def time_decode_at(name: str, context: int, n: int = DECODE_TOKENS) -> dict:
+    """Greedy decode tok/s (graphs) of a named shape after a `context`-token prompt against after an
+    8-token one, same model and cache; the prompt's prefill is not timed. max_position_embeddings is
+    raised when the shape's own is shorter (the speed depends on the shape, not on that number)."""
+    import pycuda.autoprimaryctx  # noqa: F401
+
+    name, raw = resolve(name)
+    raw = dict(raw, max_position_embeddings=max(raw.get("max_position_embeddings", 0), context + n + 1))
+    model = random_model(raw, "float16", context=context + n + 1)
+    res = {"config": name, "device": model.backend.device.name(), "date": datetime.date.today().isoformat()}
+    try:
+        model.generate(_prompt(model, PROMPT_TOKENS), max_new_tokens=8, stop_at_eos=False)  # compile, capture
+        for key, length in (("short", PROMPT_TOKENS), ("long", context), ("short", PROMPT_TOKENS), ("long", context)):
+            it = model.stream(_prompt(model, length), max_new_tokens=n + 1, stop_at_eos=False)
+            next(it)  # the prompt's forward pass and the first token
+            t = time.perf_counter()
+            k = sum(1 for _ in it)
+            res.setdefault(key, []).append(k / (time.perf_counter() - t))
+    finally:
+        model.backend.release(model.weights)
+    res["context"], res["short_tok_s"], res["long_tok_s"] = context, max(res["short"]), max(res["long"])
+    res["ratio"] = res["long_tok_s"] / res["short_tok_s"]
+    return res
 
 
 def op_shares(prof: dict[str, float]) -> dict[str, float]:
@@ -518,14 +587,28 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     p.add_argument("--load-check", metavar="NAME")
     p.add_argument("--profile", action="store_true", help="per-op GPU time of one decode step (no bench)")
-    p.add_argument("--ab", action="store_true", help="decode only: previous kernels vs fused ones, same run")
+    p.add_argument("--ab", nargs="?", const="fused", choices=("fused", "pdl"),
+                   help="decode only, one switch off vs on in the same run: fused (previous kernels vs fused "
+                        "ones, the default) or pdl (programmatic dependent launch in the decode graphs)")
     p.add_argument("--prefill-only", action="store_true",
                    help="prefill only: our GEMM vs cuBLAS, SIMT vs tensor-core attention, and transformers, same run")
     p.add_argument("--tokens", type=int, default=2048, help="prompt length for --prefill-only")
+    p.add_argument("--trace", action="store_true",
+                   help="per-kernel GPU time of graph decode steps (CUPTI through torch.profiler; no bench)")
+    p.add_argument("--context", type=int, help="decode speed after a prompt of this many tokens vs after 8")
+    p.add_argument("--out", help="folder for trace files")
     p.add_argument("--load-child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.load_child:
         _load_child(a.load_child)
+        return 0
+    if a.trace or a.context:
+        rows = []
+        for c in a.configs:
+            rows.append(trace_decode(c, out_dir=a.out) if a.trace else time_decode_at(c, a.context))
+            print(json.dumps(rows[-1]), flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=2))
         return 0
     if a.prefill_only:
         rows = []
@@ -539,7 +622,7 @@ def main(argv=None) -> int:
     if a.ab:
         rows = []
         for c in a.configs:
-            rows.append(decode_ab(c))
+            rows.append(decode_ab(c, attr=a.ab))
             print(json.dumps(rows[-1]), flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=2))

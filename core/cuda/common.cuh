@@ -47,6 +47,24 @@ __device__ __forceinline__ int start_pos(int start, const int* start_dev) {
     return start_dev ? *start_dev : start;
 }
 
+// Programmatic dependent launch (sm_90; no-ops elsewhere and when a kernel was launched without the
+// attribute). Inside a decode graph the backend launches the kernels named in backend.PDL_KERNELS with
+// programmatic stream serialization, so a kernel's blocks may start while the previous kernel still runs:
+// each such kernel calls pdl_wait() before it reads or writes anything another kernel touches (it returns
+// once the previous grid has completed and its writes are visible; as every kernel waits, completion is
+// transitive), and pdl_launch() to let the next kernel start early. Work that needs no earlier result
+// (issuing weight loads) goes before the wait.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Activation codes, shared with core/cuda/backend.py (ACT_CODES); used by elementwise.cu and gemv.cu.
 #define ACT_GELU_TANH 0  // gelu_new / gelu_pytorch_tanh
 #define ACT_GELU_ERF 1   // exact gelu

@@ -7,6 +7,8 @@ extern "C" __global__ void add(float* __restrict__ y,        // float32 [n]
                                const float* __restrict__ a,  // float32 [n]
                                const float* __restrict__ b,  // float32 [n]
                                long long n) {
+    pdl_wait();
+    pdl_launch();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         y[i] = a[i] + b[i];
 }
@@ -14,6 +16,8 @@ extern "C" __global__ void add(float* __restrict__ y,        // float32 [n]
 extern "C" __global__ void act(float* __restrict__ y,        // float32 [n]
                                const float* __restrict__ x,  // float32 [n]
                                long long n, int kind) {      // kind: ACT_* code
+    pdl_wait();
+    pdl_launch();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         y[i] = activate(x[i], kind);
 }
@@ -22,6 +26,8 @@ extern "C" __global__ void gated_act(float* __restrict__ y,           // float32
                                      const float* __restrict__ gate,  // float32 [n]
                                      const float* __restrict__ up,    // float32 [n]
                                      long long n, int kind) {         // kind: ACT_* code
+    pdl_wait();
+    pdl_launch();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         y[i] = activate(gate[i], kind) * up[i];
 }
@@ -29,6 +35,8 @@ extern "C" __global__ void gated_act(float* __restrict__ y,           // float32
 extern "C" __global__ void soft_cap(float* __restrict__ y,        // float32 [n]
                                     const float* __restrict__ x,  // float32 [n]
                                     long long n, float cap) {
+    pdl_wait();
+    pdl_launch();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         y[i] = cap * tanhf(x[i] / cap);
 }

@@ -12,6 +12,8 @@ extern "C" __global__ void embed(float* __restrict__ out,           // float32 [
                                  int start,                         // position of token 0 (if start_dev is NULL)
                                  const int* __restrict__ start_dev, // int32 [1] or NULL (graph capture)
                                  int T, int D) {
+    pdl_wait();
+    pdl_launch();
     int t = blockIdx.x;
     if (t >= T) return;
     size_t row = ids ? (size_t)ids[t] : (size_t)(start_pos(start, start_dev) + t);

@@ -93,6 +93,7 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
         for (int t = 0; t < GEMV_MAX_T; ++t) acc[r][t] = 0.f;
     if (vec) {
         const int nvec = K / VEC;
+        bool waited = false;
         for (int c0 = threadIdx.x; c0 < nvec; c0 += GEMV_THREADS * GEMV_UNROLL) {
             uint4 wv[GEMV_UNROLL][NR];
 #pragma unroll
@@ -102,6 +103,8 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
                 for (int r = 0; r < NR; ++r)
                     if (c < nvec) wv[u][r] = __ldg(reinterpret_cast<const uint4*>(rows[r] + (size_t)c * VEC));
             }
+            // The first weight loads (no earlier kernel writes weights) are in flight before waiting for x.
+            if (!waited) { pdl_wait(); waited = true; }
 #pragma unroll
             for (int u = 0; u < GEMV_UNROLL; ++u) {
                 int c = c0 + u * GEMV_THREADS;
@@ -127,7 +130,9 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
                 }
             }
         }
+        if (!waited) pdl_wait();  // threads with no chunk
     } else {
+        pdl_wait();
         for (int k = threadIdx.x; k < K; k += GEMV_THREADS) {
             float wf[NR];
 #pragma unroll
@@ -141,6 +146,7 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
             }
         }
     }
+    pdl_launch();  // this block's loads are done: the next kernel may start its blocks
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
     for (int r = 0; r < NR; ++r)
@@ -174,7 +180,7 @@ gemv_rows(const float* __restrict__ x,  // float32 [T, K]
     if (blk >= nb0 + nb1) { blk -= nb0 + nb1; y = y2; w = w2; b = b2; n = n2; }
     else if (blk >= nb0) { blk -= nb0; y = y1; w = w1; b = b1; n = n1; }
     int r0 = blk * GEMV_ROWS;
-    if (r0 >= n) return;  // whole block: no barrier is skipped by part of it
+    if (r0 >= n) { pdl_wait(); return; }  // whole block: no barrier is skipped by part of it
     const wt* rows[GEMV_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r) rows[r] = w + (size_t)min(r0 + r, n - 1) * K;  // clamped rows are not written
@@ -200,7 +206,7 @@ gemv_gated(float* __restrict__ y,         // float32 [T, n]
 {
     __shared__ float tot[GEMV_THREADS / 32 * 2 * GEMV_ROWS * GEMV_MAX_T];
     int r0 = blockIdx.x * GEMV_ROWS;
-    if (r0 >= n) return;
+    if (r0 >= n) { pdl_wait(); return; }
     const wt* rows[2 * GEMV_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r) {

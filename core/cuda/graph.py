@@ -11,6 +11,7 @@ kernels are compiled and constants uploaded before capture; later steps replay.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 
 import attrs
@@ -20,6 +21,8 @@ from ..errors import ContextOverflowError, DeviceError
 
 CAPTURE_MODE_RELAXED = 2  # CUstreamCaptureMode: allows the memory pool to cuMemAlloc during capture
 MAX_GRAPHS = 8
+RING = 8    # slots of the ring the steps write their picked ids into (host-mapped)
+AHEAD = 3   # greedy steps in flight ahead of the host (< RING)
 
 _libcuda = None
 
@@ -79,8 +82,12 @@ class Graph:
         cap = Capture(DTensor(self.inputs, int(self.inputs), (1,), "int32"), int(self.inputs) + 4)
         self.graph = ctypes.c_void_p()
         self.exec = ctypes.c_void_p()
+        self.ring, self.ring_dev, self.mapped, self._ring_alloc = None, 0, False, None
         if greedy:  # compiled and loaded before capture, as the first (eager) step compiled the rest
             be._fn("sample.cu", "argmax_key", "PPi")
+            advance = be._fn("step.cu", "step_advance", "PPPPi")
+            self.ring, self.ring_dev, self.mapped, self._ring_alloc = _ring(drv)
+            ring_ptr = self.ring_dev
         be.synchronize("graph capture")
         stream = ctypes.c_void_p(be.stream.handle)
         _call("cuStreamBeginCapture_v2", stream, CAPTURE_MODE_RELAXED)
@@ -89,6 +96,8 @@ class Graph:
             forward(be, W, c, np.asarray([0]), cache, start, inv_freq, all_logits=False)
             if greedy and cap.out is not None:  # the step ends in the argmax: only its key is copied back
                 cap.out = be.argmax_key(cap.out.reshape(-1))
+                # ... and turns it into the next step's input, so steps can be launched ahead (run())
+                be._launch("step_advance", advance, (1, 1, 1), (32, 1, 1), cap.ids, cap.out, None, ring_ptr, RING)
         finally:
             be.capture = None
             rc = _cuda().cuStreamEndCapture(stream, ctypes.byref(self.graph))
@@ -110,6 +119,44 @@ class Graph:
         be.synchronize("graph replay")
         return be.key_to_id(self.logits) if self.greedy else self.logits[-1].copy()
 
+    def run(self, token: int, start: int, count: int):
+        """Greedy ids of `count` steps from (token, start), AHEAD launches in flight: each step's last kernel
+        writes the next step's input on the GPU, so the host only reads the ids (from a host-mapped ring)
+        while the next steps already run. Closing the generator early (a stop string, EOS) waits for the
+        steps in flight, whose cache writes lie past the last token kept."""
+        if not self.greedy:
+            raise DeviceError("Graph.run needs a greedy step graph")
+        if start + count > self.capacity:
+            raise ContextOverflowError(f"decode at positions {start}..{start + count - 1} does not fit the KV cache "
+                                       f"of {self.capacity} positions")
+        be, drv = self.be, self.be.drv
+        self.host[0], self.host[1] = token, start
+        drv.memcpy_htod_async(int(self.inputs), self.host, be.stream)
+        events, launched = collections.deque(), 0
+        stream = ctypes.c_void_p(be.stream.handle)
+
+        def launch():
+            _call("cuGraphLaunch", self.exec, stream)
+            if not self.mapped:  # a device ring: copy the step's slot back after it
+                slot = (start + launched) % RING
+                drv.memcpy_dtoh_async(self.ring[slot:slot + 1], self.ring_dev + 4 * slot, be.stream)
+            ev = drv.Event(drv.event_flags.DISABLE_TIMING)
+            ev.record(be.stream)
+            events.append(ev)
+
+        try:
+            for i in range(count):
+                while launched < count and launched < i + AHEAD:
+                    launch()
+                    launched += 1
+                try:
+                    events.popleft().synchronize()
+                except drv.Error as e:
+                    raise DeviceError(f"CUDA error in a decode step graph (position {start + i}): {e}") from None
+                yield int(self.ring[(start + i) % RING])
+        finally:
+            be.synchronize("graph run-ahead")
+
     def destroy(self) -> None:
         if self.exec:
             _cuda().cuGraphExecDestroy(self.exec)
@@ -118,6 +165,18 @@ class Graph:
             _cuda().cuGraphDestroy(self.graph)
             self.graph = ctypes.c_void_p()
         self.keep.clear()
+
+
+def _ring(drv):
+    """(int32 [RING] host array, pointer the kernel writes to, mapped?, allocation to keep): page-locked host
+    memory mapped into the device's address space, or where that fails a device buffer copied back after
+    each step."""
+    try:
+        host = drv.pagelocked_empty(RING, np.int32, mem_flags=drv.host_alloc_flags.DEVICEMAP)
+        return host, int(host.base.get_device_pointer()), True, None
+    except (drv.Error, AttributeError, TypeError):
+        dev = drv.mem_alloc(4 * RING)
+        return drv.pagelocked_empty(RING, np.int32), int(dev), False, dev
 
 
 class GraphCache:
@@ -141,6 +200,24 @@ class GraphCache:
                 self.clear()
             g = self.graphs[key] = Graph(self.be, forward, W, c, cache, start, inv_freq, greedy)
         return g.replay(token, start)
+
+    def run(self, forward, W, c, token: int, cache, start: int, inv_freq, count: int):
+        """Greedy ids of `count` decode steps from (token, start), run ahead on the GPU (Graph.run); the first
+        step for a (weights, cache) runs eagerly (compiles kernels, uploads constants), the next captures."""
+        key = (id(W), id(c), id(forward), cache.k[0].ptr, cache.k[0].shape, len(cache.k), True)
+        if key not in self.graphs:
+            if key not in self.eager:
+                self.eager.add(key)
+                logits = forward(self.be, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]
+                token = int(np.argmax(logits))
+                yield token
+                start, count = start + 1, count - 1
+                if count <= 0:
+                    return
+            if len(self.graphs) >= MAX_GRAPHS:
+                self.clear()
+            self.graphs[key] = Graph(self.be, forward, W, c, cache, start, inv_freq, True)
+        yield from self.graphs[key].run(token, start, count)
 
     def clear(self) -> None:
         try:

@@ -10,6 +10,8 @@ extern "C" __global__ void kv_write(wt* __restrict__ kc,               // wt [Hk
                                     int start,                         // position of token 0 (if start_dev is NULL)
                                     const int* __restrict__ start_dev, // int32 [1] or NULL (graph capture)
                                     int T, int Hkv, int S, int Dh) {   // start + T <= S
+    pdl_wait();
+    pdl_launch();
     int t = blockIdx.x / Hkv, hk = blockIdx.x % Hkv;
     if (t >= T) return;
     size_t src = (size_t)blockIdx.x * Dh;

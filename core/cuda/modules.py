@@ -35,7 +35,8 @@ def variants(name: str) -> list[dict[str, int]]:
     if name == "attention_tc.cu":  # tensor-core prefill: half types, head sizes that are multiples of 16
         return [{"WDTYPE": c, "HEAD_DIM": h} for c in (1, 2) for h in (64, 128, 80, 48, 32, 256)]
     if name == "attention.cu":  # compiled per head size; these are the common ones plus an odd one
-        return [dict(d, HEAD_DIM=h) for d in dtypes for h in (64, 128, 80, 37)]
+        return ([dict(d, HEAD_DIM=h) for d in dtypes for h in (64, 128, 80, 37)]
+                + [dict(d, HEAD_DIM=h, GROUP=g) for d in dtypes for h, g in ((64, 8), (128, 4))])  # decode GQA
     return dtypes
 
 
@@ -50,12 +51,22 @@ def source(name: str) -> str:
 
 def get_module(name: str, defines: dict[str, int]):
     """The compiled pycuda SourceModule for `name` with `defines` (compiled once per process)."""
+    return _compiled(name, defines)[0]
+
+
+def get_cubin(name: str, defines: dict[str, int]) -> bytes:
+    """The cubin of the module get_module returns (core/cuda/pdl.py loads it through the driver API)."""
+    return _compiled(name, defines)[1]
+
+
+def _compiled(name: str, defines: dict[str, int]):
     key = (name, tuple(sorted(defines.items())))
-    mod = _modules.get(key)
-    if mod is None:
-        from pycuda.compiler import SourceModule
+    got = _modules.get(key)
+    if got is None:
+        import pycuda.driver as drv
+        from pycuda.compiler import compile as nvcc_compile
 
         # no_extern_c: the kernels declare extern "C" themselves; wrapping would break <mma.h>.
-        mod = SourceModule(source(name), options=nvcc_options(defines), include_dirs=[str(HERE)], no_extern_c=True)
-        _modules[key] = mod
-    return mod
+        cubin = nvcc_compile(source(name), options=nvcc_options(defines), include_dirs=[str(HERE)], no_extern_c=True)
+        got = _modules[key] = (drv.module_from_buffer(cubin), cubin)
+    return got

@@ -13,6 +13,8 @@ extern "C" __global__ void norm_rows(float* __restrict__ y,            // float3
                                      int R, int D,
                                      int rms,                          // 1 RMSNorm, 0 LayerNorm
                                      float eps, float offset) {        // weight applied as (offset + w)
+    pdl_wait();
+    pdl_launch();
     __shared__ float scratch[32];
     int r = blockIdx.x;
     if (r >= R) return;
@@ -67,6 +69,8 @@ extern "C" __global__ void norm_reg(float* __restrict__ y,            // float32
                                     const wt* __restrict__ w,         // wt [D]
                                     const wt* __restrict__ b,         // wt [D] or NULL (LayerNorm bias)
                                     int R, int D, int rms, float eps, float offset) {
+    pdl_wait();
+    pdl_launch();
     __shared__ float scratch[32];
     int r = blockIdx.x;
     if (r >= R) return;

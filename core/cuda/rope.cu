@@ -10,6 +10,8 @@ extern "C" __global__ void rope(float* __restrict__ y,               // float32 
                                 int start,                           // position of token 0 (if start_dev is NULL)
                                 const int* __restrict__ start_dev,   // int32 [1] or NULL (graph capture)
                                 int T, int H, int Dh) {
+    pdl_wait();
+    pdl_launch();
     int t = blockIdx.x / H;
     if (t >= T) return;
     int h = Dh / 2;
@@ -43,6 +45,8 @@ extern "C" __global__ void rope_kv(float* __restrict__ qo,             // float3
                                    int start,                          // position of token 0 (if start_dev is NULL)
                                    const int* __restrict__ start_dev,  // int32 [1] or NULL (graph capture)
                                    int T, int H, int Hkv, int S, int Dh) {  // start + T <= S, Dh even
+    pdl_wait();
+    pdl_launch();
     int lane = threadIdx.x & 31;
     int head = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int t = blockIdx.y;

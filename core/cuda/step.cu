@@ -1,0 +1,21 @@
+// The last node of a decode step's CUDA graph when the token is picked on the GPU (issue 4): it turns the
+// step's pick into the next step's input on the device, so the host can launch step i+1 before it has read
+// token i (the graph runs ahead of the host; the host only reads the ids, to stream them).
+//   inputs: int32 [2] = (token id, position) that the step's kernels read; advanced to (picked id, position+1).
+//   key:    uint64 [1] from argmax_key (id = 0xffffffff - low word), or NULL when pick32 is given.
+//   pick32: int32 [1] holding the picked id (GPU sampling), or NULL.
+//   ring:   int32 [ring_size], host-mapped or device memory: ring[position % ring_size] = picked id.
+#include "common.cuh"
+
+extern "C" __global__ void step_advance(int* __restrict__ inputs, const unsigned long long* __restrict__ key,
+                                        const int* __restrict__ pick32, int* __restrict__ ring, int ring_size) {
+    pdl_wait();
+    pdl_launch();
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    const int id = key ? (int)(0xffffffffu - (unsigned int)(key[0] & 0xffffffffull)) : pick32[0];
+    const int pos = inputs[1];
+    ring[pos % ring_size] = id;
+    inputs[0] = id;
+    inputs[1] = pos + 1;
+    __threadfence_system();  // the host reads ring once the step's event has completed
+}
