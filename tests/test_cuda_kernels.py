@@ -199,6 +199,38 @@ def test_linear_act_and_gated_linear(dtype, kind, gated, T, K, N, bias, view, se
         assert rel_err(be.to_host(got), want) < (TOL[dtype] if T > 4 else EXACT)
 
 
+@given(dtype=S.dtype, K=st.one_of(S.dim, st.sampled_from([2048, 4096])), N=S.dim, offset=st.sampled_from([0.0, 1.0]),
+       eps=st.sampled_from([1e-5, 1e-6]), bias=st.booleans(), kind=S.act, seed=S.seed)
+def test_folded_norm_and_residual(dtype, K, N, offset, eps, bias, kind, seed):
+    """One decode token: add_norm(x, linear(a)) runs the product with the residual add in its epilogue and
+    leaves the RMSNorm to the GEMVs that read it (q/k/v, gate/up, up + act, a later linear), which fold it
+    into their reduction; the results equal the unfolded reference, and reading the lazy norm directly
+    computes it with the norm kernel."""
+    r = rng(seed)
+    with backend(dtype) as be:
+        wo, wor = upload_weight(be, r.normal(size=(K, N)) / np.sqrt(N))
+        g, gr = upload_weight(be, r.normal(size=K) * 0.3 + (0.0 if offset else 1.0))
+        ws = [upload_weight(be, r.normal(size=(n, K)) / np.sqrt(K)) for n in (N, max(1, N // 2), 7)]
+        bs = [upload_weight(be, r.normal(size=n)) if bias else (None, None) for n in (N, max(1, N // 2), 7)]
+        x0, a = r.normal(size=(1, K)).astype(np.float32) * 2, r.normal(size=(1, N)).astype(np.float32)
+        s, h = be.add_norm(be.from_host(x0), be.linear(be.from_host(a), wo), g, None, eps, "rmsnorm", offset)
+        if K % 4 == 0:  # (the vector path; other widths run the norm kernel)
+            assert getattr(h, "pending", False), "the norm was not left to the GEMVs"
+        qkv = be.linears(h, [(w, b) for (w, _), (b, _) in zip(ws, bs)])
+        gated = be.gated_linear(h, ws[0][0], bs[0][0], ws[0][0], bs[0][0], kind)
+        up = be.linear_act(h, ws[1][0], bs[1][0], kind)
+        lin = be.linear(h, ws[2][0], bs[2][0])
+        got = [be.to_host(t) for t in (s, *qkv, gated, up, lin, h)]
+    sw = x0.astype(np.float64) + ops.linear(a.astype(np.float64), wor, None)
+    hw = ops.rms_norm(sw, gr, eps, offset)
+    want = [sw] + [ops.linear(hw, wr, br) for (_, wr), (_, br) in zip(ws, bs)]
+    l0 = ops.linear(hw, ws[0][1], bs[0][1])
+    want += [ops.ACT[kind](l0) * l0, ops.ACT[kind](ops.linear(hw, ws[1][1], bs[1][1])),
+             ops.linear(hw, ws[2][1], bs[2][1]), hw]
+    for i, (gv, wv) in enumerate(zip(got, want)):
+        assert rel_err(gv, wv) < 2 * EXACT, f"output {i}"
+
+
 # --- norms ------------------------------------------------------------------------------------------------------
 @given(dtype=S.dtype, kind=st.sampled_from(["layernorm", "rmsnorm"]), R=st.integers(1, 300),
        D=st.one_of(S.dim, st.sampled_from([4096, 8192, 8196])),  # register path up to 8192, then two-pass

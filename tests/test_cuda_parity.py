@@ -149,6 +149,33 @@ def test_run_ahead_decode_matches_stepwise_and_stops_cleanly(family_ckpt, dtype)
     assert again == ahead
 
 
+def test_sampling_on_the_gpu(family_ckpt):
+    """Non-greedy decode picks on the GPU inside the step graph (GpuSampler): a seed reproduces the run;
+    a repetition penalty at temperature 0 gives the host path's tokens; top_k=1 and a vanishing temperature
+    give the greedy tokens (so the sampled graph sees the right logits)."""
+    family, path = family_ckpt[:2]
+    prompt = np.random.default_rng(8).integers(0, COMMON["vocab"], 19).tolist()
+    model = load_cuda(path, "float32")
+    be = model.backend
+    gen = lambda **kw: model.generate(prompt, max_new_tokens=30, stop_at_eos=False, **kw)  # noqa: E731
+    try:
+        greedy = gen()
+        a, b = gen(temperature=0.9, top_k=40, top_p=0.9, seed=3), gen(temperature=0.9, top_k=40, top_p=0.9, seed=3)
+        c = gen(temperature=5.0, seed=4)
+        d = gen(temperature=5.0, seed=5)
+        top1, cold = gen(temperature=1.0, top_k=1, seed=1), gen(temperature=1e-6, seed=2)
+        pen_gpu = gen(repetition_penalty=1.5)
+        be.decode_ids = lambda *a, **k: None  # the host path: logits copied back, numpy's sampler
+        pen_host = gen(repetition_penalty=1.5)
+        del be.decode_ids
+    finally:
+        release(model)
+    assert a == b, f"{family}: same seed, different tokens"
+    assert c != d, f"{family}: temperature 5 with seeds 4 and 5 gave the same 30 tokens"
+    assert top1 == greedy and cold == greedy
+    assert pen_gpu == pen_host, f"{family}: repetition penalty on the GPU {pen_gpu} vs host {pen_host}"
+
+
 def test_out_of_memory_while_loading_frees_everything(family_ckpt, monkeypatch):
     path = family_ckpt[1]
     from core.cuda.backend import CudaBackend

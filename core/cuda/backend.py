@@ -47,7 +47,8 @@ def _mib(n: int) -> str:
 # Kernels that call pdl_wait() before touching anything another kernel writes (common.cuh), so they may be
 # launched with programmatic stream serialization inside a decode graph.
 PDL_KERNELS = frozenset({"embed", "norm_rows", "norm_reg", "rope", "rope_kv", "add", "act", "gated_act", "soft_cap",
-                         "kv_write", "gemv_rows", "gemv_gated", "attn_decode_gqa", "step_advance"})
+                         "kv_write", "gemv_rows", "gemv_gated", "gemv_rows_norm", "gemv_gated_norm",
+                         "attn_decode_gqa", "step_advance"})
 
 
 class DTensor:
@@ -98,6 +99,45 @@ class DTensor:
         return f"DTensor({self.dtype}{list(self.shape)} @ {self.ptr:#x})"
 
 
+class Lazy(DTensor):
+    """A decode-sized result (T <= GEMV_MAX_T) not computed yet, so that the GEMV consuming it can fold it in
+    (issue 4): kind "norm" (an RMSNorm of `src`, folded into the next GEMV's reduction) or "linear" (a GEMV
+    whose result is about to be added to the residual stream: add_norm runs it with the add in its epilogue).
+    Any other use reads .ptr, which computes it then (ordinary kernels, same result); activations are never
+    written in place, so computing it later reads the same inputs."""
+
+    __slots__ = ("kind", "args", "_run", "_real")
+
+    def __init__(self, shape, kind: str, args: tuple, run):
+        self.buf, self.shape, self.dtype = None, tuple(shape), "float32"
+        self.kind, self.args, self._run, self._real = kind, args, run, None
+
+    @property
+    def pending(self) -> bool:
+        return self._real is None
+
+    def materialize(self) -> DTensor:
+        if self._real is None:
+            self._real = self._run()
+            self._run = self.args = None
+        return self._real
+
+    @property
+    def ptr(self) -> int:
+        return self.materialize().ptr
+
+    def reshape(self, *shape) -> DTensor:
+        return self.materialize().reshape(*shape)
+
+    def __getitem__(self, key) -> DTensor:
+        if isinstance(key, slice) and key.indices(self.shape[0]) == (0, self.shape[0], 1):
+            return self  # h[T - 1:] with T = 1
+        return self.materialize()[key]
+
+    def __repr__(self):
+        return f"Lazy({self.kind}, float32{list(self.shape)}, {'pending' if self.pending else 'computed'})"
+
+
 class CudaBackend:
     """PyCUDA backend: see the module docstring. `context`: KV-cache positions to preallocate at load."""
 
@@ -140,6 +180,9 @@ class CudaBackend:
         self.fused = os.environ.get("ARCHKIT_CUDA_FUSED", "1") != "0"
         # Programmatic dependent launch inside decode graphs (core/cuda/pdl.py; sm_90+): ARCHKIT_CUDA_PDL=0 off.
         self.pdl = os.environ.get("ARCHKIT_CUDA_PDL", "1") != "0" and cc >= (9, 0)
+        # At one decode token: RMSNorm folded into the GEMV that reads it, the residual add into the GEMV whose
+        # result is added (Lazy); ARCHKIT_CUDA_FOLD=0 runs the norm kernels.
+        self.fold = os.environ.get("ARCHKIT_CUDA_FOLD", "1") != "0"
         self._graph_cache = None
         # Prefill matrix products (T > GEMV_MAX_T): cuBLAS through ctypes (core/cuda/cublas.py) when a libcublas
         # is found ("auto", the default: 2.8x / 3.0x our WMMA GEMM at 2,048 tokens on an H200, NOTES.md round 2),
@@ -210,6 +253,8 @@ class CudaBackend:
         """A float32 numpy copy of a backend tensor (waits for the GPU)."""
         if isinstance(x, np.ndarray):
             return np.asarray(x, dtype=np.float32)
+        if isinstance(x, Lazy):
+            x = x.materialize()
         if self.capture is not None:
             return self.capture.output(x)
         self.synchronize("to_host")
@@ -450,6 +495,8 @@ class CudaBackend:
             raise DeviceError(f"linear: x has {K} features but the weight is {list(w.shape)}")
         M = x.size // K if K else 0
         if M <= GEMV_MAX_T and self.fused:
+            if self.fold and M == 1 and w.shape[0]:  # add_norm may fold the residual add into it
+                return Lazy(x.shape[:-1] + (N,), "linear", (x, w, b), lambda: self.linears(x, [(w, b)])[0])
             return self.linears(x, [(w, b)])[0]
         if M > GEMV_MAX_T and self._use_cublas(M, K):
             return self._cublas_linears(x, [(w, b)])[0]
@@ -538,9 +585,17 @@ class CudaBackend:
             outs.append(y)
         return outs
 
-    def _gemv_rows(self, x, pairs, act: int, op: str) -> list:
+    @staticmethod
+    def _folded_norm(x):
+        """(input, gain, eps, offset) when x is a pending RMSNorm a GEMV can fold in, else (x, None, 0, 0)."""
+        if isinstance(x, Lazy) and x.pending and x.kind == "norm":
+            return x.args
+        return x, None, 0.0, 0.0
+
+    def _gemv_rows(self, x, pairs, act: int, op: str, resid=None) -> list:
         K = x.shape[-1]
         M = x.size // K if K else 0
+        x, g, eps, off = self._folded_norm(x)
         segs, ys = [], []
         for w, b in pairs:
             if w.shape[1] != K:
@@ -549,9 +604,11 @@ class CudaBackend:
             segs += [ys[-1], w, b, w.shape[0]]
         segs += [None, None, None, 0] * (3 - len(pairs))
         blocks = sum(-(-w.shape[0] // GEMV_ROWS) for w, _ in pairs)
-        fn = self._fn("gemv.cu", "gemv_rows", "Piii" + "PPPi" * 3, GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T)
+        kernel = "gemv_rows_norm" if g is not None else "gemv_rows"
+        fn = self._fn("gemv.cu", kernel, "PiiiPffP" + "PPPi" * 3, GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T)
         if blocks:
-            self._launch(op, fn, (blocks, 1, 1), (GEMV_THREADS, 1, 1), x, M, K, act, *segs)
+            self._launch(op, fn, (blocks, 1, 1), (GEMV_THREADS, 1, 1), x, M, K, act, g, float(eps), float(off),
+                         resid, *segs)
         return ys
 
     def linear_act(self, x: DTensor, w: DTensor, b, kind: str) -> DTensor:
@@ -570,10 +627,12 @@ class CudaBackend:
         if wg.shape[1] != K or wu.shape != wg.shape:
             raise DeviceError(f"gated_linear: x has {K} features, gate {list(wg.shape)}, up {list(wu.shape)}")
         y = self._alloc(x.shape[:-1] + (N,))
-        fn = self._fn("gemv.cu", "gemv_gated", "PPPPPPiiii", GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T)
+        x, g, eps, off = self._folded_norm(x)
+        kernel = "gemv_gated_norm" if g is not None else "gemv_gated"
+        fn = self._fn("gemv.cu", kernel, "PPPPPPiiiiPff", GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T)
         if N:
             self._launch(f"gated_linear({kind})", fn, (-(-N // GEMV_ROWS), 1, 1), (GEMV_THREADS, 1, 1),
-                         y, x, wg, bg, wu, bu, M, N, K, self._act_code(kind))
+                         y, x, wg, bg, wu, bu, M, N, K, self._act_code(kind), g, float(eps), float(off))
         return y
 
     def _norm_rows(self, op, y, xsum, x, delta, w, b, D, rms, eps, offset):
@@ -589,13 +648,40 @@ class CudaBackend:
         fn = self._fn("norm.cu", "norm_rows", "PPPPPPiiiff")
         self._launch(op, fn, (R, 1, 1), (threads, 1, 1), y, xsum, x, delta, w, b, R, D, int(rms), float(eps), float(offset))
 
+    def _foldable(self, x, w, b, kind) -> bool:
+        """Whether norm(x) can be left to the GEMV that reads it (one decode token, RMSNorm, vector path)."""
+        D = x.shape[-1]
+        return (self.fold and self.fused and kind == "rmsnorm" and b is None and x.size == D and D % 4 == 0
+                and w is not None and w.size == D)
+
+    def _lazy_norm(self, x, w, eps, offset, kind, op):
+        def run():
+            y = self._alloc(x.shape)
+            self._norm_kind(op, y, None, x, None, w, None, eps, kind, offset)
+            return y
+        return Lazy(x.shape, "norm", (x, w, float(eps), float(offset)), run)
+
     def norm(self, x: DTensor, w, b, eps, kind, offset=0.0) -> DTensor:
+        if isinstance(x, Lazy):
+            x = x.materialize()
+        if self._foldable(x, w, b, kind):
+            return self._lazy_norm(x, w, eps, offset, kind, "norm")
         y = self._alloc(x.shape)
         self._norm_kind("norm", y, None, x, None, w, b, eps, kind, offset)
         return y
 
     def add_norm(self, x: DTensor, delta: DTensor, w, b, eps, kind, offset=0.0):
-        """(x + delta, norm(x + delta)) in one pass."""
+        """(x + delta, norm(x + delta)) in one pass. At one decode token with RMSNorm, when delta is a GEMV
+        not run yet, the add goes into that GEMV's epilogue and the norm into the next GEMV (no kernel here)."""
+        if isinstance(x, Lazy):
+            x = x.materialize()
+        if (isinstance(delta, Lazy) and delta.pending and delta.kind == "linear" and self._foldable(x, w, b, kind)
+                and delta.shape == x.shape):
+            src, wd, bd = delta.args
+            s = self._gemv_rows(src, [(wd, bd)], -1, "linear+residual(gemv)", resid=x)[0]
+            return s, self._lazy_norm(s, w, eps, offset, kind, "norm")
+        if isinstance(delta, Lazy):
+            delta = delta.materialize()
         s, y = self._alloc(x.shape), self._alloc(x.shape)
         self._norm_kind("add_norm", y, s, x, delta, w, b, eps, kind, offset)
         return s, y
@@ -781,17 +867,34 @@ class CudaBackend:
         logits = forward(self, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]
         return int(np.argmax(logits)) if greedy else logits
 
-    def decode_ids(self, forward, W, c, token: int, cache: Cache, start: int, inv_freq, count: int, params):
+    def decode_ids(self, forward, W, c, token: int, cache: Cache, start: int, inv_freq, count: int, params,
+                   seen=(), seed: int = 0):
         """An iterator of the ids of `count` decode steps from (token, start) picked on the GPU, with steps
-        launched ahead of the host (CUDA graphs, fused kernels, greedy without a repetition penalty); None
-        when these parameters need the logits on the host (the caller then steps with decode())."""
-        if not (self.graphs and self.fused and params.greedy and params.repetition_penalty == 1.0):
+        launched ahead of the host (CUDA graphs and fused kernels): greedy by an argmax, otherwise by
+        GpuSampler (core/cuda/gpu_sampling.py: repetition penalty over `seen` and the ids it picks, temperature,
+        top-k, top-p; random draws keyed by (seed, position), so a seed reproduces a run on the GPU, though
+        not the numbers the CPU's generator draws). None when graphs or fused kernels are off (the caller
+        then steps with decode())."""
+        if not (self.graphs and self.fused):
             return None
         from .graph import GraphCache
 
         if self._graph_cache is None:
             self._graph_cache = GraphCache(self)
-        return self._graph_cache.run(forward, W, c, token, cache, start, inv_freq, count)
+        sampler = None
+        if not (params.greedy and params.repetition_penalty == 1.0):
+            sampler = self._sampler(W.lm_head().shape[0])
+            sampler.set_params(params, seed)
+            sampler.set_seen(list(seen))
+        return self._graph_cache.run(forward, W, c, token, cache, start, inv_freq, count, sampler)
+
+    def _sampler(self, V: int):
+        s = getattr(self, "_gpu_sampler", None)
+        if s is None or s.V != V:
+            from .gpu_sampling import GpuSampler
+
+            s = self._gpu_sampler = GpuSampler(self, V)
+        return s
 
     def argmax_key(self, x: DTensor) -> DTensor:
         """uint64 key of x's argmax (sample.cu; the id is 0xffffffff - the low word): stays on the GPU."""

@@ -83,10 +83,18 @@ static_assert(GEMV_ROWS >= 1 && GEMV_ROWS <= 8, "GEMV_ROWS must be in [1, 8]");
 static_assert(GEMV_UNROLL >= 1 && GEMV_UNROLL <= 4, "GEMV_UNROLL must be in [1, 4]");
 
 // Sums over the block of x[t] . rows[r] for r < NR, t < T, left in tot[r * GEMV_MAX_T + t] (shared).
-template <int NR>
+// NORM (an RMSNorm of x folded in, issue 4): x[t, k] enters as x[t, k] * (off + g[k]) and the block also sums
+// x[t, k]^2, leaving rsqrt(mean + eps) in tot[NR * GEMV_MAX_T + t]; the caller scales the sums by it. The
+// block covers all of K, so no separate norm kernel (and no round trip of the normed row) is needed.
+#define TOT_SIZE(NR) (GEMV_THREADS / 32 * ((NR) + 1) * GEMV_MAX_T)
+template <int NR, bool NORM>
 __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const float* __restrict__ x, int T, int K,
-                                         bool vec, float* tot /* shared [GEMV_THREADS / 32][NR * GEMV_MAX_T] */) {
-    float acc[NR][GEMV_MAX_T];
+                                         bool vec, float* tot /* shared TOT_SIZE(NR) */,
+                                         const wt* __restrict__ g, float eps, float off) {
+    constexpr int NS = (NR + 1) * GEMV_MAX_T;  // per-warp stride in tot
+    float acc[NR][GEMV_MAX_T], ss[GEMV_MAX_T];
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_T; ++t) ss[t] = 0.f;
 #pragma unroll
     for (int r = 0; r < NR; ++r)
 #pragma unroll
@@ -109,6 +117,12 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
             for (int u = 0; u < GEMV_UNROLL; ++u) {
                 int c = c0 + u * GEMV_THREADS;
                 if (c >= nvec) break;
+                float gf[NORM ? VEC : 1];
+                if (NORM) {
+                    load_vec(g + (size_t)c * VEC, gf);
+#pragma unroll
+                    for (int e = 0; e < (NORM ? VEC : 1); ++e) gf[e] += off;
+                }
 #pragma unroll
                 for (int t = 0; t < GEMV_MAX_T; ++t) {
                     if (t >= T) break;
@@ -118,6 +132,13 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
                     for (int e = 0; e < VEC / 4; ++e) {
                         float4 xv = xp[e];
                         xf[4 * e] = xv.x, xf[4 * e + 1] = xv.y, xf[4 * e + 2] = xv.z, xf[4 * e + 3] = xv.w;
+                    }
+                    if (NORM) {
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) {
+                            ss[t] = fmaf(xf[e], xf[e], ss[t]);
+                            xf[e] *= gf[NORM ? e : 0];
+                        }
                     }
 #pragma unroll
                     for (int r = 0; r < NR; ++r) {
@@ -137,10 +158,15 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
             float wf[NR];
 #pragma unroll
             for (int r = 0; r < NR; ++r) wf[r] = to_f(rows[r][k]);
+            const float gk = NORM ? off + to_f(g[k]) : 1.f;
 #pragma unroll
             for (int t = 0; t < GEMV_MAX_T; ++t) {
                 if (t >= T) break;
                 float xv = x[(size_t)t * K + k];
+                if (NORM) {
+                    ss[t] = fmaf(xv, xv, ss[t]);
+                    xv *= gk;
+                }
 #pragma unroll
                 for (int r = 0; r < NR; ++r) acc[r][t] += wf[r] * xv;
             }
@@ -153,27 +179,38 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
 #pragma unroll
         for (int t = 0; t < GEMV_MAX_T; ++t) {
             float v = warp_sum(acc[r][t]);
-            if (lane == 0) tot[warp * NR * GEMV_MAX_T + r * GEMV_MAX_T + t] = v;
+            if (lane == 0) tot[warp * NS + r * GEMV_MAX_T + t] = v;
         }
+    if (NORM) {
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_T; ++t) {
+            float v = warp_sum(ss[t]);
+            if (lane == 0) tot[warp * NS + NR * GEMV_MAX_T + t] = v;
+        }
+    }
     __syncthreads();
-    if (threadIdx.x < NR * GEMV_MAX_T) {
+    if (threadIdx.x < (NORM ? NS : NR * GEMV_MAX_T)) {
         float s = 0.f;
 #pragma unroll
-        for (int w = 0; w < GEMV_THREADS / 32; ++w) s += tot[w * NR * GEMV_MAX_T + threadIdx.x];
-        tot[threadIdx.x] = s;  // only this thread touches column threadIdx.x
+        for (int w = 0; w < GEMV_THREADS / 32; ++w) s += tot[w * NS + threadIdx.x];
+        // only this thread touches column threadIdx.x (warp 0's slot of it)
+        tot[threadIdx.x] = threadIdx.x >= NR * GEMV_MAX_T ? rsqrtf(s / K + eps) : s;
     }
     __syncthreads();
 }
 
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
-gemv_rows(const float* __restrict__ x,  // float32 [T, K]
+template <bool NORM>
+__device__ __forceinline__ void gemv_rows_body(const float* __restrict__ x,  // float32 [T, K]
           int T, int K,                 // T <= GEMV_MAX_T
           int act,                      // ACT_* code applied after the bias, or -1 for none
+          const wt* __restrict__ g,     // wt [K]: RMSNorm gain folded in (x -> rmsnorm(x) * (off + g)), or NULL
+          float eps, float off,
+          const float* __restrict__ resid,  // float32 [T, n0] added to segment 0's result (residual), or NULL
           float* y0, const wt* __restrict__ w0, const wt* __restrict__ b0, int n0,  // segment 0
           float* y1, const wt* __restrict__ w1, const wt* __restrict__ b1, int n1,  // segment 1 (n1 = 0: none)
           float* y2, const wt* __restrict__ w2, const wt* __restrict__ b2, int n2)  // segment 2 (n2 = 0: none)
 {
-    __shared__ float tot[GEMV_THREADS / 32 * GEMV_ROWS * GEMV_MAX_T];
+    __shared__ float tot[TOT_SIZE(GEMV_ROWS)];
     int blk = blockIdx.x;
     int nb0 = (n0 + GEMV_ROWS - 1) / GEMV_ROWS, nb1 = (n1 + GEMV_ROWS - 1) / GEMV_ROWS;
     float* y = y0; const wt* w = w0; const wt* b = b0; int n = n0;
@@ -185,26 +222,42 @@ gemv_rows(const float* __restrict__ x,  // float32 [T, K]
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r) rows[r] = w + (size_t)min(r0 + r, n - 1) * K;  // clamped rows are not written
     bool vec = (K % VEC == 0) && aligned16(w) && aligned16(x);
-    dot_rows<GEMV_ROWS>(rows, x, T, K, vec, tot);
+    dot_rows<GEMV_ROWS, NORM>(rows, x, T, K, vec && (!NORM || aligned16(g)), tot, g, eps, off);
     if (threadIdx.x < GEMV_ROWS * GEMV_MAX_T) {
         int r = threadIdx.x / GEMV_MAX_T, t = threadIdx.x % GEMV_MAX_T, row = r0 + r;
         if (t < T && row < n) {
-            float v = tot[threadIdx.x] + (b ? to_f(b[row]) : 0.f);
-            y[(size_t)t * n + row] = act >= 0 ? activate(v, act) : v;
+            float v = tot[threadIdx.x] * (NORM ? tot[GEMV_ROWS * GEMV_MAX_T + t] : 1.f) + (b ? to_f(b[row]) : 0.f);
+            v = act >= 0 ? activate(v, act) : v;
+            y[(size_t)t * n + row] = resid && y == y0 ? resid[(size_t)t * n + row] + v : v;
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
-gemv_gated(float* __restrict__ y,         // float32 [T, n]
+#define GEMV_ROWS_ARGS const float* __restrict__ x, int T, int K, int act, const wt* __restrict__ g, float eps, \
+    float off, const float* __restrict__ resid, float* y0, const wt* __restrict__ w0, const wt* __restrict__ b0, \
+    int n0, float* y1, const wt* __restrict__ w1, const wt* __restrict__ b1, int n1, float* y2, \
+    const wt* __restrict__ w2, const wt* __restrict__ b2, int n2
+#define GEMV_ROWS_PASS x, T, K, act, g, eps, off, resid, y0, w0, b0, n0, y1, w1, b1, n1, y2, w2, b2, n2
+// Two kernels, so the plain one keeps its registers: gemv_rows ignores g; gemv_rows_norm needs it.
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rows(GEMV_ROWS_ARGS) {
+    gemv_rows_body<false>(GEMV_ROWS_PASS);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rows_norm(GEMV_ROWS_ARGS) {
+    gemv_rows_body<true>(GEMV_ROWS_PASS);
+}
+
+template <bool NORM>
+__device__ __forceinline__ void gemv_gated_body(float* __restrict__ y,         // float32 [T, n]
            const float* __restrict__ x,   // float32 [T, K]
            const wt* __restrict__ wg,     // wt [n, K] (gate)
            const wt* __restrict__ bg,     // wt [n] or NULL
            const wt* __restrict__ wu,     // wt [n, K] (up)
            const wt* __restrict__ bu,     // wt [n] or NULL
-           int T, int n, int K, int act)  // T <= GEMV_MAX_T; act: ACT_* code
+           int T, int n, int K, int act,  // T <= GEMV_MAX_T; act: ACT_* code
+           const wt* __restrict__ g,      // wt [K]: RMSNorm gain folded in, or NULL (see gemv_rows)
+           float eps, float off)
 {
-    __shared__ float tot[GEMV_THREADS / 32 * 2 * GEMV_ROWS * GEMV_MAX_T];
+    __shared__ float tot[TOT_SIZE(2 * GEMV_ROWS)];
     int r0 = blockIdx.x * GEMV_ROWS;
     if (r0 >= n) { pdl_wait(); return; }
     const wt* rows[2 * GEMV_ROWS];
@@ -215,13 +268,25 @@ gemv_gated(float* __restrict__ y,         // float32 [T, n]
         rows[GEMV_ROWS + r] = wu + off;
     }
     bool vec = (K % VEC == 0) && aligned16(wg) && aligned16(wu) && aligned16(x);
-    dot_rows<2 * GEMV_ROWS>(rows, x, T, K, vec, tot);
+    dot_rows<2 * GEMV_ROWS, NORM>(rows, x, T, K, vec && (!NORM || aligned16(g)), tot, g, eps, off);
     if (threadIdx.x < GEMV_ROWS * GEMV_MAX_T) {
         int r = threadIdx.x / GEMV_MAX_T, t = threadIdx.x % GEMV_MAX_T, row = r0 + r;
         if (t < T && row < n) {
-            float g = tot[threadIdx.x] + (bg ? to_f(bg[row]) : 0.f);
-            float u = tot[GEMV_ROWS * GEMV_MAX_T + threadIdx.x] + (bu ? to_f(bu[row]) : 0.f);
-            y[(size_t)t * n + row] = activate(g, act) * u;
+            const float rs = NORM ? tot[2 * GEMV_ROWS * GEMV_MAX_T + t] : 1.f;
+            float gv = tot[threadIdx.x] * rs + (bg ? to_f(bg[row]) : 0.f);
+            float u = tot[GEMV_ROWS * GEMV_MAX_T + threadIdx.x] * rs + (bu ? to_f(bu[row]) : 0.f);
+            y[(size_t)t * n + row] = activate(gv, act) * u;
         }
     }
+}
+
+#define GEMV_GATED_ARGS float* __restrict__ y, const float* __restrict__ x, const wt* __restrict__ wg, \
+    const wt* __restrict__ bg, const wt* __restrict__ wu, const wt* __restrict__ bu, int T, int n, int K, int act, \
+    const wt* __restrict__ g, float eps, float off
+#define GEMV_GATED_PASS y, x, wg, bg, wu, bu, T, n, K, act, g, eps, off
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_gated(GEMV_GATED_ARGS) {
+    gemv_gated_body<false>(GEMV_GATED_PASS);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_gated_norm(GEMV_GATED_ARGS) {
+    gemv_gated_body<true>(GEMV_GATED_PASS);
 }

@@ -72,7 +72,9 @@ class Capture:
 class Graph:
     """One captured decode step: its input buffer, output tensor and the instantiated graph."""
 
-    def __init__(self, be, forward, W, c, cache, start, inv_freq, greedy: bool = False):
+    def __init__(self, be, forward, W, c, cache, start, inv_freq, greedy: bool = False, sampler=None):
+        """greedy: the step ends in the GPU argmax; sampler (a GpuSampler): in a GPU sample. Either way its
+        last kernel writes the picked id as the next step's input (run())."""
         from .backend import DTensor
 
         drv = be.drv
@@ -83,8 +85,10 @@ class Graph:
         self.graph = ctypes.c_void_p()
         self.exec = ctypes.c_void_p()
         self.ring, self.ring_dev, self.mapped, self._ring_alloc = None, 0, False, None
-        if greedy:  # compiled and loaded before capture, as the first (eager) step compiled the rest
-            be._fn("sample.cu", "argmax_key", "PPi")
+        picks = greedy or sampler is not None
+        if picks:  # compiled and loaded before capture, as the first (eager) step compiled the rest
+            if greedy:
+                be._fn("sample.cu", "argmax_key", "PPi")
             advance = be._fn("step.cu", "step_advance", "PPPPi")
             self.ring, self.ring_dev, self.mapped, self._ring_alloc = _ring(drv)
             ring_ptr = self.ring_dev
@@ -98,15 +102,18 @@ class Graph:
                 cap.out = be.argmax_key(cap.out.reshape(-1))
                 # ... and turns it into the next step's input, so steps can be launched ahead (run())
                 be._launch("step_advance", advance, (1, 1, 1), (32, 1, 1), cap.ids, cap.out, None, ring_ptr, RING)
+            elif sampler is not None and cap.out is not None:  # a sample keyed by (seed, position)
+                cap.out = sampler.sample(cap.out.reshape(-1), counter_ptr=cap.start_ptr)
+                be._launch("step_advance", advance, (1, 1, 1), (32, 1, 1), cap.ids, None, cap.out, ring_ptr, RING)
         finally:
             be.capture = None
             rc = _cuda().cuStreamEndCapture(stream, ctypes.byref(self.graph))
         if rc != 0 or cap.out is None:
             raise DeviceError(f"CUDA graph capture of a decode step failed (cuStreamEndCapture returned {rc})")
         _call("cuGraphInstantiateWithFlags", ctypes.byref(self.exec), self.graph, 0)
-        self.keep, self.out, self.greedy = cap.keep, cap.out, greedy
+        self.keep, self.out, self.greedy, self.picks = cap.keep, cap.out, greedy, picks
         self.capacity = cache.k[0].shape[1]
-        self.logits = drv.pagelocked_empty(self.out.shape, np.int32 if greedy else np.float32)
+        self.logits = drv.pagelocked_empty(self.out.shape, np.int32 if picks else np.float32)
 
     def replay(self, token: int, start: int) -> np.ndarray:
         if start + 1 > self.capacity:
@@ -117,15 +124,17 @@ class Graph:
         _call("cuGraphLaunch", self.exec, ctypes.c_void_p(be.stream.handle))
         drv.memcpy_dtoh_async(self.logits, self.out.ptr, be.stream)
         be.synchronize("graph replay")
-        return be.key_to_id(self.logits) if self.greedy else self.logits[-1].copy()
+        if self.picks:
+            return be.key_to_id(self.logits) if self.greedy else int(self.logits[0])
+        return self.logits[-1].copy()
 
     def run(self, token: int, start: int, count: int):
-        """Greedy ids of `count` steps from (token, start), AHEAD launches in flight: each step's last kernel
+        """Picked ids of `count` steps from (token, start), AHEAD launches in flight: each step's last kernel
         writes the next step's input on the GPU, so the host only reads the ids (from a host-mapped ring)
         while the next steps already run. Closing the generator early (a stop string, EOS) waits for the
         steps in flight, whose cache writes lie past the last token kept."""
-        if not self.greedy:
-            raise DeviceError("Graph.run needs a greedy step graph")
+        if not self.picks:
+            raise DeviceError("Graph.run needs a step graph that picks its token on the GPU")
         if start + count > self.capacity:
             raise ContextOverflowError(f"decode at positions {start}..{start + count - 1} does not fit the KV cache "
                                        f"of {self.capacity} positions")
@@ -201,22 +210,28 @@ class GraphCache:
             g = self.graphs[key] = Graph(self.be, forward, W, c, cache, start, inv_freq, greedy)
         return g.replay(token, start)
 
-    def run(self, forward, W, c, token: int, cache, start: int, inv_freq, count: int):
-        """Greedy ids of `count` decode steps from (token, start), run ahead on the GPU (Graph.run); the first
-        step for a (weights, cache) runs eagerly (compiles kernels, uploads constants), the next captures."""
-        key = (id(W), id(c), id(forward), cache.k[0].ptr, cache.k[0].shape, len(cache.k), True)
+    def run(self, forward, W, c, token: int, cache, start: int, inv_freq, count: int, sampler=None):
+        """Ids of `count` decode steps from (token, start) picked on the GPU (greedy, or by `sampler`, a
+        GpuSampler whose parameters and seen mask are set), run ahead (Graph.run); the first step for a
+        (weights, cache) runs eagerly (compiles kernels, uploads constants), the next captures."""
+        key = (id(W), id(c), id(forward), cache.k[0].ptr, cache.k[0].shape, len(cache.k),
+               True if sampler is None else "sample")
         if key not in self.graphs:
             if key not in self.eager:
                 self.eager.add(key)
                 logits = forward(self.be, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]
-                token = int(np.argmax(logits))
+                if sampler is None:
+                    token = int(np.argmax(logits))
+                else:  # the graph's draw, eagerly: same kernels, same counter (the position)
+                    sampler.sample(self.be.from_host(logits), counter=start)
+                    token = sampler.read_id()
                 yield token
                 start, count = start + 1, count - 1
                 if count <= 0:
                     return
             if len(self.graphs) >= MAX_GRAPHS:
                 self.clear()
-            self.graphs[key] = Graph(self.be, forward, W, c, cache, start, inv_freq, True)
+            self.graphs[key] = Graph(self.be, forward, W, c, cache, start, inv_freq, sampler is None, sampler)
         yield from self.graphs[key].run(token, start, count)
 
     def clear(self) -> None:
