@@ -200,20 +200,24 @@ def test_linear_act_and_gated_linear(dtype, kind, gated, T, K, N, bias, view, se
 
 
 @given(dtype=S.dtype, K=st.one_of(S.dim, st.sampled_from([2048, 4096])), N=S.dim, offset=st.sampled_from([0.0, 1.0]),
-       eps=st.sampled_from([1e-5, 1e-6]), bias=st.booleans(), kind=S.act, seed=S.seed)
-def test_folded_norm_and_residual(dtype, K, N, offset, eps, bias, kind, seed):
+       eps=st.sampled_from([1e-5, 1e-6]), bias=st.booleans(), kind=S.act, seed=S.seed,
+       norm=st.sampled_from(["rmsnorm", "layernorm"]), mean=st.sampled_from([0.0, 3.0]))
+def test_folded_norm_and_residual(dtype, K, N, offset, eps, bias, kind, seed, norm, mean):
     """One decode token: add_norm(x, linear(a)) runs the product with the residual add in its epilogue and
-    leaves the RMSNorm to the GEMVs that read it (q/k/v, gate/up, up + act, a later linear), which fold it
+    leaves the RMSNorm / LayerNorm (gain and bias; rows with a mean far from 0 too) to the GEMVs that read it (q/k/v, gate/up, up + act, a later linear), which fold it
     into their reduction; the results equal the unfolded reference, and reading the lazy norm directly
     computes it with the norm kernel."""
     r = rng(seed)
     with backend(dtype) as be:
         wo, wor = upload_weight(be, r.normal(size=(K, N)) / np.sqrt(N))
+        if norm == "layernorm":
+            offset = 0.0
         g, gr = upload_weight(be, r.normal(size=K) * 0.3 + (0.0 if offset else 1.0))
+        nb, nbr = upload_weight(be, r.normal(size=K)) if norm == "layernorm" and bias else (None, None)
         ws = [upload_weight(be, r.normal(size=(n, K)) / np.sqrt(K)) for n in (N, max(1, N // 2), 7)]
         bs = [upload_weight(be, r.normal(size=n)) if bias else (None, None) for n in (N, max(1, N // 2), 7)]
-        x0, a = r.normal(size=(1, K)).astype(np.float32) * 2, r.normal(size=(1, N)).astype(np.float32)
-        s, h = be.add_norm(be.from_host(x0), be.linear(be.from_host(a), wo), g, None, eps, "rmsnorm", offset)
+        x0, a = (r.normal(size=(1, K)) * 2 + mean).astype(np.float32), r.normal(size=(1, N)).astype(np.float32)
+        s, h = be.add_norm(be.from_host(x0), be.linear(be.from_host(a), wo), g, nb, eps, norm, offset)
         if K % 4 == 0:  # (the vector path; other widths run the norm kernel)
             assert getattr(h, "pending", False), "the norm was not left to the GEMVs"
         qkv = be.linears(h, [(w, b) for (w, _), (b, _) in zip(ws, bs)])
@@ -222,7 +226,7 @@ def test_folded_norm_and_residual(dtype, K, N, offset, eps, bias, kind, seed):
         lin = be.linear(h, ws[2][0], bs[2][0])
         got = [be.to_host(t) for t in (s, *qkv, gated, up, lin, h)]
     sw = x0.astype(np.float64) + ops.linear(a.astype(np.float64), wor, None)
-    hw = ops.rms_norm(sw, gr, eps, offset)
+    hw = ops.rms_norm(sw, gr, eps, offset) if norm == "rmsnorm" else ops.layer_norm(sw, gr, nbr, eps)
     want = [sw] + [ops.linear(hw, wr, br) for (_, wr), (_, br) in zip(ws, bs)]
     l0 = ops.linear(hw, ws[0][1], bs[0][1])
     want += [ops.ACT[kind](l0) * l0, ops.ACT[kind](ops.linear(hw, ws[1][1], bs[1][1])),

@@ -278,6 +278,8 @@ extern "C" __global__ void attn_combine(float* __restrict__ out,         // floa
 #define DG_VEC_OK (DH % VEC == 0)
 #define DG_KPAD (DG_VEC_OK ? DH + VEC : DH + 1)  // K rows padded by 16 bytes: 8 lanes of a phase, 8 banks apart
 #define DG_NOUT ((GROUP * DH + DG_THREADS - 1) / DG_THREADS)  // (head, dim) outputs per thread
+#define DG_HSTEP (DG_THREADS / DG_TK)                        // heads apart in one thread's scores
+#define DG_HPT ((GROUP + DG_HSTEP - 1) / DG_HSTEP)           // heads per thread in the scores
 #define DG_MAXSPLIT 64
 #ifndef DG_MINCHUNK
 #define DG_MINCHUNK DG_TK  // fewest keys a slice takes (more slices only when each gets at least this many)
@@ -342,28 +344,48 @@ attn_decode_gqa(float* __restrict__ out,      // float32 [1, H, Dh], H = Hkv * G
                 }
             }
             __syncthreads();
-            // scores: pair p = (head a, key j), consecutive lanes on consecutive keys
-            for (int p = tid; p < GROUP * DG_TK; p += DG_THREADS) {
-                const int a = p / DG_TK, j = p % DG_TK;
-                float s = -INFINITY;
+            // scores: thread (key j, heads a0, a0 + DG_HSTEP, ...): each K chunk read from shared memory once
+            // for all its heads, the heads' sums independent (no single long dependency chain)
+            {
+                const int j = tid % DG_TK, a0 = tid / DG_TK;
+                float acc[DG_HPT];
+#pragma unroll
+                for (int h = 0; h < DG_HPT; ++h) acc[h] = 0.f;
                 if (j < nk) {
-                    const float* qa = qs + a * DH;
                     const wt* kr = ks + j * DG_KPAD;
-                    float acc = 0.f;
                     if (DG_VEC_OK) {
-#pragma unroll 4
+#pragma unroll 2
                         for (int d = 0; d < DH; d += VEC) {
                             uint4 u = *reinterpret_cast<const uint4*>(kr + d);
                             const wt* e = reinterpret_cast<const wt*>(&u);
 #pragma unroll
-                            for (int x = 0; x < VEC; ++x) acc = fmaf(qa[d + x], to_f(e[x]), acc);
+                            for (int h = 0; h < DG_HPT; ++h) {
+                                const int a = a0 + h * DG_HSTEP;
+                                if (a < GROUP) {
+                                    const float* qa = qs + a * DH + d;
+#pragma unroll
+                                    for (int x = 0; x < VEC; ++x) acc[h] = fmaf(qa[x], to_f(e[x]), acc[h]);
+                                }
+                            }
                         }
                     } else {
-                        for (int d = 0; d < DH; ++d) acc = fmaf(qa[d], to_f(kr[d]), acc);
+                        for (int d = 0; d < DH; ++d) {
+                            const float kv = to_f(kr[d]);
+#pragma unroll
+                            for (int h = 0; h < DG_HPT; ++h) {
+                                const int a = a0 + h * DG_HSTEP;
+                                if (a < GROUP) acc[h] = fmaf(qs[a * DH + d], kv, acc[h]);
+                            }
+                        }
                     }
-                    s = softcap > 0.f ? softcap * tanhf(acc / softcap) : acc;
                 }
-                ps[p] = s;
+#pragma unroll
+                for (int h = 0; h < DG_HPT; ++h) {
+                    const int a = a0 + h * DG_HSTEP;
+                    if (a < GROUP)
+                        ps[a * DG_TK + j] = j < nk ? (softcap > 0.f ? softcap * tanhf(acc[h] / softcap) : acc[h])
+                                                   : -INFINITY;
+                }
             }
             __syncthreads();
             // online softmax, one warp per head: the tile's max, the rescale of what came before, p = exp(s - m)
@@ -386,16 +408,21 @@ attn_decode_gqa(float* __restrict__ out,      // float32 [1, H, Dh], H = Hkv * G
                 }
             }
             __syncthreads();
+            // P V: key-outer, the thread's outputs as independent accumulators; keys past nk are not visited
+            {
+                float* pa[DG_NOUT];
+                const wt* vd[DG_NOUT];
 #pragma unroll
-            for (int i = 0; i < DG_NOUT; ++i) {
-                const int idx = tid + i * DG_THREADS;
-                if (idx < GROUP * DH) {
-                    const int a = idx / DH, d = idx % DH;
-                    const float* pa = ps + a * DG_TK;
-                    float acc = o[i] * al[a];
-#pragma unroll 8
-                    for (int j = 0; j < DG_TK; ++j) acc = fmaf(pa[j], to_f(vs[j * DH + d]), acc);
-                    o[i] = acc;
+                for (int i = 0; i < DG_NOUT; ++i) {
+                    const int idx = min(tid + i * DG_THREADS, GROUP * DH - 1);  // clamped ones are not stored
+                    pa[i] = ps + (idx / DH) * DG_TK;
+                    vd[i] = vs + idx % DH;
+                    o[i] *= al[idx / DH];
+                }
+#pragma unroll 4
+                for (int j = 0; j < nk; ++j) {
+#pragma unroll
+                    for (int i = 0; i < DG_NOUT; ++i) o[i] = fmaf(pa[i][j], to_f(vd[i][j * DH]), o[i]);
                 }
             }
         }

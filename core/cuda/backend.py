@@ -48,6 +48,7 @@ def _mib(n: int) -> str:
 # launched with programmatic stream serialization inside a decode graph.
 PDL_KERNELS = frozenset({"embed", "norm_rows", "norm_reg", "rope", "rope_kv", "add", "act", "gated_act", "soft_cap",
                          "kv_write", "gemv_rows", "gemv_gated", "gemv_rows_norm", "gemv_gated_norm",
+                         "gemv_rows_ln", "gemv_gated_ln",
                          "attn_decode_gqa", "step_advance"})
 
 
@@ -587,15 +588,16 @@ class CudaBackend:
 
     @staticmethod
     def _folded_norm(x):
-        """(input, gain, eps, offset) when x is a pending RMSNorm a GEMV can fold in, else (x, None, 0, 0)."""
+        """(input, gain, norm bias, eps, offset, kernel suffix) when x is a pending norm a GEMV can fold in
+        ("_norm": RMSNorm, "_ln": LayerNorm), else (x, None, None, 0, 0, "")."""
         if isinstance(x, Lazy) and x.pending and x.kind == "norm":
             return x.args
-        return x, None, 0.0, 0.0
+        return x, None, None, 0.0, 0.0, ""
 
     def _gemv_rows(self, x, pairs, act: int, op: str, resid=None) -> list:
         K = x.shape[-1]
         M = x.size // K if K else 0
-        x, g, eps, off = self._folded_norm(x)
+        x, g, lb, eps, off, suffix = self._folded_norm(x)
         segs, ys = [], []
         for w, b in pairs:
             if w.shape[1] != K:
@@ -604,10 +606,10 @@ class CudaBackend:
             segs += [ys[-1], w, b, w.shape[0]]
         segs += [None, None, None, 0] * (3 - len(pairs))
         blocks = sum(-(-w.shape[0] // GEMV_ROWS) for w, _ in pairs)
-        kernel = "gemv_rows_norm" if g is not None else "gemv_rows"
-        fn = self._fn("gemv.cu", kernel, "PiiiPffP" + "PPPi" * 3, GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T)
+        fn = self._fn("gemv.cu", "gemv_rows" + suffix, "PiiiPPffP" + "PPPi" * 3,
+                      GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T)
         if blocks:
-            self._launch(op, fn, (blocks, 1, 1), (GEMV_THREADS, 1, 1), x, M, K, act, g, float(eps), float(off),
+            self._launch(op, fn, (blocks, 1, 1), (GEMV_THREADS, 1, 1), x, M, K, act, g, lb, float(eps), float(off),
                          resid, *segs)
         return ys
 
@@ -627,12 +629,11 @@ class CudaBackend:
         if wg.shape[1] != K or wu.shape != wg.shape:
             raise DeviceError(f"gated_linear: x has {K} features, gate {list(wg.shape)}, up {list(wu.shape)}")
         y = self._alloc(x.shape[:-1] + (N,))
-        x, g, eps, off = self._folded_norm(x)
-        kernel = "gemv_gated_norm" if g is not None else "gemv_gated"
-        fn = self._fn("gemv.cu", kernel, "PPPPPPiiiiPff", GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T)
+        x, g, lb, eps, off, suffix = self._folded_norm(x)
+        fn = self._fn("gemv.cu", "gemv_gated" + suffix, "PPPPPPiiiiPPff", GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T)
         if N:
             self._launch(f"gated_linear({kind})", fn, (-(-N // GEMV_ROWS), 1, 1), (GEMV_THREADS, 1, 1),
-                         y, x, wg, bg, wu, bu, M, N, K, self._act_code(kind), g, float(eps), float(off))
+                         y, x, wg, bg, wu, bu, M, N, K, self._act_code(kind), g, lb, float(eps), float(off))
         return y
 
     def _norm_rows(self, op, y, xsum, x, delta, w, b, D, rms, eps, offset):
@@ -649,23 +650,38 @@ class CudaBackend:
         self._launch(op, fn, (R, 1, 1), (threads, 1, 1), y, xsum, x, delta, w, b, R, D, int(rms), float(eps), float(offset))
 
     def _foldable(self, x, w, b, kind) -> bool:
-        """Whether norm(x) can be left to the GEMV that reads it (one decode token, RMSNorm, vector path)."""
+        """Whether norm(x) can be left to the GEMV that reads it (one decode token, a gain of the row's width)."""
         D = x.shape[-1]
-        return (self.fold and self.fused and kind == "rmsnorm" and b is None and x.size == D and D % 4 == 0
-                and w is not None and w.size == D)
+        return (self.fold and self.fused and kind in ("rmsnorm", "layernorm") and x.size == D and D % 4 == 0
+                and w is not None and w.size == D and (b is None or kind == "layernorm"))
 
-    def _lazy_norm(self, x, w, eps, offset, kind, op):
+    def _lazy_norm(self, x, w, b, eps, offset, kind, op):
         def run():
             y = self._alloc(x.shape)
-            self._norm_kind(op, y, None, x, None, w, None, eps, kind, offset)
+            self._norm_kind(op, y, None, x, None, w, b, eps, kind, offset)
             return y
-        return Lazy(x.shape, "norm", (x, w, float(eps), float(offset)), run)
+        if kind == "layernorm":  # as _norm_kind: LayerNorm takes a bias and no weight offset
+            if b is None:
+                b = self._zeros_wt(x.shape[-1])
+            return Lazy(x.shape, "norm", (x, w, b, float(eps), 0.0, "_ln"), run)
+        return Lazy(x.shape, "norm", (x, w, None, float(eps), float(offset), "_norm"), run)
+
+    def _zeros_wt(self, n: int) -> DTensor:
+        """A zero vector [n] of the weight type (a LayerNorm without bias, folded)."""
+        z = getattr(self, "_zero_bias", None)
+        if z is None or z.size < n:
+            if self.capture is not None:
+                raise DeviceError("a zero bias must be allocated before a graph capture")
+            alloc = self._mem_alloc(n * ITEMSIZE[self.dtype], "zero bias")
+            self.drv.memset_d8(alloc, 0, n * ITEMSIZE[self.dtype])
+            z = self._zero_bias = DTensor(alloc, int(alloc), (n,), self.dtype)
+        return z[:n] if z.size > n else z
 
     def norm(self, x: DTensor, w, b, eps, kind, offset=0.0) -> DTensor:
         if isinstance(x, Lazy):
             x = x.materialize()
         if self._foldable(x, w, b, kind):
-            return self._lazy_norm(x, w, eps, offset, kind, "norm")
+            return self._lazy_norm(x, w, b, eps, offset, kind, "norm")
         y = self._alloc(x.shape)
         self._norm_kind("norm", y, None, x, None, w, b, eps, kind, offset)
         return y
@@ -679,7 +695,7 @@ class CudaBackend:
                 and delta.shape == x.shape):
             src, wd, bd = delta.args
             s = self._gemv_rows(src, [(wd, bd)], -1, "linear+residual(gemv)", resid=x)[0]
-            return s, self._lazy_norm(s, w, eps, offset, kind, "norm")
+            return s, self._lazy_norm(s, w, b, eps, offset, kind, "norm")
         if isinstance(delta, Lazy):
             delta = delta.materialize()
         s, y = self._alloc(x.shape), self._alloc(x.shape)

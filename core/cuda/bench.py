@@ -587,9 +587,10 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     p.add_argument("--load-check", metavar="NAME")
     p.add_argument("--profile", action="store_true", help="per-op GPU time of one decode step (no bench)")
-    p.add_argument("--ab", nargs="?", const="fused", choices=("fused", "pdl"),
+    p.add_argument("--ab", nargs="?", const="fused", choices=("fused", "pdl", "fold"),
                    help="decode only, one switch off vs on in the same run: fused (previous kernels vs fused "
-                        "ones, the default) or pdl (programmatic dependent launch in the decode graphs)")
+                        "ones, the default), pdl (programmatic dependent launch in the decode graphs) or "
+                        "fold (norms and residual adds folded into the GEMVs)")
     p.add_argument("--prefill-only", action="store_true",
                    help="prefill only: our GEMM vs cuBLAS, SIMT vs tensor-core attention, and transformers, same run")
     p.add_argument("--tokens", type=int, default=2048, help="prompt length for --prefill-only")

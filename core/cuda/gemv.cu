@@ -82,23 +82,33 @@ gemv(float* __restrict__ y,        // float32 [T, N]
 static_assert(GEMV_ROWS >= 1 && GEMV_ROWS <= 8, "GEMV_ROWS must be in [1, 8]");
 static_assert(GEMV_UNROLL >= 1 && GEMV_UNROLL <= 4, "GEMV_UNROLL must be in [1, 4]");
 
-// Sums over the block of x[t] . rows[r] for r < NR, t < T, left in tot[r * GEMV_MAX_T + t] (shared).
-// NORM (an RMSNorm of x folded in, issue 4): x[t, k] enters as x[t, k] * (off + g[k]) and the block also sums
-// x[t, k]^2, leaving rsqrt(mean + eps) in tot[NR * GEMV_MAX_T + t]; the caller scales the sums by it. The
-// block covers all of K, so no separate norm kernel (and no round trip of the normed row) is needed.
-#define TOT_SIZE(NR) (GEMV_THREADS / 32 * ((NR) + 1) * GEMV_MAX_T)
-template <int NR, bool NORM>
+// Norm folded into the GEMV that reads it (issue 4), so no norm kernel runs and the normed row never goes
+// through memory: the block covers all of K, so it can sum what the norm needs in the same pass.
+#define FOLD_NONE 0
+#define FOLD_RMS 1  // x[t, k] enters as x[t, k] * (off + g[k]); the block also sums x^2: result * rsqrt(mean + eps)
+#define FOLD_LN 2   // LayerNorm with gain g, bias lb: sums A = w.(g x), B = w.g, C = w.lb, S1 = sum x, S2 = sum x^2;
+                    // result rstd (A - mean B) + C with mean = S1 / K, rstd = rsqrt(S2 / K - mean^2 + eps)
+// Values each warp reduces: NR*T dots, then per MODE: T (RMS) or NR (B) + NR (C) + T (S1) + T (S2) (LN).
+#define RED_N(NR, MODE) ((NR) * GEMV_MAX_T + ((MODE) == FOLD_RMS ? GEMV_MAX_T : (MODE) == FOLD_LN ? 2 * (NR) + 2 * GEMV_MAX_T : 0))
+#define TOT_SIZE(NR, MODE) (GEMV_THREADS / 32 * RED_N(NR, MODE))
+
+// Sums over the block of x[t] . rows[r] for r < NR, t < T, into tot (shared, RED_N(NR, MODE) values in warp
+// 0's slots): tot[r * GEMV_MAX_T + t], then the MODE's sums. fold_result gives the finished value.
+template <int NR, int MODE>
 __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const float* __restrict__ x, int T, int K,
-                                         bool vec, float* tot /* shared TOT_SIZE(NR) */,
-                                         const wt* __restrict__ g, float eps, float off) {
-    constexpr int NS = (NR + 1) * GEMV_MAX_T;  // per-warp stride in tot
-    float acc[NR][GEMV_MAX_T], ss[GEMV_MAX_T];
+                                         bool vec, float* tot, const wt* __restrict__ g, const wt* __restrict__ lb,
+                                         float off) {
+    constexpr int NS = RED_N(NR, MODE);
+    constexpr bool FOLD = MODE != FOLD_NONE, LN = MODE == FOLD_LN;
+    float acc[NR][GEMV_MAX_T], ss[GEMV_MAX_T], s1[GEMV_MAX_T], wg[NR], wb[NR];
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_T; ++t) ss[t] = 0.f;
+    for (int t = 0; t < GEMV_MAX_T; ++t) ss[t] = s1[t] = 0.f;
 #pragma unroll
-    for (int r = 0; r < NR; ++r)
+    for (int r = 0; r < NR; ++r) {
+        wg[r] = wb[r] = 0.f;
 #pragma unroll
         for (int t = 0; t < GEMV_MAX_T; ++t) acc[r][t] = 0.f;
+    }
     if (vec) {
         const int nvec = K / VEC;
         bool waited = false;
@@ -117,11 +127,23 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
             for (int u = 0; u < GEMV_UNROLL; ++u) {
                 int c = c0 + u * GEMV_THREADS;
                 if (c >= nvec) break;
-                float gf[NORM ? VEC : 1];
-                if (NORM) {
+                float gf[FOLD ? VEC : 1], bf[LN ? VEC : 1];
+                if (FOLD) {
                     load_vec(g + (size_t)c * VEC, gf);
 #pragma unroll
-                    for (int e = 0; e < (NORM ? VEC : 1); ++e) gf[e] += off;
+                    for (int e = 0; e < (FOLD ? VEC : 1); ++e) gf[e] += off;
+                }
+                if (LN) load_vec(lb + (size_t)c * VEC, bf);
+                if (LN) {  // w.g and w.lb per row, once per chunk whatever T
+#pragma unroll
+                    for (int r = 0; r < NR; ++r) {
+                        const wt* we = reinterpret_cast<const wt*>(&wv[u][r]);
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) {
+                            wg[r] = fmaf(to_f(we[e]), gf[FOLD ? e : 0], wg[r]);
+                            wb[r] = fmaf(to_f(we[e]), bf[LN ? e : 0], wb[r]);
+                        }
+                    }
                 }
 #pragma unroll
                 for (int t = 0; t < GEMV_MAX_T; ++t) {
@@ -133,11 +155,12 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
                         float4 xv = xp[e];
                         xf[4 * e] = xv.x, xf[4 * e + 1] = xv.y, xf[4 * e + 2] = xv.z, xf[4 * e + 3] = xv.w;
                     }
-                    if (NORM) {
+                    if (FOLD) {
 #pragma unroll
                         for (int e = 0; e < VEC; ++e) {
                             ss[t] = fmaf(xf[e], xf[e], ss[t]);
-                            xf[e] *= gf[NORM ? e : 0];
+                            if (LN) s1[t] += xf[e];
+                            xf[e] *= gf[FOLD ? e : 0];
                         }
                     }
 #pragma unroll
@@ -158,13 +181,19 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
             float wf[NR];
 #pragma unroll
             for (int r = 0; r < NR; ++r) wf[r] = to_f(rows[r][k]);
-            const float gk = NORM ? off + to_f(g[k]) : 1.f;
+            const float gk = FOLD ? off + to_f(g[k]) : 1.f;
+            if (LN) {
+                const float bk = to_f(lb[k]);
+#pragma unroll
+                for (int r = 0; r < NR; ++r) { wg[r] = fmaf(wf[r], gk, wg[r]); wb[r] = fmaf(wf[r], bk, wb[r]); }
+            }
 #pragma unroll
             for (int t = 0; t < GEMV_MAX_T; ++t) {
                 if (t >= T) break;
                 float xv = x[(size_t)t * K + k];
-                if (NORM) {
+                if (FOLD) {
                     ss[t] = fmaf(xv, xv, ss[t]);
+                    if (LN) s1[t] += xv;
                     xv *= gk;
                 }
 #pragma unroll
@@ -174,43 +203,70 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
     }
     pdl_launch();  // this block's loads are done: the next kernel may start its blocks
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float* mine = tot + warp * NS;
 #pragma unroll
     for (int r = 0; r < NR; ++r)
 #pragma unroll
         for (int t = 0; t < GEMV_MAX_T; ++t) {
             float v = warp_sum(acc[r][t]);
-            if (lane == 0) tot[warp * NS + r * GEMV_MAX_T + t] = v;
+            if (lane == 0) mine[r * GEMV_MAX_T + t] = v;
         }
-    if (NORM) {
+    if (MODE == FOLD_RMS) {
 #pragma unroll
         for (int t = 0; t < GEMV_MAX_T; ++t) {
             float v = warp_sum(ss[t]);
-            if (lane == 0) tot[warp * NS + NR * GEMV_MAX_T + t] = v;
+            if (lane == 0) mine[NR * GEMV_MAX_T + t] = v;
+        }
+    }
+    if (LN) {
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+            float a = warp_sum(wg[r]), b = warp_sum(wb[r]);
+            if (lane == 0) { mine[NR * GEMV_MAX_T + r] = a; mine[NR * GEMV_MAX_T + NR + r] = b; }
+        }
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_T; ++t) {
+            float a = warp_sum(s1[t]), b = warp_sum(ss[t]);
+            if (lane == 0) { mine[NR * GEMV_MAX_T + 2 * NR + t] = a; mine[NR * GEMV_MAX_T + 2 * NR + GEMV_MAX_T + t] = b; }
         }
     }
     __syncthreads();
-    if (threadIdx.x < (NORM ? NS : NR * GEMV_MAX_T)) {
+    if (threadIdx.x < NS) {
         float s = 0.f;
 #pragma unroll
         for (int w = 0; w < GEMV_THREADS / 32; ++w) s += tot[w * NS + threadIdx.x];
-        // only this thread touches column threadIdx.x (warp 0's slot of it)
-        tot[threadIdx.x] = threadIdx.x >= NR * GEMV_MAX_T ? rsqrtf(s / K + eps) : s;
+        tot[threadIdx.x] = s;  // only this thread touches column threadIdx.x (warp 0's slot of it)
     }
     __syncthreads();
 }
 
-template <bool NORM>
+// The finished product of row r and token t from dot_rows' sums (before bias and activation).
+template <int NR, int MODE>
+__device__ __forceinline__ float fold_result(const float* tot, int r, int t, int K, float eps) {
+    const float a = tot[r * GEMV_MAX_T + t];
+    if (MODE == FOLD_RMS) return a * rsqrtf(tot[NR * GEMV_MAX_T + t] / K + eps);
+    if (MODE == FOLD_LN) {
+        const float* e = tot + NR * GEMV_MAX_T;
+        const float mean = e[2 * NR + t] / K;
+        const float var = fmaxf(e[2 * NR + GEMV_MAX_T + t] / K - mean * mean, 0.f);
+        return rsqrtf(var + eps) * (a - mean * e[r]) + e[NR + r];
+    }
+    return a;
+}
+
+template <int MODE>
 __device__ __forceinline__ void gemv_rows_body(const float* __restrict__ x,  // float32 [T, K]
           int T, int K,                 // T <= GEMV_MAX_T
           int act,                      // ACT_* code applied after the bias, or -1 for none
-          const wt* __restrict__ g,     // wt [K]: RMSNorm gain folded in (x -> rmsnorm(x) * (off + g)), or NULL
-          float eps, float off,
+          const wt* __restrict__ g,     // wt [K]: the folded norm's gain (MODE != FOLD_NONE)
+          const wt* __restrict__ lb,    // wt [K]: the folded LayerNorm's bias (MODE == FOLD_LN)
+          float eps, float off,         // the folded norm's epsilon; RMSNorm gain applied as (off + g)
           const float* __restrict__ resid,  // float32 [T, n0] added to segment 0's result (residual), or NULL
           float* y0, const wt* __restrict__ w0, const wt* __restrict__ b0, int n0,  // segment 0
           float* y1, const wt* __restrict__ w1, const wt* __restrict__ b1, int n1,  // segment 1 (n1 = 0: none)
           float* y2, const wt* __restrict__ w2, const wt* __restrict__ b2, int n2)  // segment 2 (n2 = 0: none)
 {
-    __shared__ float tot[TOT_SIZE(GEMV_ROWS)];
+    __shared__ float tot[TOT_SIZE(GEMV_ROWS, MODE)];
     int blk = blockIdx.x;
     int nb0 = (n0 + GEMV_ROWS - 1) / GEMV_ROWS, nb1 = (n1 + GEMV_ROWS - 1) / GEMV_ROWS;
     float* y = y0; const wt* w = w0; const wt* b = b0; int n = n0;
@@ -221,32 +277,36 @@ __device__ __forceinline__ void gemv_rows_body(const float* __restrict__ x,  // 
     const wt* rows[GEMV_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r) rows[r] = w + (size_t)min(r0 + r, n - 1) * K;  // clamped rows are not written
-    bool vec = (K % VEC == 0) && aligned16(w) && aligned16(x);
-    dot_rows<GEMV_ROWS, NORM>(rows, x, T, K, vec && (!NORM || aligned16(g)), tot, g, eps, off);
+    bool vec = (K % VEC == 0) && aligned16(w) && aligned16(x) && (MODE == FOLD_NONE || aligned16(g))
+               && (MODE != FOLD_LN || aligned16(lb));
+    dot_rows<GEMV_ROWS, MODE>(rows, x, T, K, vec, tot, g, lb, off);
     if (threadIdx.x < GEMV_ROWS * GEMV_MAX_T) {
         int r = threadIdx.x / GEMV_MAX_T, t = threadIdx.x % GEMV_MAX_T, row = r0 + r;
         if (t < T && row < n) {
-            float v = tot[threadIdx.x] * (NORM ? tot[GEMV_ROWS * GEMV_MAX_T + t] : 1.f) + (b ? to_f(b[row]) : 0.f);
+            float v = fold_result<GEMV_ROWS, MODE>(tot, r, t, K, eps) + (b ? to_f(b[row]) : 0.f);
             v = act >= 0 ? activate(v, act) : v;
             y[(size_t)t * n + row] = resid && y == y0 ? resid[(size_t)t * n + row] + v : v;
         }
     }
 }
 
-#define GEMV_ROWS_ARGS const float* __restrict__ x, int T, int K, int act, const wt* __restrict__ g, float eps, \
-    float off, const float* __restrict__ resid, float* y0, const wt* __restrict__ w0, const wt* __restrict__ b0, \
-    int n0, float* y1, const wt* __restrict__ w1, const wt* __restrict__ b1, int n1, float* y2, \
-    const wt* __restrict__ w2, const wt* __restrict__ b2, int n2
-#define GEMV_ROWS_PASS x, T, K, act, g, eps, off, resid, y0, w0, b0, n0, y1, w1, b1, n1, y2, w2, b2, n2
-// Two kernels, so the plain one keeps its registers: gemv_rows ignores g; gemv_rows_norm needs it.
+#define GEMV_ROWS_ARGS const float* __restrict__ x, int T, int K, int act, const wt* __restrict__ g, \
+    const wt* __restrict__ lb, float eps, float off, const float* __restrict__ resid, float* y0, \
+    const wt* __restrict__ w0, const wt* __restrict__ b0, int n0, float* y1, const wt* __restrict__ w1, \
+    const wt* __restrict__ b1, int n1, float* y2, const wt* __restrict__ w2, const wt* __restrict__ b2, int n2
+#define GEMV_ROWS_PASS x, T, K, act, g, lb, eps, off, resid, y0, w0, b0, n0, y1, w1, b1, n1, y2, w2, b2, n2
+// One kernel per mode, so the plain one keeps its registers (g, lb, eps, off unused there).
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rows(GEMV_ROWS_ARGS) {
-    gemv_rows_body<false>(GEMV_ROWS_PASS);
+    gemv_rows_body<FOLD_NONE>(GEMV_ROWS_PASS);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rows_norm(GEMV_ROWS_ARGS) {
-    gemv_rows_body<true>(GEMV_ROWS_PASS);
+    gemv_rows_body<FOLD_RMS>(GEMV_ROWS_PASS);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rows_ln(GEMV_ROWS_ARGS) {
+    gemv_rows_body<FOLD_LN>(GEMV_ROWS_PASS);
 }
 
-template <bool NORM>
+template <int MODE>
 __device__ __forceinline__ void gemv_gated_body(float* __restrict__ y,         // float32 [T, n]
            const float* __restrict__ x,   // float32 [T, K]
            const wt* __restrict__ wg,     // wt [n, K] (gate)
@@ -254,27 +314,26 @@ __device__ __forceinline__ void gemv_gated_body(float* __restrict__ y,         /
            const wt* __restrict__ wu,     // wt [n, K] (up)
            const wt* __restrict__ bu,     // wt [n] or NULL
            int T, int n, int K, int act,  // T <= GEMV_MAX_T; act: ACT_* code
-           const wt* __restrict__ g,      // wt [K]: RMSNorm gain folded in, or NULL (see gemv_rows)
-           float eps, float off)
+           const wt* __restrict__ g, const wt* __restrict__ lb, float eps, float off)  // folded norm (gemv_rows)
 {
-    __shared__ float tot[TOT_SIZE(2 * GEMV_ROWS)];
+    __shared__ float tot[TOT_SIZE(2 * GEMV_ROWS, MODE)];
     int r0 = blockIdx.x * GEMV_ROWS;
     if (r0 >= n) { pdl_wait(); return; }
     const wt* rows[2 * GEMV_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r) {
-        size_t off = (size_t)min(r0 + r, n - 1) * K;
-        rows[r] = wg + off;
-        rows[GEMV_ROWS + r] = wu + off;
+        size_t o = (size_t)min(r0 + r, n - 1) * K;
+        rows[r] = wg + o;
+        rows[GEMV_ROWS + r] = wu + o;
     }
-    bool vec = (K % VEC == 0) && aligned16(wg) && aligned16(wu) && aligned16(x);
-    dot_rows<2 * GEMV_ROWS, NORM>(rows, x, T, K, vec && (!NORM || aligned16(g)), tot, g, eps, off);
+    bool vec = (K % VEC == 0) && aligned16(wg) && aligned16(wu) && aligned16(x)
+               && (MODE == FOLD_NONE || aligned16(g)) && (MODE != FOLD_LN || aligned16(lb));
+    dot_rows<2 * GEMV_ROWS, MODE>(rows, x, T, K, vec, tot, g, lb, off);
     if (threadIdx.x < GEMV_ROWS * GEMV_MAX_T) {
         int r = threadIdx.x / GEMV_MAX_T, t = threadIdx.x % GEMV_MAX_T, row = r0 + r;
         if (t < T && row < n) {
-            const float rs = NORM ? tot[2 * GEMV_ROWS * GEMV_MAX_T + t] : 1.f;
-            float gv = tot[threadIdx.x] * rs + (bg ? to_f(bg[row]) : 0.f);
-            float u = tot[GEMV_ROWS * GEMV_MAX_T + threadIdx.x] * rs + (bu ? to_f(bu[row]) : 0.f);
+            float gv = fold_result<2 * GEMV_ROWS, MODE>(tot, r, t, K, eps) + (bg ? to_f(bg[row]) : 0.f);
+            float u = fold_result<2 * GEMV_ROWS, MODE>(tot, GEMV_ROWS + r, t, K, eps) + (bu ? to_f(bu[row]) : 0.f);
             y[(size_t)t * n + row] = activate(gv, act) * u;
         }
     }
@@ -282,11 +341,14 @@ __device__ __forceinline__ void gemv_gated_body(float* __restrict__ y,         /
 
 #define GEMV_GATED_ARGS float* __restrict__ y, const float* __restrict__ x, const wt* __restrict__ wg, \
     const wt* __restrict__ bg, const wt* __restrict__ wu, const wt* __restrict__ bu, int T, int n, int K, int act, \
-    const wt* __restrict__ g, float eps, float off
-#define GEMV_GATED_PASS y, x, wg, bg, wu, bu, T, n, K, act, g, eps, off
+    const wt* __restrict__ g, const wt* __restrict__ lb, float eps, float off
+#define GEMV_GATED_PASS y, x, wg, bg, wu, bu, T, n, K, act, g, lb, eps, off
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_gated(GEMV_GATED_ARGS) {
-    gemv_gated_body<false>(GEMV_GATED_PASS);
+    gemv_gated_body<FOLD_NONE>(GEMV_GATED_PASS);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_gated_norm(GEMV_GATED_ARGS) {
-    gemv_gated_body<true>(GEMV_GATED_PASS);
+    gemv_gated_body<FOLD_RMS>(GEMV_GATED_PASS);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_gated_ln(GEMV_GATED_ARGS) {
+    gemv_gated_body<FOLD_LN>(GEMV_GATED_PASS);
 }
