@@ -61,6 +61,7 @@ def backend(dtype):
         yield be
     finally:
         be.release(Weights())
+        be.fold_ln = False
 
 
 def rng(seed):
@@ -212,6 +213,7 @@ def test_folded_norm_and_residual(dtype, K, N, offset, eps, bias, kind, seed, no
         wo, wor = upload_weight(be, r.normal(size=(K, N)) / np.sqrt(N))
         if norm == "layernorm":
             offset = 0.0
+        be.fold_ln = True  # (off by default: slower for GPT-2; the folded path is tested all the same)
         g, gr = upload_weight(be, r.normal(size=K) * 0.3 + (0.0 if offset else 1.0))
         nb, nbr = upload_weight(be, r.normal(size=K)) if norm == "layernorm" and bias else (None, None)
         ws = [upload_weight(be, r.normal(size=(n, K)) / np.sqrt(K)) for n in (N, max(1, N // 2), 7)]

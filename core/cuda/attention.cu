@@ -475,9 +475,19 @@ attn_decode_gqa(float* __restrict__ out,      // float32 [1, H, Dh], H = Hkv * G
     __syncthreads();
     for (int idx = tid; idx < GROUP * DH; idx += DG_THREADS) {
         const int a = idx / DH, d = idx % DH;
-        float acc = 0.f;
-        for (int s = 0; s < used; ++s)
-            acc = fmaf(wsp[a * DG_MAXSPLIT + s], __ldcg(ph + ((size_t)s * GROUP + a) * (2 + DH) + 2 + d), acc);
-        out[((size_t)hk * GROUP + a) * DH + d] = acc;
+        // unrolled, so that several slices' loads are in flight (one L2 round trip per slice otherwise:
+        // ~20 us a layer at 4,096 positions and 33 slices, measured)
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        int s = 0;
+        for (; s + 4 <= used; s += 4) {
+            float v[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) v[u] = __ldcg(ph + ((size_t)(s + u) * GROUP + a) * (2 + DH) + 2 + d);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) acc[u] = fmaf(wsp[a * DG_MAXSPLIT + s + u], v[u], acc[u]);
+        }
+        for (; s < used; ++s)
+            acc[0] = fmaf(wsp[a * DG_MAXSPLIT + s], __ldcg(ph + ((size_t)s * GROUP + a) * (2 + DH) + 2 + d), acc[0]);
+        out[((size_t)hk * GROUP + a) * DH + d] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     }
 }

@@ -184,6 +184,9 @@ class CudaBackend:
         # At one decode token: RMSNorm folded into the GEMV that reads it, the residual add into the GEMV whose
         # result is added (Lazy); ARCHKIT_CUDA_FOLD=0 runs the norm kernels.
         self.fold = os.environ.get("ARCHKIT_CUDA_FOLD", "1") != "0"
+        # LayerNorm folds too (gemv_*_ln) but is off by default: on an H200 it made GPT-2 decode 0.92x (its
+        # extra sums cost registers, 116 vs 72 a thread, in the 77 MB tied output GEMV); ARCHKIT_CUDA_FOLD_LN=1.
+        self.fold_ln = os.environ.get("ARCHKIT_CUDA_FOLD_LN") == "1"
         self._graph_cache = None
         # Prefill matrix products (T > GEMV_MAX_T): cuBLAS through ctypes (core/cuda/cublas.py) when a libcublas
         # is found ("auto", the default: 2.8x / 3.0x our WMMA GEMM at 2,048 tokens on an H200, NOTES.md round 2),
@@ -652,8 +655,8 @@ class CudaBackend:
     def _foldable(self, x, w, b, kind) -> bool:
         """Whether norm(x) can be left to the GEMV that reads it (one decode token, a gain of the row's width)."""
         D = x.shape[-1]
-        return (self.fold and self.fused and kind in ("rmsnorm", "layernorm") and x.size == D and D % 4 == 0
-                and w is not None and w.size == D and (b is None or kind == "layernorm"))
+        return (self.fold and self.fused and (kind == "rmsnorm" or kind == "layernorm" and self.fold_ln)
+                and x.size == D and D % 4 == 0 and w is not None and w.size == D and (b is None or kind == "layernorm"))
 
     def _lazy_norm(self, x, w, b, eps, offset, kind, op):
         def run():
