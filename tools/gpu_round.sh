@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One device call for the CUDA backend: kernel property tests, GPU parity, benchmark; logs under $OUT.
-#   bash tools/gpu_round.sh STEPS...   steps: kernels kernels2 cublas parity ab prefill opdiff profile bench benchhf loadcheck
+#   bash tools/gpu_round.sh STEPS...   steps: kernels kernels2 cublas sampling parity ab prefill opdiff profile trace
+#                                      context bench benchhf loadcheck
 # Per-step time limits (seconds) come from KERNELS_S, PARITY_S, BENCH_S; BENCH_CONFIGS picks the shapes;
 # KERNELS_K / KERNELS2_K / PARITY_K select tests (pytest -k) for kernels / kernels2 / parity.
-# ab: decode only, the previous kernels (ARCHKIT_CUDA_FUSED=0 path) against the fused ones in one process.
+# ab: decode only, one backend switch off vs on in one process (AB_SWITCH: fused (default), pdl or fold).
+# trace: per-kernel GPU time of graph decode steps (CUPTI through torch.profiler). context: decode after a
+# CONTEXT-token prompt (default 4096) vs after 8, TinyLlama shape. sampling: GPU sampling property tests.
 # cublas: property tests of the cuBLAS linear path and the tensor-core prefill attention (tests/test_cuda_cublas.py).
 # prefill: 2,048-token prefill only, our GEMM vs cuBLAS x SIMT vs tensor-core attention, and transformers.
 # Expects PyCUDA installed and PYTHONPATH set (see ../shared/device/README.md).
@@ -25,7 +28,7 @@ for step in $steps; do
                --prefill-only --compare-hf --json "$OUT/prefill.json" 2>&1 | tee "$OUT/prefill.log" | tail -14 ;;
     parity) timeout "${PARITY_S:-240}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
                ${PARITY_K:+-k "$PARITY_K"} tests/test_cuda_parity.py 2>&1 | tee "$OUT/parity.log" | tail -40 ;;
-    ab) timeout "${BENCH_S:-200}" python3 -m core.cuda.bench ${BENCH_CONFIGS:-} --ab --json "$OUT/ab.json" \
+    ab) timeout "${BENCH_S:-200}" python3 -m core.cuda.bench ${BENCH_CONFIGS:-} --ab ${AB_SWITCH:-fused} --json "$OUT/ab.json" \
                2>&1 | tee "$OUT/ab.log" | tail -12 ;;
     bench) timeout "${BENCH_S:-200}" python3 -m core.cuda.bench ${BENCH_CONFIGS:-} --json "$OUT/bench.json" \
                2>&1 | tee "$OUT/bench.log" | tail -30 ;;
@@ -34,6 +37,12 @@ for step in $steps; do
     loadcheck) timeout "${LOAD_S:-200}" python3 -c "import json, core.cuda.bench as b; \
                print(json.dumps(b.load_check('${LOAD_CONFIG:-qwen3-8b}', '${LOAD_DIR:-/tmp}'), indent=1))" \
                2>&1 | tee "$OUT/loadcheck.log" | tail -30 ;;
+    sampling) timeout 120 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda_sampling.py 2>&1 \
+               | tee "$OUT/sampling.log" | tail -15 ;;
+    trace) timeout 120 python3 -m core.cuda.bench ${BENCH_CONFIGS:-tinyllama-1.1b qwen3-0.6b gpt2-124m qwen3-8b} --trace \
+               --json "$OUT/trace.json" --out /tmp 2>&1 | grep -v Warn | tee "$OUT/trace.log" | cut -c1-700 ;;
+    context) timeout 120 python3 -m core.cuda.bench ${CONTEXT_CONFIGS:-tinyllama-1.1b} --context ${CONTEXT:-4096} \
+               --json "$OUT/context.json" 2>&1 | tee "$OUT/context.log" | tail -3 ;;
     profile) timeout 120 python3 -m core.cuda.bench ${PROFILE_CONFIGS:-tinyllama qwen3-8b} --profile 2>&1 \
                | tee "$OUT/profile.log" | tail -60 ;;
     opdiff) timeout 120 python3 -c "import sys; sys.path.insert(0, 'tests'); import hfmodels as hf; \
