@@ -177,7 +177,7 @@ class Model:
         picks = None
         if ahead is not None and max_new_tokens > 1:
             picks = ahead(forward, self.weights, self.config, tok, cache, len(ids), self.inv_freq,
-                          max_new_tokens - 1, params, seen=seen + [tok], seed=int(rng.integers(2**63)))
+                          max_new_tokens - 1, params, seen=seen + [tok], seed=lambda: int(rng.integers(2**63)))
         try:
             for step in range(max_new_tokens):
                 if step:

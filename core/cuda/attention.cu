@@ -284,7 +284,10 @@ extern "C" __global__ void attn_combine(float* __restrict__ out,         // floa
 #ifndef DG_MINCHUNK
 #define DG_MINCHUNK DG_TK  // fewest keys a slice takes (more slices only when each gets at least this many)
 #endif
-static_assert(GROUP * DH <= 2048, "attn_decode_gqa: GROUP * HEAD_DIM must be <= 2048 (the backend falls back)");
+static_assert(GROUP * DH <= 2048 && GROUP <= 128, "attn_decode_gqa: GROUP * HEAD_DIM must be <= 2048 (the backend falls back)");
+// backend._decode_gqa_smem mirrors this total; beyond 48 KB the backend takes attn_decode + attn_combine
+static_assert(DG_TK * DG_KPAD * sizeof(wt) + DG_TK * DH * sizeof(wt) + 4 * (GROUP * DH + GROUP * DG_TK + 3 * GROUP
+              + GROUP * DG_MAXSPLIT) + 16 <= 48 * 1024, "attn_decode_gqa: shared memory over 48 KB for this GROUP");
 
 extern "C" __global__ void __launch_bounds__(DG_THREADS)
 attn_decode_gqa(float* __restrict__ out,      // float32 [1, H, Dh], H = Hkv * GROUP

@@ -100,6 +100,16 @@ class DTensor:
         return f"DTensor({self.dtype}{list(self.shape)} @ {self.ptr:#x})"
 
 
+def _decode_gqa_smem(Dh: int, g: int, dtype: str) -> int:
+    """Static shared memory of attn_decode_gqa (attention.cu) for head size Dh, group g: the kernel has no
+    build beyond 48 KB, so larger groups take the two-kernel path."""
+    es = ITEMSIZE[dtype]
+    tk = 64 if Dh * es <= 256 else 32 if Dh * es <= 512 else 16
+    vec = 16 // es
+    kpad = Dh + vec if Dh % vec == 0 else Dh + 1
+    return tk * kpad * es + tk * Dh * es + g * Dh * 4 + g * tk * 4 + 3 * g * 4 + g * 64 * 4 + 16
+
+
 class Lazy(DTensor):
     """A decode-sized result (T <= GEMV_MAX_T) not computed yet, so that the GEMV consuming it can fold it in
     (issue 4): kind "norm" (an RMSNorm of `src`, folded into the next GEMV's reduction) or "linear" (a GEMV
@@ -493,7 +503,10 @@ class CudaBackend:
         return y
 
     def linear(self, x: DTensor, w: DTensor, b: DTensor | None = None) -> DTensor:
-        """x [..., K] @ w[N, K].T (+ b) → float32 [..., N]: GEMV for a few tokens, else a tiled GEMM."""
+        """x [..., K] @ w[N, K].T (+ b) → float32 [..., N]: GEMV for a few tokens, else a tiled GEMM.
+
+        At one token (fused kernels, folding on) the result is a Lazy: it is computed when first read (or by
+        add_norm with the residual add folded in), from x as it is then; activations are never written in place."""
         K, N = x.shape[-1], w.shape[0]
         if w.shape[1] != K:
             raise DeviceError(f"linear: x has {K} features but the weight is {list(w.shape)}")
@@ -677,6 +690,8 @@ class CudaBackend:
                 raise DeviceError("a zero bias must be allocated before a graph capture")
             alloc = self._mem_alloc(n * ITEMSIZE[self.dtype], "zero bias")
             self.drv.memset_d8(alloc, 0, n * ITEMSIZE[self.dtype])
+            if z is not None and self._graph_cache is not None:
+                self._graph_cache.clear()  # captured graphs may point at the old buffer, freed below
             z = self._zero_bias = DTensor(alloc, int(alloc), (n,), self.dtype)
         return z[:n] if z.size > n else z
 
@@ -810,7 +825,7 @@ class CudaBackend:
         self._check_room(cache, layer, start, T, "attention")
         out = self._alloc(q.shape)
         g = H // Hkv
-        if T == 1 and self.fused and g * Dh <= 2048:
+        if T == 1 and self.fused and g <= 128 and g * Dh <= 2048 and _decode_gqa_smem(Dh, g, self.dtype) <= 48 * 1024:
             # One launch: a block per (kv head, slice) for all its query heads; the last block of each kv head
             # merges the slices. The kernel splits the live keys evenly over the slices itself (it reads the
             # position from device memory), so a captured graph keeps one grid for every position.
@@ -887,7 +902,7 @@ class CudaBackend:
         return int(np.argmax(logits)) if greedy else logits
 
     def decode_ids(self, forward, W, c, token: int, cache: Cache, start: int, inv_freq, count: int, params,
-                   seen=(), seed: int = 0):
+                   seen=(), seed=0):
         """An iterator of the ids of `count` decode steps from (token, start) picked on the GPU, with steps
         launched ahead of the host (CUDA graphs and fused kernels): greedy by an argmax, otherwise by
         GpuSampler (core/cuda/gpu_sampling.py: repetition penalty over `seen` and the ids it picks, temperature,
@@ -903,7 +918,7 @@ class CudaBackend:
         sampler = None
         if not (params.greedy and params.repetition_penalty == 1.0):
             sampler = self._sampler(W.lm_head().shape[0])
-            sampler.set_params(params, seed)
+            sampler.set_params(params, seed() if callable(seed) else seed)  # a callable: drawn only here
             sampler.set_seen(list(seen))
         return self._graph_cache.run(forward, W, c, token, cache, start, inv_freq, count, sampler)
 
@@ -912,6 +927,8 @@ class CudaBackend:
         if s is None or s.V != V:
             from .gpu_sampling import GpuSampler
 
+            if s is not None and self._graph_cache is not None:
+                self._graph_cache.clear()  # captured graphs use the old sampler's buffers, freed with it
             s = self._gpu_sampler = GpuSampler(self, V)
         return s
 

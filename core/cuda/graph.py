@@ -198,7 +198,7 @@ class GraphCache:
 
     def step(self, forward, W, c, token: int, cache, start: int, inv_freq, greedy: bool = False):
         """Logits [V] of the step, or with greedy the argmax id (an int)."""
-        key = (id(W), id(c), id(forward), cache.k[0].ptr, cache.k[0].shape, len(cache.k), greedy)
+        key = (id(W), id(c), id(forward), cache.k[0].ptr, cache.k[0].shape, len(cache.k), greedy, self._switches())
         g = self.graphs.get(key)
         if g is None:
             if key not in self.eager:  # first step: compile kernels and upload constants outside the graph
@@ -215,7 +215,7 @@ class GraphCache:
         GpuSampler whose parameters and seen mask are set), run ahead (Graph.run); the first step for a
         (weights, cache) runs eagerly (compiles kernels, uploads constants), the next captures."""
         key = (id(W), id(c), id(forward), cache.k[0].ptr, cache.k[0].shape, len(cache.k),
-               True if sampler is None else "sample")
+               True if sampler is None else "sample", self._switches())
         if key not in self.graphs:
             if key not in self.eager:
                 self.eager.add(key)
@@ -233,6 +233,11 @@ class GraphCache:
                 self.clear()
             self.graphs[key] = Graph(self.be, forward, W, c, cache, start, inv_freq, sampler is None, sampler)
         yield from self.graphs[key].run(token, start, count)
+
+    def _switches(self) -> tuple:
+        """The backend switches a captured step depends on (flipping one captures anew)."""
+        be = self.be
+        return tuple(getattr(be, k, None) for k in ("fused", "pdl", "fold", "fold_ln", "gemm", "attn"))
 
     def clear(self) -> None:
         try:
