@@ -833,10 +833,9 @@ class CudaBackend:
             tk = 64 if Dh * esize <= 256 else 32 if Dh * esize <= 512 else 16
             n = S if self.capture is not None else start + 1
             n = min(n, win) if win else n
-            minchunk = int(os.environ.get("ARCHKIT_CUDA_ATTN_MINCHUNK", tk))  # a tuning knob (bench --ab)
-            nsplit = max(1, min(64, self._sm_count() // Hkv, -(-n // minchunk)))
+            nsplit = max(1, min(64, self._sm_count() // Hkv, -(-n // tk)))  # slices of >= tk keys (DG_MINCHUNK)
             part = self._alloc((Hkv, nsplit, g, 2 + Dh))
-            fn = self._fn("attention.cu", "attn_decode_gqa", "PPPPPPiPiifif", HEAD_DIM=Dh, GROUP=g, DG_MINCHUNK=minchunk)
+            fn = self._fn("attention.cu", "attn_decode_gqa", "PPPPPPiPiifif", HEAD_DIM=Dh, GROUP=g)
             self._launch("attention(decode)", fn, (Hkv, nsplit, 1), (128, 1, 1), out, part, self._counters(Hkv), q,
                          kc, vc, start, self._start_dev(), Hkv, S, float(scale), win, cap)
         elif T == 1:

@@ -237,6 +237,14 @@ def profile_step(model: Model, context: int = 128) -> dict[str, float]:
     return _timed_forward(model, ids[-1:], cache, context)
 
 
+def _model_for(name: str, positions: int) -> tuple[str, Model]:
+    """(name, fp16 random model of a named shape with a KV cache of `positions`); max_position_embeddings is
+    raised where the shape's own is shorter (speed depends on the shape, not on that number)."""
+    name, raw = resolve(name)
+    raw = dict(raw, max_position_embeddings=max(raw.get("max_position_embeddings", 0), positions))
+    return name, random_model(raw, "float16", context=positions)
+
+
 def trace_decode(name: str, steps: int = 16, context: int = 128, out_dir: str | None = None) -> dict:
     """Per-kernel GPU time of graph-replayed greedy decode steps at ~`context` positions, from a CUPTI
     trace taken through torch.profiler (kernels inside a CUDA graph are traced one by one): microseconds
@@ -246,9 +254,7 @@ def trace_decode(name: str, steps: int = 16, context: int = 128, out_dir: str | 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    name, raw = resolve(name)
-    raw = dict(raw, max_position_embeddings=max(raw.get("max_position_embeddings", 0), context + steps + 64))
-    model = random_model(raw, "float16", context=context + steps + 64)
+    name, model = _model_for(name, context + steps + 64)
     torch.cuda.init()
     prompt = _prompt(model, context)
     try:
@@ -286,9 +292,7 @@ def time_decode_at(name: str, context: int, n: int = DECODE_TOKENS) -> dict:
     raised when the shape's own is shorter (the speed depends on the shape, not on that number)."""
     import pycuda.autoprimaryctx  # noqa: F401
 
-    name, raw = resolve(name)
-    raw = dict(raw, max_position_embeddings=max(raw.get("max_position_embeddings", 0), context + n + 1))
-    model = random_model(raw, "float16", context=context + n + 1)
+    name, model = _model_for(name, context + n + 1)
     res = {"config": name, "device": model.backend.device.name(), "date": datetime.date.today().isoformat()}
     try:
         model.generate(_prompt(model, PROMPT_TOKENS), max_new_tokens=8, stop_at_eos=False)  # compile, capture
