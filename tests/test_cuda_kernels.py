@@ -332,7 +332,7 @@ def _round(dtype, x):
 
 def _attention_case(dtype, T, start, Hkv, g, Dh, window, softcap, seed, spare, fused=True):
     """Fill a poisoned cache with `start` old positions and T new ones; compare the cache and attention.
-    fused=False: the previous two-kernel decode path (attn_decode + attn_combine) instead of attn_decode_gqa."""
+    fused=False: the previous two-kernel decode path (attn_decode + attn_combine) instead of attn_decode_step."""
     r = rng(seed)
     H, n = Hkv * g, start + T
     k, v = r.normal(size=(2, n, Hkv, Dh)).astype(np.float32)
@@ -367,9 +367,60 @@ def test_attention_decode(dtype, start, Hkv, g, Dh, window, softcap, seed, fused
     _attention_case(dtype, 1, start, Hkv, g, Dh, window, softcap, seed, spare=7, fused=fused)
 
 
+@given(dtype=S.dtype, start=st.one_of(st.integers(0, 300), st.integers(300, 5000)), Hkv=st.integers(1, 3), g=S.gqa,
+       Dh=st.sampled_from([32, 64, 128, 80, 38]), rope=st.booleans(), norm=st.booleans(),
+       offset=st.sampled_from([0.0, 1.0]), window=st.one_of(st.none(), st.integers(1, 40), st.integers(1, 3000)),
+       softcap=st.one_of(st.none(), st.floats(5.0, 50.0)), other_use=st.booleans(), seed=S.seed)
+def test_attention_decode_folded(dtype, start, Hkv, g, Dh, rope, norm, offset, window, softcap, other_use, seed):
+    """One decode token as the model runs it: rope_cache_write (or, without RoPE, head norm + cache_write)
+    then attention. attn_decode_step takes the deferred write over: it norms and rotates q and the new key,
+    stores the new key and value in the cache, and attends. other_use reads q first, which must run the
+    separate kernels instead (same results)."""
+    r = rng(seed)
+    H, n = Hkv * g, start + 1
+    inv = RopeConfig(theta=1e4).inv_freq(Dh)
+    k, v = r.normal(size=(2, n, Hkv, Dh)).astype(np.float32)
+    q = r.normal(size=(1, H, Dh)).astype(np.float32)
+    cfg = SimpleNamespace(num_layers=1, num_kv_heads=Hkv, head_dim=Dh, max_position_embeddings=n + 5)
+    with backend(dtype) as be:
+        qk, refs = None, None
+        if norm:
+            (qw, qwr), (kw, kwr) = upload_weight(be, r.normal(size=Dh)), upload_weight(be, r.normal(size=Dh))
+            qk, refs = (qw, kw, 1e-6, offset), (qwr, kwr)
+        cache = be.new_cache(cfg, n + 5)
+        if start:
+            be.cache_write(cache, 0, be.from_host(k[:start]), be.from_host(v[:start]), 0)
+        qd, kd, vd = be.from_host(q), be.from_host(k[start:]), be.from_host(v[start:])
+        if rope:
+            qd = be.rope_cache_write(qd, kd, vd, cache, 0, start, inv, qk)
+        else:
+            if norm:
+                qd, kd = be.head_norm(qd, qw, 1e-6, offset), be.head_norm(kd, kw, 1e-6, offset)
+            be.cache_write(cache, 0, kd, vd, start)
+        seen_q = be.to_host(qd) if other_use else None
+        out = be.to_host(be.attention(qd, cache, 0, start, 0.3, window=window, softcap=softcap))
+        kc, vc = be.to_host(cache.k[0]), be.to_host(cache.v[0])
+    q64, k64 = q.astype(np.float64), k.astype(np.float64)
+    if norm:
+        q64, k64 = ops.rms_norm(q64, refs[0], 1e-6, offset), ops.rms_norm(k64[start:], refs[1], 1e-6, offset)
+        k64 = np.concatenate([k.astype(np.float64)[:start], k64])
+    if rope:
+        q64 = ops.rope(q64, np.arange(start, n), inv)
+        k64 = np.concatenate([k64[:start], ops.rope(k64[start:], np.arange(start, n), inv)])
+    if other_use:
+        assert rel_err(seen_q, q64) < EXACT
+    kr, vr = _round(dtype, k64).transpose(1, 0, 2), _round(dtype, v).transpose(1, 0, 2)  # [Hkv, n, Dh]
+    np.testing.assert_array_equal(kc[:, :start], kr[:, :start])
+    assert rel_err(kc[:, start], kr[:, start]) < max(EXACT, TOL[dtype] / 4)  # the GPU rounds its fp32 result
+    np.testing.assert_array_equal(vc[:, :n], vr)
+    assert np.isnan(kc[:, n:]).all() and np.isnan(vc[:, n:]).all(), "wrote past the new position"
+    want = ops.attention(q64, kr, vr, start, 0.3, window, softcap)
+    assert rel_err(out, want) < TOL[dtype]
+
+
 @given(dtype=S.dtype, Hkv=st.integers(1, 4), g=S.gqa, Dh=S.head_dim, seed=S.seed, data=st.data())
 def test_attention_decode_repeated_launches(dtype, Hkv, g, Dh, seed, data):
-    """The block counters attn_decode_gqa counts in are left at zero: launches back to back at growing
+    """The block counters attn_decode_step counts in are left at zero: launches back to back at growing
     positions (as graph replays do) each merge their own slices."""
     r = rng(seed)
     n = data.draw(st.integers(2, 3000))

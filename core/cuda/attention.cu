@@ -262,144 +262,256 @@ extern "C" __global__ void attn_combine(float* __restrict__ out,         // floa
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// attn_decode_gqa: T == 1 in ONE launch (issue 4). The previous pair above walks the keys from global memory
-// one V row at a time (a dependent load per key: ~14-22 us per layer at 128 positions on an H200, traced)
-// and re-reads each kv head once per query head. Here a block owns one kv head and its GROUP query heads
-// and a slice of the keys; each 64-key tile of K and V is staged in shared memory by 16-byte loads issued
-// together (one memory latency per tile), scores and P V come from shared memory, and the block that
-// finishes its kv head last (a counter per kv head) merges the slices' (max, sum, output) and writes the
-// result, so no second kernel runs. The slices split the live keys evenly, read from device memory, so a
-// graph captured once serves every position: at short contexts most blocks find no keys and only count in.
+// attn_decode_step: T == 1 in ONE launch, optionally with the step's RoPE, per-head RMSNorm and KV-cache write
+// folded in (issue 4, round 4; it replaces round 3's attn_decode_gqa).
+//
+// A block owns one kv head, its GROUP query heads and a slice of the live keys [lo, pos]; the slices split
+// the keys evenly (the kernel reads the position from device memory, so a graph captured once serves every
+// position) and the block that finishes its kv head last merges the slices' (max, sum, output).
+// Latency is what matters at batch 1 (the whole cache of a 1B model at 128 positions is ~100 KB a layer), so:
+//  - every key before `pos` was written by an earlier step, so its K/V rows are copied into shared memory
+//    (cp.async, two 16-byte requests per lane in flight per row chunk) BEFORE griddepcontrol.wait: inside a
+//    decode graph the copies overlap the QKV GEMV still running ahead of this kernel;
+//  - with knew != NULL the block also does what rope_kv did: per-head RMSNorm (qn/kn) and RoPE (inv_freq) of its
+//    query heads from the GEMV's raw q, and, in the block whose slice holds `pos`, of the new key, which it
+//    stores in the cache (k rounded to the cache type, v copied) and uses directly. knew == NULL: q is final
+//    (rotated already) and the cache holds the new key (written by the kernel before this one);
+//  - tiles of DS_TK keys are double-buffered; a (key, head) dot product is split over SP lanes when the group
+//    is small, so all DS_THREADS threads have work.
 #ifndef GROUP
 #define GROUP 1
 #endif
-#define DG_THREADS 128
-#define DG_TK (DH * (int)sizeof(wt) <= 256 ? 64 : DH * (int)sizeof(wt) <= 512 ? 32 : 16)  // keys per tile
-#define DG_VEC_OK (DH % VEC == 0)
-#define DG_KPAD (DG_VEC_OK ? DH + VEC : DH + 1)  // K rows padded by 16 bytes: 8 lanes of a phase, 8 banks apart
-#define DG_NOUT ((GROUP * DH + DG_THREADS - 1) / DG_THREADS)  // (head, dim) outputs per thread
-#define DG_HSTEP (DG_THREADS / DG_TK)                        // heads apart in one thread's scores
-#define DG_HPT ((GROUP + DG_HSTEP - 1) / DG_HSTEP)           // heads per thread in the scores
-#define DG_MAXSPLIT 64
-#ifndef DG_MINCHUNK
-#define DG_MINCHUNK DG_TK  // fewest keys a slice takes (more slices only when each gets at least this many)
+#define DS_ROW (DH * (int)sizeof(wt))                                               // bytes per cached row
+#define DS_TK (DS_ROW <= 128 ? 64 : DS_ROW <= 256 ? 32 : DS_ROW <= 512 ? 16 : 8)  // keys per tile (one stage)
+#ifndef DS_THREADS  // the backend passes it (backend._decode_step_geometry); this is the same rule
+#define DS_THREADS (GROUP * DH >= 256 ? 256 : GROUP * DH <= 64 ? 64 : (GROUP * DH + 31) / 32 * 32)
 #endif
-static_assert(GROUP * DH <= 2048 && GROUP <= 128, "attn_decode_gqa: GROUP * HEAD_DIM must be <= 2048 (the backend falls back)");
-// backend._decode_gqa_smem mirrors this total; beyond 48 KB the backend takes attn_decode + attn_combine
-static_assert(DG_TK * DG_KPAD * sizeof(wt) + DG_TK * DH * sizeof(wt) + 4 * (GROUP * DH + GROUP * DG_TK + 3 * GROUP
-              + GROUP * DG_MAXSPLIT) + 16 <= 48 * 1024, "attn_decode_gqa: shared memory over 48 KB for this GROUP");
+#define DS_NWARP (DS_THREADS / 32)
+#define DS_VEC_OK (DH % VEC == 0)
+#define DS_NCH (DS_VEC_OK ? DH / VEC : DH)  // 16-byte chunks (or scalars) per row
+#define DS_MAXSPLIT 64
+// fewest keys a slice takes (traced at 128 positions: 16 and 32 alike, 64 slower on Qwen3-0.6B; NOTES.md round 4)
+#define DS_MINCHUNK (DS_TK < 32 ? DS_TK : 32)
+__host__ __device__ constexpr int ds_sp() {  // lanes per (key, head) dot product: a power of two dividing the row's chunks
+    int sp = 1;
+    while (sp * 2 <= 32 && sp * 2 * DS_TK * GROUP <= DS_THREADS && DS_NCH % (sp * 2) == 0) sp *= 2;
+    return sp;
+}
+#define DS_SP ds_sp()
+// K rows padded by SP x 16 bytes: the SP lanes of a dot read adjacent chunks, rows land 4 x SP banks apart
+#define DS_KPAD (DS_VEC_OK ? DH + VEC * DS_SP : DH + 1)
+#define DS_NOUT ((GROUP * DH + DS_THREADS - 1) / DS_THREADS)  // (head, dim) outputs per thread
+#define DS_DHW ((DH * (int)sizeof(wt) + 15) / 16 * 16 / (int)sizeof(wt))  // the new row, padded to 16 bytes
+static_assert(DS_THREADS % 32 == 0 && DS_THREADS >= 64 && DS_THREADS <= 256, "attn_decode_step: DS_THREADS");
+static_assert(GROUP * DH <= 2048 && GROUP <= 128, "attn_decode_step: GROUP * HEAD_DIM must be <= 2048 (the backend falls back)");
+// backend._decode_step_geometry mirrors this total; beyond 48 KB the backend takes attn_decode + attn_combine
+static_assert(2 * DS_TK * DS_KPAD * sizeof(wt) + 2 * DS_TK * DH * sizeof(wt) + 2 * DS_DHW * sizeof(wt)
+              + 4 * (GROUP * DH + GROUP * DS_TK + 3 * GROUP) + 16 <= 48 * 1024,
+              "attn_decode_step: shared memory over 48 KB for this GROUP");
+static_assert(GROUP * DS_MAXSPLIT * 4 <= 2 * DS_TK * DS_KPAD * sizeof(wt), "attn_decode_step: merge weights alias K");
 
-extern "C" __global__ void __launch_bounds__(DG_THREADS)
-attn_decode_gqa(float* __restrict__ out,      // float32 [1, H, Dh], H = Hkv * GROUP
-                float* __restrict__ part,     // float32 [Hkv, nsplit, GROUP, 2 + Dh] scratch
-                int* __restrict__ counter,    // int32 [Hkv]: 0 before the launch, left 0 after it
-                const float* __restrict__ q,  // float32 [1, H, Dh]
-                const wt* __restrict__ kc,    // wt [Hkv, S, Dh]
-                const wt* __restrict__ vc,    // wt [Hkv, S, Dh]
-                int start, const int* __restrict__ start_dev,  // position of the query (device value if given)
-                int Hkv, int S, float scale,                   // start + 1 <= S; gridDim = (Hkv, nsplit <= 64)
-                int window, float softcap) {                   // 0: no sliding window / no soft-capping
-    pdl_wait();
-    pdl_launch();
-    __shared__ __align__(16) wt ks[DG_TK * DG_KPAD];
-    __shared__ __align__(16) wt vs[DG_TK * DH];
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Stage tile t of a slice (keys c0 + t DS_TK ..., ntile tiles, the slice ends at c1) into buffer t & 1 of ks / vs.
+// Row `pos` is not in the cache before griddepcontrol.wait (this kernel or the one before writes it): `pre`
+// skips it; later calls copy it from rowk / rowv, which the block has filled by then.
+__device__ __forceinline__ void ds_issue(int t, bool pre, int ntile, int c0, int c1, int pos, wt* ks, wt* vs,
+                                         const wt* rowk, const wt* rowv, const wt* kh, const wt* vh) {
+    if (t >= ntile) return;
+    const int tid = threadIdx.x;
+    const int k0 = c0 + t * DS_TK, nk = min(DS_TK, c1 - k0);
+    wt* kb = ks + (t & 1) * DS_TK * DS_KPAD;
+    wt* vb = vs + (t & 1) * DS_TK * DH;
+    if (DS_VEC_OK) {
+        for (int c = tid; c < nk * DS_NCH; c += DS_THREADS) {
+            const int j = c / DS_NCH, d = (c % DS_NCH) * VEC, key = k0 + j;
+            if (key != pos) {
+                cp_async16(kb + j * DS_KPAD + d, kh + (size_t)key * DH + d);
+                cp_async16(vb + j * DH + d, vh + (size_t)key * DH + d);
+            } else if (!pre) {
+                *reinterpret_cast<uint4*>(kb + j * DS_KPAD + d) = *reinterpret_cast<const uint4*>(rowk + d);
+                *reinterpret_cast<uint4*>(vb + j * DH + d) = *reinterpret_cast<const uint4*>(rowv + d);
+            }
+        }
+    } else {
+        for (int c = tid; c < nk * DH; c += DS_THREADS) {
+            const int j = c / DH, d = c % DH, key = k0 + j;
+            if (key != pos) {
+                kb[j * DS_KPAD + d] = kh[(size_t)key * DH + d];
+                vb[j * DH + d] = vh[(size_t)key * DH + d];
+            } else if (!pre) {
+                kb[j * DS_KPAD + d] = rowk[d];
+                vb[j * DH + d] = rowv[d];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(DS_THREADS)
+attn_decode_step(float* __restrict__ out,            // float32 [1, H, Dh], H = Hkv * GROUP
+                 float* __restrict__ part,           // float32 [Hkv, nsplit, GROUP, 2 + Dh] scratch
+                 int* __restrict__ counter,          // int32 [Hkv]: 0 before the launch, left 0 after it
+                 const float* __restrict__ q,        // float32 [1, H, Dh]: final, or raw when knew != NULL
+                 const float* __restrict__ knew,     // float32 [1, Hkv, Dh] raw new key, or NULL
+                 const float* __restrict__ vnew,     // float32 [1, Hkv, Dh] new value (with knew)
+                 wt* __restrict__ kc,                // wt [Hkv, S, Dh]
+                 wt* __restrict__ vc,                // wt [Hkv, S, Dh]
+                 const float* __restrict__ inv_freq, // float32 [Dh / 2], or NULL: no RoPE (with knew)
+                 const wt* __restrict__ qn,          // wt [Dh] q-norm weight, or NULL (with knew)
+                 const wt* __restrict__ kn,          // wt [Dh] k-norm weight (with qn)
+                 float eps, float offset,
+                 int start, const int* __restrict__ start_dev,  // position of the query (device value if given)
+                 int Hkv, int S, float scale,                   // start + 1 <= S; gridDim = (Hkv, nsplit <= 64)
+                 int window, float softcap) {                   // 0: no sliding window / no soft-capping
+    __shared__ __align__(16) wt ks[2 * DS_TK * DS_KPAD];
+    __shared__ __align__(16) wt vs[2 * DS_TK * DH];
+    __shared__ __align__(16) wt rowk[DS_DHW];
+    __shared__ __align__(16) wt rowv[DS_DHW];
     __shared__ __align__(16) float qs[GROUP * DH];
-    __shared__ float ps[GROUP * DG_TK];
+    __shared__ float ps[GROUP * DS_TK];
     __shared__ float ms[GROUP], ls[GROUP], al[GROUP];
-    __shared__ float wsp[GROUP * DG_MAXSPLIT];
     __shared__ int is_last;
+    float* wsp = reinterpret_cast<float*>(ks);  // [GROUP][DS_MAXSPLIT] merge weights, after the last tile
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int hk = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
-    const int n = start_pos(start, start_dev) + 1;
+    // The position was written before this graph replay began (step_advance of the previous step, or the
+    // host), never by the kernel ahead of this one: it may be read before the wait.
+    const int pos = start_pos(start, start_dev), n = pos + 1;
     const int lo = window > 0 ? max(0, n - window) : 0;  // first key in the window
-    const int chunk = max(DG_MINCHUNK, (n - lo + nsplit - 1) / nsplit);
+    const int chunk = max(DS_MINCHUNK, (n - lo + nsplit - 1) / nsplit);
     const int used = (n - lo + chunk - 1) / chunk;       // slices holding keys, >= 1
-    const int c0 = lo + split * chunk, c1 = min(n, c0 + chunk);
+    const int c0 = lo + split * chunk, c1 = split < used ? min(n, c0 + chunk) : c0;
+    const int ntile = (c1 - c0 + DS_TK - 1) / DS_TK;
+    if (split >= used) return;  // no keys here (short contexts): the merge counts only the `used` slices
     const wt* kh = kc + (size_t)hk * S * DH;
     const wt* vh = vc + (size_t)hk * S * DH;
 
-    float o[DG_NOUT];
-#pragma unroll
-    for (int i = 0; i < DG_NOUT; ++i) o[i] = 0.f;
-    if (split < used) {
-        for (int i = tid; i < GROUP * DH; i += DG_THREADS) qs[i] = q[(size_t)hk * GROUP * DH + i] * scale;
-        if (tid < GROUP) { ms[tid] = -INFINITY; ls[tid] = 0.f; }
-        for (int k0 = c0; k0 < c1; k0 += DG_TK) {
-            const int nk = min(DG_TK, c1 - k0);
-            __syncthreads();  // the previous tile is consumed (and qs, ms, ls are set the first time)
-            if (DG_VEC_OK) {
-                constexpr int CPR = DH / VEC;
-                for (int c = tid; c < DG_TK * CPR; c += DG_THREADS) {
-                    int j = c / CPR, d = (c % CPR) * VEC;
-                    uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);  // rows past the slice: zeros
-                    if (j < nk) {
-                        kv = __ldg(reinterpret_cast<const uint4*>(kh + (size_t)(k0 + j) * DH + d));
-                        vv = __ldg(reinterpret_cast<const uint4*>(vh + (size_t)(k0 + j) * DH + d));
-                    }
-                    *reinterpret_cast<uint4*>(ks + j * DG_KPAD + d) = kv;
-                    *reinterpret_cast<uint4*>(vs + j * DH + d) = vv;
+    ds_issue(0, true, ntile, c0, c1, pos, ks, vs, rowk, rowv, kh, vh);
+    cp_async_commit();
+    ds_issue(1, true, ntile, c0, c1, pos, ks, vs, rowk, rowv, kh, vh);
+    cp_async_commit();
+    pdl_launch();  // every block is resident: the next kernel may start issuing its weight loads
+    pdl_wait();
+
+    const bool owns_pos = split == used - 1;  // this slice ends with the new key
+    {
+        // q (and, in the block holding pos, the new key) normed and rotated as rope_kv does, q scaled; a warp a head
+        const int nh = GROUP + (owns_pos ? 1 : 0);
+        for (int a = warp; a < nh; a += DS_NWARP) {
+            const bool isq = a < GROUP;
+            const bool fuse = knew != nullptr;
+            const float* src = isq ? q + ((size_t)hk * GROUP + a) * DH : knew + (size_t)hk * DH;
+            if (!isq && !fuse) {  // the cache holds the new key already: read it after the wait
+                for (int d = lane; d < DH; d += 32) {
+                    rowk[d] = __ldcg(kh + (size_t)pos * DH + d);
+                    rowv[d] = __ldcg(vh + (size_t)pos * DH + d);
                 }
-            } else {
-                for (int c = tid; c < DG_TK * DH; c += DG_THREADS) {
-                    int j = c / DH, d = c % DH;
-                    ks[j * DG_KPAD + d] = j < nk ? kh[(size_t)(k0 + j) * DH + d] : from_f<wt>(0.f);
-                    vs[j * DH + d] = j < nk ? vh[(size_t)(k0 + j) * DH + d] : from_f<wt>(0.f);
+                continue;
+            }
+            const wt* nw = isq ? qn : kn;
+            float inv = 1.f;
+            if (fuse && qn) {
+                float ss = 0.f;
+                for (int d = lane; d < DH; d += 32) ss += src[d] * src[d];
+                inv = 1.f / sqrtf(warp_sum(ss) / DH + eps);
+            }
+            const bool rot = fuse && inv_freq != nullptr;
+            const int h2 = rot ? DH / 2 : DH;  // rotate-half pairs (i, i + DH/2), or single dims
+            for (int i = lane; i < h2; i += 32) {
+                float x1 = src[i], x2 = rot ? src[i + h2] : 0.f, y1 = x1, y2 = x2;
+                if (fuse && qn) {
+                    x1 = x1 * inv * (offset + to_f(nw[i]));
+                    if (rot) x2 = x2 * inv * (offset + to_f(nw[i + h2]));
+                    y1 = x1, y2 = x2;
+                }
+                if (rot) {
+                    float s, c;
+                    sincosf((float)pos * inv_freq[i], &s, &c);
+                    y1 = x1 * c - x2 * s;
+                    y2 = x2 * c + x1 * s;
+                }
+                if (isq) {
+                    qs[a * DH + i] = y1 * scale;
+                    if (rot) qs[a * DH + i + h2] = y2 * scale;
+                } else {
+                    const size_t ci = ((size_t)hk * S + pos) * DH;
+                    const float* vr = vnew + (size_t)hk * DH;
+                    rowk[i] = kc[ci + i] = from_f<wt>(y1);
+                    rowv[i] = vc[ci + i] = from_f<wt>(vr[i]);
+                    if (rot) {
+                        rowk[i + h2] = kc[ci + i + h2] = from_f<wt>(y2);
+                        rowv[i + h2] = vc[ci + i + h2] = from_f<wt>(vr[i + h2]);
+                    }
                 }
             }
+        }
+        if (tid < GROUP) { ms[tid] = -INFINITY; ls[tid] = 0.f; }
+        __syncthreads();  // rowk / rowv ready: tiles 0 and 1 went out before them, so fill in their pos row
+        if (owns_pos && ntile <= 2) {
+            const int t = ntile - 1, j = pos - (c0 + t * DS_TK);
+            wt* kb = ks + (t & 1) * DS_TK * DS_KPAD + j * DS_KPAD;
+            wt* vb = vs + (t & 1) * DS_TK * DH + j * DH;
+            for (int d = tid; d < DH; d += DS_THREADS) { kb[d] = rowk[d]; vb[d] = rowv[d]; }
+        }
+
+        float o[DS_NOUT];
+#pragma unroll
+        for (int i = 0; i < DS_NOUT; ++i) o[i] = 0.f;
+        for (int t = 0; t < ntile; ++t) {
+            const int k0 = c0 + t * DS_TK, nk = min(DS_TK, c1 - k0);
+            const wt* kb = ks + (t & 1) * DS_TK * DS_KPAD;
+            const wt* vb = vs + (t & 1) * DS_TK * DH;
+            cp_async_wait<1>();  // every group but the newest (tile t + 1) has landed
             __syncthreads();
-            // scores: thread (key j, heads a0, a0 + DG_HSTEP, ...): each K chunk read from shared memory once
-            // for all its heads, the heads' sums independent (no single long dependency chain)
+            // scores: SP lanes per (key j, head a), each over every SP-th chunk of the row
             {
-                const int j = tid % DG_TK, a0 = tid / DG_TK;
-                float acc[DG_HPT];
-#pragma unroll
-                for (int h = 0; h < DG_HPT; ++h) acc[h] = 0.f;
-                if (j < nk) {
-                    const wt* kr = ks + j * DG_KPAD;
-                    if (DG_VEC_OK) {
+                constexpr int SP = DS_SP, NU = DS_TK * GROUP * SP;
+                for (int base = 0; base < NU; base += DS_THREADS) {  // uniform trip count: shuffles below
+                    const int u = base + tid, pair = u / SP, prt = u % SP;
+                    const int j = pair % DS_TK, a = pair / DS_TK;
+                    float acc0 = 0.f, acc1 = 0.f;
+                    if (u < NU && j < nk) {
+                        const wt* kr = kb + j * DS_KPAD;
+                        const float* qa = qs + a * DH;
+                        if (DS_VEC_OK) {
 #pragma unroll 2
-                        for (int d = 0; d < DH; d += VEC) {
-                            uint4 u = *reinterpret_cast<const uint4*>(kr + d);
-                            const wt* e = reinterpret_cast<const wt*>(&u);
+                            for (int c = prt; c < DS_NCH; c += SP) {
+                                const uint4 uu = *reinterpret_cast<const uint4*>(kr + c * VEC);
+                                const wt* e = reinterpret_cast<const wt*>(&uu);
 #pragma unroll
-                            for (int h = 0; h < DG_HPT; ++h) {
-                                const int a = a0 + h * DG_HSTEP;
-                                if (a < GROUP) {
-                                    const float* qa = qs + a * DH + d;
-#pragma unroll
-                                    for (int x = 0; x < VEC; ++x) acc[h] = fmaf(qa[x], to_f(e[x]), acc[h]);
+                                for (int x = 0; x < VEC; x += 2) {
+                                    acc0 = fmaf(qa[c * VEC + x], to_f(e[x]), acc0);
+                                    acc1 = fmaf(qa[c * VEC + x + 1], to_f(e[x + 1]), acc1);
                                 }
                             }
-                        }
-                    } else {
-                        for (int d = 0; d < DH; ++d) {
-                            const float kv = to_f(kr[d]);
-#pragma unroll
-                            for (int h = 0; h < DG_HPT; ++h) {
-                                const int a = a0 + h * DG_HSTEP;
-                                if (a < GROUP) acc[h] = fmaf(qs[a * DH + d], kv, acc[h]);
-                            }
+                        } else {
+                            for (int d = prt; d < DH; d += SP) acc0 = fmaf(qa[d], to_f(kr[d]), acc0);
                         }
                     }
-                }
+                    float acc = acc0 + acc1;
 #pragma unroll
-                for (int h = 0; h < DG_HPT; ++h) {
-                    const int a = a0 + h * DG_HSTEP;
-                    if (a < GROUP)
-                        ps[a * DG_TK + j] = j < nk ? (softcap > 0.f ? softcap * tanhf(acc[h] / softcap) : acc[h])
-                                                   : -INFINITY;
+                    for (int m = SP / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+                    if (u < NU && prt == 0)
+                        ps[a * DS_TK + j] = j < nk ? (softcap > 0.f ? softcap * tanhf(acc / softcap) : acc) : -INFINITY;
                 }
             }
             __syncthreads();
             // online softmax, one warp per head: the tile's max, the rescale of what came before, p = exp(s - m)
-            for (int a = warp; a < GROUP; a += DG_THREADS / 32) {
+            for (int a = warp; a < GROUP; a += DS_NWARP) {
                 float mx = -INFINITY;
-                for (int j = lane; j < DG_TK; j += 32) mx = fmaxf(mx, ps[a * DG_TK + j]);
+                for (int j = lane; j < DS_TK; j += 32) mx = fmaxf(mx, ps[a * DS_TK + j]);
                 const float mo = ms[a], mn = fmaxf(mo, warp_max(mx));  // finite: the tile has a key
                 float sum = 0.f;
-                for (int j = lane; j < DG_TK; j += 32) {
-                    float e = expf(ps[a * DG_TK + j] - mn);  // exp(-inf) = 0 for keys past the slice
-                    ps[a * DG_TK + j] = e;
+                for (int j = lane; j < DS_TK; j += 32) {
+                    const float e = expf(ps[a * DS_TK + j] - mn);  // exp(-inf) = 0 for keys past the slice
+                    ps[a * DS_TK + j] = e;
                     sum += e;
                 }
                 sum = warp_sum(sum);
@@ -411,29 +523,32 @@ attn_decode_gqa(float* __restrict__ out,      // float32 [1, H, Dh], H = Hkv * G
                 }
             }
             __syncthreads();
-            // P V: key-outer, the thread's outputs as independent accumulators; keys past nk are not visited
+            // P V: key-outer, the thread's outputs as independent accumulators
             {
-                float* pa[DG_NOUT];
-                const wt* vd[DG_NOUT];
+                const float* pa[DS_NOUT];
+                const wt* vd[DS_NOUT];
 #pragma unroll
-                for (int i = 0; i < DG_NOUT; ++i) {
-                    const int idx = min(tid + i * DG_THREADS, GROUP * DH - 1);  // clamped ones are not stored
-                    pa[i] = ps + (idx / DH) * DG_TK;
-                    vd[i] = vs + idx % DH;
+                for (int i = 0; i < DS_NOUT; ++i) {
+                    const int idx = min(tid + i * DS_THREADS, GROUP * DH - 1);  // clamped ones are not stored
+                    pa[i] = ps + (idx / DH) * DS_TK;
+                    vd[i] = vb + idx % DH;
                     o[i] *= al[idx / DH];
                 }
 #pragma unroll 4
                 for (int j = 0; j < nk; ++j) {
 #pragma unroll
-                    for (int i = 0; i < DG_NOUT; ++i) o[i] = fmaf(pa[i][j], to_f(vd[i][j * DH]), o[i]);
+                    for (int i = 0; i < DS_NOUT; ++i) o[i] = fmaf(pa[i][j], to_f(vd[i][j * DH]), o[i]);
                 }
             }
+            __syncthreads();  // buffer t & 1 is consumed: tile t + 2 may go there
+            ds_issue(t + 2, false, ntile, c0, c1, pos, ks, vs, rowk, rowv, kh, vh);
+            cp_async_commit();
         }
-        __syncthreads();
+        cp_async_wait<0>();  // nothing outstanding when the buffers are reused below (empty groups at most)
         if (used == 1) {  // one slice holds every key: normalise and write; no merge, the counter untouched
 #pragma unroll
-            for (int i = 0; i < DG_NOUT; ++i) {
-                const int idx = tid + i * DG_THREADS;
+            for (int i = 0; i < DS_NOUT; ++i) {
+                const int idx = tid + i * DS_THREADS;
                 if (idx < GROUP * DH) out[(size_t)hk * GROUP * DH + idx] = o[i] / ls[idx / DH];
             }
             return;
@@ -441,56 +556,48 @@ attn_decode_gqa(float* __restrict__ out,      // float32 [1, H, Dh], H = Hkv * G
         float* pr = part + ((size_t)hk * nsplit + split) * GROUP * (2 + DH);
         if (tid < GROUP) { pr[tid * (2 + DH)] = ms[tid]; pr[tid * (2 + DH) + 1] = ls[tid]; }
 #pragma unroll
-        for (int i = 0; i < DG_NOUT; ++i) {
-            const int idx = tid + i * DG_THREADS;
+        for (int i = 0; i < DS_NOUT; ++i) {
+            const int idx = tid + i * DS_THREADS;
             if (idx < GROUP * DH) pr[(idx / DH) * (2 + DH) + 2 + idx % DH] = o[i];
         }
     }
-    if (used == 1) return;  // (block-uniform) the block with the keys wrote the result
     // the last block of this kv head to get here merges every slice (classic threadfence reduction)
     __threadfence();
     __syncthreads();
-    if (tid == 0) is_last = atomicAdd(counter + hk, 1) == nsplit - 1;
+    if (tid == 0) is_last = atomicAdd(counter + hk, 1) == used - 1;
     __syncthreads();
     if (!is_last) return;
     if (tid == 0) counter[hk] = 0;  // ready for the next launch (graph replays reuse the counter)
     __threadfence();
     const float* ph = part + (size_t)hk * nsplit * GROUP * (2 + DH);
-    for (int p = tid; p < GROUP * used; p += DG_THREADS) {
-        const int a = p / used, s = p % used;
-        wsp[a * DG_MAXSPLIT + s] = __ldcg(ph + ((size_t)s * GROUP + a) * (2 + DH));  // slice max
+    // a warp per head: each lane loads the (max, sum) of slices lane and lane + 32 (used <= 64) in one round trip
+    for (int a = warp; a < GROUP; a += DS_NWARP) {
+        const float* pa = ph + (size_t)a * (2 + DH);
+        const size_t st = (size_t)GROUP * (2 + DH);  // slice stride
+        const bool h0 = lane < used, h1 = lane + 32 < used;
+        const float m0 = h0 ? __ldcg(pa + lane * st) : -INFINITY, l0 = h0 ? __ldcg(pa + lane * st + 1) : 0.f;
+        const float m1 = h1 ? __ldcg(pa + (lane + 32) * st) : -INFINITY, l1 = h1 ? __ldcg(pa + (lane + 32) * st + 1) : 0.f;
+        const float M = warp_max(fmaxf(m0, m1));  // finite: every used slice has a key
+        const float f0 = h0 ? expf(m0 - M) : 0.f, f1 = h1 ? expf(m1 - M) : 0.f;
+        const float L = warp_sum(f0 * l0 + f1 * l1);
+        if (h0) wsp[a * DS_MAXSPLIT + lane] = f0 / L;
+        if (h1) wsp[a * DS_MAXSPLIT + lane + 32] = f1 / L;
     }
     __syncthreads();
-    for (int a = warp; a < GROUP; a += DG_THREADS / 32) {
-        float M = -INFINITY;
-        for (int s = lane; s < used; s += 32) M = fmaxf(M, wsp[a * DG_MAXSPLIT + s]);
-        M = warp_max(M);
-        float L = 0.f;
-        for (int s = lane; s < used; s += 32) {
-            float f = expf(wsp[a * DG_MAXSPLIT + s] - M);
-            L += f * __ldcg(ph + ((size_t)s * GROUP + a) * (2 + DH) + 1);
-            wsp[a * DG_MAXSPLIT + s] = f;
-        }
-        L = warp_sum(L);
-        __syncwarp();
-        for (int s = lane; s < used; s += 32) wsp[a * DG_MAXSPLIT + s] /= L;
-    }
-    __syncthreads();
-    for (int idx = tid; idx < GROUP * DH; idx += DG_THREADS) {
+    for (int idx = tid; idx < GROUP * DH; idx += DS_THREADS) {
         const int a = idx / DH, d = idx % DH;
-        // unrolled, so that several slices' loads are in flight (one L2 round trip per slice otherwise:
-        // ~20 us a layer at 4,096 positions and 33 slices, measured)
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        // 8 slices' loads in flight (one L2 round trip per slice otherwise: ~20 us a layer at 4,096 positions)
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
         int s = 0;
-        for (; s + 4 <= used; s += 4) {
-            float v[4];
+        for (; s + 8 <= used; s += 8) {
+            float v[8];
 #pragma unroll
-            for (int u = 0; u < 4; ++u) v[u] = __ldcg(ph + ((size_t)(s + u) * GROUP + a) * (2 + DH) + 2 + d);
+            for (int u = 0; u < 8; ++u) v[u] = __ldcg(ph + ((size_t)(s + u) * GROUP + a) * (2 + DH) + 2 + d);
 #pragma unroll
-            for (int u = 0; u < 4; ++u) acc[u] = fmaf(wsp[a * DG_MAXSPLIT + s + u], v[u], acc[u]);
+            for (int u = 0; u < 8; ++u) acc[u] = fmaf(wsp[a * DS_MAXSPLIT + s + u], v[u], acc[u]);
         }
         for (; s < used; ++s)
-            acc[0] = fmaf(wsp[a * DG_MAXSPLIT + s], __ldcg(ph + ((size_t)s * GROUP + a) * (2 + DH) + 2 + d), acc[0]);
-        out[((size_t)hk * GROUP + a) * DH + d] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+            acc[0] = fmaf(wsp[a * DS_MAXSPLIT + s], __ldcg(ph + ((size_t)s * GROUP + a) * (2 + DH) + 2 + d), acc[0]);
+        out[((size_t)hk * GROUP + a) * DH + d] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     }
 }

@@ -49,7 +49,7 @@ def _mib(n: int) -> str:
 PDL_KERNELS = frozenset({"embed", "norm_rows", "norm_reg", "rope", "rope_kv", "add", "act", "gated_act", "soft_cap",
                          "kv_write", "gemv_rows", "gemv_gated", "gemv_rows_norm", "gemv_gated_norm",
                          "gemv_rows_ln", "gemv_gated_ln",
-                         "attn_decode_gqa", "step_advance"})
+                         "attn_decode_step", "step_advance"})
 
 
 class DTensor:
@@ -100,14 +100,23 @@ class DTensor:
         return f"DTensor({self.dtype}{list(self.shape)} @ {self.ptr:#x})"
 
 
-def _decode_gqa_smem(Dh: int, g: int, dtype: str) -> int:
-    """Static shared memory of attn_decode_gqa (attention.cu) for head size Dh, group g: the kernel has no
-    build beyond 48 KB, so larger groups take the two-kernel path."""
+def _decode_step_geometry(Dh: int, g: int, dtype: str) -> tuple[int, int]:
+    """(threads per block, static shared memory in bytes) of attn_decode_step (attention.cu) for head size Dh
+    and group g, mirroring the kernel's DS_* macros: it has no build beyond 48 KB (large GQA groups take the
+    two-kernel path), and the backend launches it with this many threads."""
     es = ITEMSIZE[dtype]
-    tk = 64 if Dh * es <= 256 else 32 if Dh * es <= 512 else 16
     vec = 16 // es
-    kpad = Dh + vec if Dh % vec == 0 else Dh + 1
-    return tk * kpad * es + tk * Dh * es + g * Dh * 4 + g * tk * 4 + 3 * g * 4 + g * 64 * 4 + 16
+    row = Dh * es
+    tk = 64 if row <= 128 else 32 if row <= 256 else 16 if row <= 512 else 8
+    threads = 256 if g * Dh >= 256 else 64 if g * Dh <= 64 else -(-g * Dh // 32) * 32
+    nch = Dh // vec if Dh % vec == 0 else Dh
+    sp = 1
+    while sp * 2 <= 32 and sp * 2 * tk * g <= threads and nch % (sp * 2) == 0:
+        sp *= 2
+    kpad = Dh + vec * sp if Dh % vec == 0 else Dh + 1
+    dhw = -(-row // 16) * 16 // es
+    smem = 2 * tk * kpad * es + 2 * tk * Dh * es + 2 * dhw * es + 4 * (g * Dh + g * tk + 3 * g) + 16
+    return threads, smem
 
 
 class Lazy(DTensor):
@@ -117,7 +126,7 @@ class Lazy(DTensor):
     Any other use reads .ptr, which computes it then (ordinary kernels, same result); activations are never
     written in place, so computing it later reads the same inputs."""
 
-    __slots__ = ("kind", "args", "_run", "_real")
+    __slots__ = ("kind", "args", "_run", "_real", "__weakref__")
 
     def __init__(self, shape, kind: str, args: tuple, run):
         self.buf, self.shape, self.dtype = None, tuple(shape), "float32"
@@ -198,6 +207,7 @@ class CudaBackend:
         # extra sums cost registers, 116 vs 72 a thread, in the 77 MB tied output GEMV); ARCHKIT_CUDA_FOLD_LN=1.
         self.fold_ln = os.environ.get("ARCHKIT_CUDA_FOLD_LN") == "1"
         self._graph_cache = None
+        self._pending = self._pending_rope = self._pending_kv = None  # a deferred cache write (cache_write)
         # Prefill matrix products (T > GEMV_MAX_T): cuBLAS through ctypes (core/cuda/cublas.py) when a libcublas
         # is found ("auto", the default: 2.8x / 3.0x our WMMA GEMM at 2,048 tokens on an H200, NOTES.md round 2),
         # else our WMMA GEMM; ARCHKIT_CUDA_GEMM=own / cublas (or `be.gemm = ...`) forces one, and "cublas"
@@ -269,6 +279,7 @@ class CudaBackend:
             return np.asarray(x, dtype=np.float32)
         if isinstance(x, Lazy):
             x = x.materialize()
+        self._flush_pending()
         if self.capture is not None:
             return self.capture.output(x)
         self.synchronize("to_host")
@@ -280,6 +291,7 @@ class CudaBackend:
 
     def synchronize(self, what: str = "synchronize") -> None:
         """Wait for the stream; an asynchronous CUDA error becomes a DeviceError naming the last op."""
+        self._flush_pending()
         try:
             self.stream.synchronize()
         except self.drv.Error as e:
@@ -308,6 +320,8 @@ class CudaBackend:
         return fn
 
     def _launch(self, op: str, fn, grid, block, *args, shared: int = 0) -> None:
+        if self._pending is not None:
+            self._flush_pending()
         args = [a.ptr if isinstance(a, DTensor) else (0 if a is None else a) for a in args]
         if self.capture is not None and self.pdl and fn._archkit[1] in PDL_KERNELS:
             from . import pdl
@@ -401,6 +415,7 @@ class CudaBackend:
 
     def release(self, weights) -> None:
         """Free every weight, the KV cache, captured graphs, the cuBLAS handle and pooled memory."""
+        self._flush_pending()
         if self._graph_cache is not None:
             self._graph_cache.clear()
         try:
@@ -448,6 +463,7 @@ class CudaBackend:
 
     def new_cache(self, config, length: int) -> Cache:
         """A cache for `length` positions: the preallocated one when it is big enough and not in use."""
+        self._flush_pending()
         key = (config.num_layers, config.num_kv_heads, config.head_dim)
         kv = self._kv
         free_to_lend = self._lent is None or self._lent() is None
@@ -621,13 +637,27 @@ class CudaBackend:
             ys.append(self._alloc(x.shape[:-1] + (w.shape[0],)))
             segs += [ys[-1], w, b, w.shape[0]]
         segs += [None, None, None, 0] * (3 - len(pairs))
-        blocks = sum(-(-w.shape[0] // GEMV_ROWS) for w, _ in pairs)
+        rows, geo = self._gemv_geometry(K, M, qkv=len(pairs) == 3)
+        blocks = sum(-(-w.shape[0] // rows) for w, _ in pairs)
         fn = self._fn("gemv.cu", "gemv_rows" + suffix, "PiiiPPffP" + "PPPi" * 3,
-                      GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T)
+                      GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T, **geo)
         if blocks:
             self._launch(op, fn, (blocks, 1, 1), (GEMV_THREADS, 1, 1), x, M, K, act, g, lb, float(eps), float(off),
                          resid, *segs)
         return ys
+
+    def _gemv_geometry(self, K: int, M: int, qkv: bool = False) -> tuple:
+        """(output rows per block, extra gemv.cu defines) for a GEMV over K features and M tokens."""
+        # Each GEMV lets the next kernel launch as soon as all its blocks run (gemv.cu GEMV_EARLY_LAUNCH), except
+        # the q/k/v product (the only three-output one), whose successor is the decode attention: launched that
+        # early, its K/V prefetch slowed 4,096-position decode 0.94x; the others made decode 1.05x at 128
+        # positions (TinyLlama / Qwen3-0.6B, H200, one run each; NOTES.md round 4).
+        geo = {"GEMV_EARLY_LAUNCH": 0} if qkv else {}
+        if M == 1 and K <= 1024:
+            # one 16-byte chunk per thread per row: 8 rows a block keep 8 loads in flight (as 4 rows x 2 chunks
+            # at K = 2048) and halve the blocks' x reads (Qwen3-0.6B decode 1.02x, traced; NOTES.md round 4)
+            return 8, dict(geo, GEMV_ROWS=8, GEMV_UNROLL=1)
+        return GEMV_ROWS, geo
 
     def linear_act(self, x: DTensor, w: DTensor, b, kind: str) -> DTensor:
         """act(x @ w.T (+ b)): the activation as the GEMV's epilogue for a few tokens."""
@@ -646,9 +676,10 @@ class CudaBackend:
             raise DeviceError(f"gated_linear: x has {K} features, gate {list(wg.shape)}, up {list(wu.shape)}")
         y = self._alloc(x.shape[:-1] + (N,))
         x, g, lb, eps, off, suffix = self._folded_norm(x)
-        fn = self._fn("gemv.cu", "gemv_gated" + suffix, "PPPPPPiiiiPPff", GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T)
+        rows, geo = self._gemv_geometry(K, M)
+        fn = self._fn("gemv.cu", "gemv_gated" + suffix, "PPPPPPiiiiPPff", GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T, **geo)
         if N:
-            self._launch(f"gated_linear({kind})", fn, (-(-N // GEMV_ROWS), 1, 1), (GEMV_THREADS, 1, 1),
+            self._launch(f"gated_linear({kind})", fn, (-(-N // rows), 1, 1), (GEMV_THREADS, 1, 1),
                          y, x, wg, bg, wu, bu, M, N, K, self._act_code(kind), g, lb, float(eps), float(off))
         return y
 
@@ -791,11 +822,25 @@ class CudaBackend:
         f = self._freq(inv_freq)
         qw, kw, eps, off = qk_norm if qk_norm is not None else (None, None, 0.0, 0.0)
         kc, vc = cache.k[layer], cache.v[layer]
-        qo = self._alloc(q.shape)
-        fn = self._fn("rope.cu", "rope_kv", "PPPPPPPPPffiPiiiii")
-        self._launch("rope_cache_write", fn, (-(-(H + Hkv) // 4), T, 1), (128, 1, 1), qo, q, k, v, kc, vc, f, qw, kw,
-                     float(eps), float(off), start, self._start_dev(), T, H, Hkv, kc.shape[1], Dh)
-        return qo
+
+        def run():
+            if self._pending_rope is not None and self._pending_rope is me():  # another use came first
+                self._pending = self._pending_rope = None
+            qo = self._alloc(q.shape)
+            fn = self._fn("rope.cu", "rope_kv", "PPPPPPPPPffiPiiiii")
+            self._launch("rope_cache_write", fn, (-(-(H + Hkv) // 4), T, 1), (128, 1, 1), qo, q, k, v, kc, vc, f, qw,
+                         kw, float(eps), float(off), start, self._start_dev(), T, H, Hkv, kc.shape[1], Dh)
+            return qo
+        me = lambda: None  # noqa: E731  (a weak reference to the Lazy below: no cycle keeps the cache alive)
+        if T == 1 and H % Hkv == 0 and self._step_attention_ok(Dh, H // Hkv):
+            # Deferred: attention() at this position folds the norm, RoPE and cache write into its kernel
+            # (attn_decode_step); any other use of q, or any other launch first, runs rope_kv as before.
+            lazy = Lazy(q.shape, "rope", (q, k, v, cache, layer, start, f, qw, kw, float(eps), float(off)), run)
+            me = weakref.ref(lazy)
+            self._defer(lazy.materialize)
+            self._pending_rope = lazy
+            return lazy
+        return run()
 
     def _check_room(self, cache: Cache, layer: int, start: int, T: int, what: str) -> None:
         S = cache.k[layer].shape[1]
@@ -803,12 +848,53 @@ class CudaBackend:
             raise ContextOverflowError(f"{what}: positions {start}..{start + T - 1} do not fit the KV cache of {S} positions")
 
     def cache_write(self, cache: Cache, layer: int, k: DTensor, v: DTensor, start: int) -> None:
+        """Store k, v [T, Hkv, Dh] at positions start..start+T-1. At one token (fused kernels) the write is
+        deferred to the attention() that follows, whose kernel does it; any other launch first writes it."""
         T, Hkv, Dh = k.shape
         self._check_room(cache, layer, start, T, "cache_write")
         kc, vc = cache.k[layer], cache.v[layer]
-        fn = self._fn("kv.cu", "kv_write", "PPPPiPiiii")
-        self._launch("cache_write", fn, (T * Hkv, 1, 1), (min(128, 32 * -(-Dh // 32)), 1, 1),
-                     kc, vc, k, v, start, self._start_dev(), T, Hkv, kc.shape[1], Dh)
+
+        def run():
+            fn = self._fn("kv.cu", "kv_write", "PPPPiPiiii")
+            self._launch("cache_write", fn, (T * Hkv, 1, 1), (min(128, 32 * -(-Dh // 32)), 1, 1),
+                         kc, vc, k, v, start, self._start_dev(), T, Hkv, kc.shape[1], Dh)
+        if T == 1 and self.fused and not isinstance(k, Lazy) and not isinstance(v, Lazy):
+            self._defer(run)
+            self._pending_kv = (cache, layer, start, k, v)
+            return
+        run()
+
+    # A cache write (with, for RoPE models, the q rotation) that the next attention() may fold into its kernel:
+    # held in _pending until then; every other launch, copy to the host or synchronisation runs it first.
+    def _defer(self, run) -> None:
+        self._flush_pending()
+        self._pending = run
+
+    def _flush_pending(self) -> None:
+        run = self._pending
+        if run is not None:
+            self._pending = self._pending_rope = self._pending_kv = None
+            run()
+
+    def _take_pending(self, q, cache: Cache, layer: int, start: int):
+        """(raw q, new k, new v, inv_freq, q-norm, k-norm, eps, offset) of the write pending for this attention,
+        which is taken over (no longer run by a flush); None when there is none to fold in."""
+        lr, kv = self._pending_rope, self._pending_kv
+        if lr is not None and q is lr and lr.pending:
+            q0, k, v, c, layer0, start0, f, qw, kw, eps, off = lr.args
+            if c is cache and layer0 == layer and start0 == start:
+                self._pending = self._pending_rope = None
+                return q0, k, v, f, qw, kw, eps, off
+        if kv is not None and not isinstance(q, Lazy):
+            c, layer0, start0, k, v = kv
+            if c is cache and layer0 == layer and start0 == start:
+                self._pending = self._pending_kv = None
+                return q, k, v, None, None, None, 0.0, 0.0
+        return None
+
+    def _step_attention_ok(self, Dh: int, g: int) -> bool:
+        """Whether one-token attention runs attn_decode_step (else attn_decode + attn_combine)."""
+        return self.fused and g <= 128 and g * Dh <= 2048 and _decode_step_geometry(Dh, g, self.dtype)[1] <= 48 * 1024
 
     def attention(self, q: DTensor, cache: Cache, layer: int, start: int, scale: float,
                   window: int | None = None, softcap: float | None = None) -> DTensor:
@@ -823,21 +909,31 @@ class CudaBackend:
         if H % Hkv:
             raise DeviceError(f"attention: {H} query heads are not a multiple of {Hkv} key/value heads")
         self._check_room(cache, layer, start, T, "attention")
-        out = self._alloc(q.shape)
         g = H // Hkv
-        if T == 1 and self.fused and g <= 128 and g * Dh <= 2048 and _decode_gqa_smem(Dh, g, self.dtype) <= 48 * 1024:
+        fold = self._take_pending(q, cache, layer, start) if T == 1 and self._step_attention_ok(Dh, g) else None
+        if fold is None:
+            self._flush_pending()
+            if isinstance(q, Lazy):
+                q = q.materialize()
+        out = self._alloc(q.shape)
+        if fold is not None or (T == 1 and self._step_attention_ok(Dh, g)):
             # One launch: a block per (kv head, slice) for all its query heads; the last block of each kv head
             # merges the slices. The kernel splits the live keys evenly over the slices itself (it reads the
-            # position from device memory), so a captured graph keeps one grid for every position.
-            esize = 4 if self.dtype == "float32" else 2
-            tk = 64 if Dh * esize <= 256 else 32 if Dh * esize <= 512 else 16
+            # position from device memory), so a captured graph keeps one grid for every position. With `fold`
+            # it also norms and rotates q and the new key and writes the new key and value to the cache.
+            q0, knew, vnew, f, qw, kw, eps, off = fold if fold is not None else (q, None, None, None, None, None, 0.0, 0.0)
+            threads, _ = _decode_step_geometry(Dh, g, self.dtype)
+            esize = ITEMSIZE[self.dtype]
+            tk = 64 if Dh * esize <= 128 else 32 if Dh * esize <= 256 else 16 if Dh * esize <= 512 else 8
             n = S if self.capture is not None else start + 1
             n = min(n, win) if win else n
-            nsplit = max(1, min(64, self._sm_count() // Hkv, -(-n // tk)))  # slices of >= tk keys (DG_MINCHUNK)
+            nsplit = max(1, min(64, self._sm_count() // Hkv, -(-n // min(tk, 32))))  # slices of >= DS_MINCHUNK keys
             part = self._alloc((Hkv, nsplit, g, 2 + Dh))
-            fn = self._fn("attention.cu", "attn_decode_gqa", "PPPPPPiPiifif", HEAD_DIM=Dh, GROUP=g)
-            self._launch("attention(decode)", fn, (Hkv, nsplit, 1), (128, 1, 1), out, part, self._counters(Hkv), q,
-                         kc, vc, start, self._start_dev(), Hkv, S, float(scale), win, cap)
+            fn = self._fn("attention.cu", "attn_decode_step", "PPPPPPPPPPPffiPiifif", HEAD_DIM=Dh, GROUP=g,
+                          DS_THREADS=threads)
+            self._launch("attention(decode)", fn, (Hkv, nsplit, 1), (threads, 1, 1), out, part, self._counters(Hkv),
+                         q0, knew, vnew, kc, vc, f, qw, kw, float(eps), float(off), start, self._start_dev(), Hkv, S,
+                         float(scale), win, cap)
         elif T == 1:
             # Slices of ~256 keys; a captured graph sizes them for the whole cache (positions change).
             n = S if self.capture is not None else start + 1
@@ -874,7 +970,7 @@ class CudaBackend:
         return self._sms
 
     def _counters(self, n: int) -> DTensor:
-        """int32 [>= n] of zeros that kernels count blocks in and leave at zero (attn_decode_gqa)."""
+        """int32 [>= n] of zeros that kernels count blocks in and leave at zero (attn_decode_step)."""
         c = getattr(self, "_counter_buf", None)
         if c is None or c.size < n:
             if self.capture is not None:

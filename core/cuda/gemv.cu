@@ -79,6 +79,9 @@ gemv(float* __restrict__ y,        // float32 [T, N]
 #define GEMV_UNROLL 2  // K chunks per thread whose loads are issued before any is used
 #endif
 #define GEMV_THREADS 128
+#ifndef GEMV_EARLY_LAUNCH
+#define GEMV_EARLY_LAUNCH 1  // where the block triggers programmatic dependent launch: at its start (1) or after its loads
+#endif
 static_assert(GEMV_ROWS >= 1 && GEMV_ROWS <= 8, "GEMV_ROWS must be in [1, 8]");
 static_assert(GEMV_UNROLL >= 1 && GEMV_UNROLL <= 4, "GEMV_UNROLL must be in [1, 4]");
 
@@ -97,7 +100,14 @@ static_assert(GEMV_UNROLL >= 1 && GEMV_UNROLL <= 4, "GEMV_UNROLL must be in [1, 
 template <int NR, int MODE>
 __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const float* __restrict__ x, int T, int K,
                                          bool vec, float* tot, const wt* __restrict__ g, const wt* __restrict__ lb,
-                                         float off) {
+                                         float off, const float* pf = nullptr, float* pfv = nullptr) {
+    // pf: a value the caller's epilogue needs from an earlier kernel (the residual), loaded as soon as the
+    // wait returns so that its round trip overlaps the dot products instead of following the reduction
+#define DOT_WAIT() do { pdl_wait(); if (pf) *pfv = *pf; } while (0)
+    // Let the next kernel start its blocks as soon as every block of this one is running (the trigger takes
+    // effect once all have issued it): its weight loads then overlap this kernel's last wave; it still waits
+    // for this grid to complete before reading what it writes.
+    if (GEMV_EARLY_LAUNCH) pdl_launch();
     constexpr int NS = RED_N(NR, MODE);
     constexpr bool FOLD = MODE != FOLD_NONE, LN = MODE == FOLD_LN;
     float acc[NR][GEMV_MAX_T], ss[GEMV_MAX_T], s1[GEMV_MAX_T], wg[NR], wb[NR];
@@ -122,7 +132,7 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
                     if (c < nvec) wv[u][r] = __ldg(reinterpret_cast<const uint4*>(rows[r] + (size_t)c * VEC));
             }
             // The first weight loads (no earlier kernel writes weights) are in flight before waiting for x.
-            if (!waited) { pdl_wait(); waited = true; }
+            if (!waited) { DOT_WAIT(); waited = true; }
 #pragma unroll
             for (int u = 0; u < GEMV_UNROLL; ++u) {
                 int c = c0 + u * GEMV_THREADS;
@@ -174,9 +184,9 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
                 }
             }
         }
-        if (!waited) pdl_wait();  // threads with no chunk
+        if (!waited) DOT_WAIT();  // threads with no chunk
     } else {
-        pdl_wait();
+        DOT_WAIT();
         for (int k = threadIdx.x; k < K; k += GEMV_THREADS) {
             float wf[NR];
 #pragma unroll
@@ -201,7 +211,7 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
             }
         }
     }
-    pdl_launch();  // this block's loads are done: the next kernel may start its blocks
+    if (!GEMV_EARLY_LAUNCH) pdl_launch();  // this block's loads are done: the next kernel may start its blocks
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float* mine = tot + warp * NS;
 #pragma unroll
@@ -238,6 +248,7 @@ __device__ __forceinline__ void dot_rows(const wt* const (&rows)[NR], const floa
         tot[threadIdx.x] = s;  // only this thread touches column threadIdx.x (warp 0's slot of it)
     }
     __syncthreads();
+#undef DOT_WAIT
 }
 
 // The finished product of row r and token t from dot_rows' sums (before bias and activation).
@@ -279,14 +290,17 @@ __device__ __forceinline__ void gemv_rows_body(const float* __restrict__ x,  // 
     for (int r = 0; r < GEMV_ROWS; ++r) rows[r] = w + (size_t)min(r0 + r, n - 1) * K;  // clamped rows are not written
     bool vec = (K % VEC == 0) && aligned16(w) && aligned16(x) && (MODE == FOLD_NONE || aligned16(g))
                && (MODE != FOLD_LN || aligned16(lb));
-    dot_rows<GEMV_ROWS, MODE>(rows, x, T, K, vec, tot, g, lb, off);
-    if (threadIdx.x < GEMV_ROWS * GEMV_MAX_T) {
-        int r = threadIdx.x / GEMV_MAX_T, t = threadIdx.x % GEMV_MAX_T, row = r0 + r;
-        if (t < T && row < n) {
-            float v = fold_result<GEMV_ROWS, MODE>(tot, r, t, K, eps) + (b ? to_f(b[row]) : 0.f);
-            v = act >= 0 ? activate(v, act) : v;
-            y[(size_t)t * n + row] = resid && y == y0 ? resid[(size_t)t * n + row] + v : v;
-        }
+    // the epilogue's thread (row r, token t): its bias now (weights), its residual right after the wait
+    const int er = threadIdx.x / GEMV_MAX_T, et = threadIdx.x % GEMV_MAX_T, erow = r0 + er;
+    const bool epi = threadIdx.x < GEMV_ROWS * GEMV_MAX_T && et < T && erow < n;
+    const float bv = epi && b ? to_f(b[erow]) : 0.f;
+    float rv = 0.f;
+    dot_rows<GEMV_ROWS, MODE>(rows, x, T, K, vec, tot, g, lb, off,
+                              epi && resid && y == y0 ? resid + (size_t)et * n + erow : nullptr, &rv);
+    if (epi) {
+        float v = fold_result<GEMV_ROWS, MODE>(tot, er, et, K, eps) + bv;
+        v = act >= 0 ? activate(v, act) : v;
+        y[(size_t)et * n + erow] = rv + v;
     }
 }
 

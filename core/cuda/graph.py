@@ -105,7 +105,9 @@ class Graph:
             elif sampler is not None and cap.out is not None:  # a sample keyed by (seed, position)
                 cap.out = sampler.sample(cap.out.reshape(-1), counter_ptr=cap.start_ptr)
                 be._launch("step_advance", advance, (1, 1, 1), (32, 1, 1), cap.ids, None, cap.out, ring_ptr, RING)
+            be._flush_pending()  # (the model's attention takes every deferred cache write; none is left here)
         finally:
+            be._pending = be._pending_rope = be._pending_kv = None  # never run a captured step's write outside it
             be.capture = None
             rc = _cuda().cuStreamEndCapture(stream, ctypes.byref(self.graph))
         if rc != 0 or cap.out is None:

@@ -28,15 +28,16 @@ def variants(name: str) -> list[dict[str, int]]:
     if name == "gemm_f32.cu":
         return [{"WDTYPE": 0}]
     dtypes = [{"WDTYPE": c} for c in DTYPE_CODES.values()]
-    if name == "gemv.cu":  # one token (decode) and up to GEMV_MAX_T tokens per weight read
-        return [dict(d, GEMV_MAX_T=t) for d in dtypes for t in (1, 4)]
+    if name == "gemv.cu":  # one token (decode) and up to GEMV_MAX_T tokens per weight read; K <= 1024 decode
+        return ([dict(d, GEMV_MAX_T=t) for d in dtypes for t in (1, 4)]
+                + [dict(d, GEMV_MAX_T=1, GEMV_ROWS=8, GEMV_UNROLL=1) for d in dtypes])
     if name == "norm.cu":
         return [dict(d, NORM_VPT=2) for d in dtypes]
     if name == "attention_tc.cu":  # tensor-core prefill: half types, head sizes that are multiples of 16
         return [{"WDTYPE": c, "HEAD_DIM": h} for c in (1, 2) for h in (64, 128, 80, 48, 32, 256)]
     if name == "attention.cu":  # compiled per head size; these are the common ones plus an odd one
         return ([dict(d, HEAD_DIM=h) for d in dtypes for h in (64, 128, 80, 37)]
-                + [dict(d, HEAD_DIM=h, GROUP=g) for d in dtypes for h, g in ((64, 8), (128, 4))])  # decode GQA
+                + [dict(d, HEAD_DIM=h, GROUP=g) for d in dtypes for h, g in ((64, 8), (128, 4), (128, 2), (64, 1))])  # decode
     return dtypes
 
 
