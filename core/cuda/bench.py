@@ -125,16 +125,22 @@ def _prompt(model: Model, n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(0, model.config.vocab_size, n).tolist()
 
 
-def time_decode(model: Model, n: int = DECODE_TOKENS, graphs: bool = True) -> float:
-    """tok/s of generate(): n new tokens after a PROMPT_TOKENS prompt (after a warm-up run)."""
+def time_decode(model: Model, n: int = DECODE_TOKENS, graphs: bool = True, runs: int = 3) -> float:
+    """Decode tok/s: n tokens after a PROMPT_TOKENS prompt, timed from the first new token on (the prompt's
+    forward pass and the first token are prefill, as in llama.cpp's tg and vLLM's inter-token latency);
+    median of `runs` after a warm-up run (the first timed run can find the clocks still ramping up)."""
     model.backend.graphs = graphs
     prompt = _prompt(model, PROMPT_TOKENS)
     model.generate(prompt, max_new_tokens=8, stop_at_eos=False)  # compiles, captures the step graph
-    t = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=n, stop_at_eos=False)
-    dt = time.perf_counter() - t
-    assert len(out) == n
-    return n / dt
+    speeds = []
+    for _ in range(runs):
+        it = model.stream(prompt, max_new_tokens=n + 1, stop_at_eos=False)
+        next(it)
+        t = time.perf_counter()
+        k = sum(1 for _ in it)
+        speeds.append(k / (time.perf_counter() - t))
+        assert k == n
+    return statistics.median(speeds)
 
 
 def time_prefill(model: Model, T: int, reps: int = 3) -> float | None:
@@ -414,17 +420,27 @@ def bench_hf(raw: dict | None, path: str | None, dtype: str, max_pos: int) -> di
             ids = torch.randint(0, V, (1, PROMPT_TOKENS), device="cuda")
             kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
             model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, **kw)
-            torch.cuda.synchronize()
-            res["decode_tok_s"] = (out.shape[1] - PROMPT_TOKENS) / (time.perf_counter() - t)
+            # as time_decode: the prompt's pass and the first token (a one-token generate) are not counted
+            first = _hf_generate_s(model, ids, 1, kw)
+            res["decode_tok_s"] = DECODE_TOKENS / (_hf_generate_s(model, ids, DECODE_TOKENS + 1, kw) - first)
             for T in PREFILL_LENGTHS:
                 res[f"prefill{T}_tok_s"] = _hf_prefill(model, V, T) if T <= max_pos else None
     finally:
         del model
         torch.cuda.empty_cache()
     return res
+
+
+def _hf_generate_s(model, ids, n: int, kw: dict) -> float:
+    """Seconds of one transformers generate() of exactly n new tokens."""
+    import torch
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+    torch.cuda.synchronize()
+    assert out.shape[1] == ids.shape[1] + n
+    return time.perf_counter() - t
 
 
 def _hf_prefill(model, V: int, T: int, reps: int = 3) -> float:
