@@ -122,7 +122,9 @@ def _decode_step_geometry(Dh: int, g: int, dtype: str) -> tuple[int, int]:
 class Lazy(DTensor):
     """A decode-sized result (T <= GEMV_MAX_T) not computed yet, so that the GEMV consuming it can fold it in
     (issue 4): kind "norm" (an RMSNorm of `src`, folded into the next GEMV's reduction) or "linear" (a GEMV
-    whose result is about to be added to the residual stream: add_norm runs it with the add in its epilogue).
+    whose result is about to be added to the residual stream: add_norm runs it with the add in its epilogue)
+    or "rope" (the rotated q of a one-token rope_cache_write, whose norm, RoPE and cache write attention() folds
+    into attn_decode_step; until then the write is pending on the backend, see cache_write).
     Any other use reads .ptr, which computes it then (ordinary kernels, same result); activations are never
     written in place, so computing it later reads the same inputs."""
 
