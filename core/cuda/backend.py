@@ -100,10 +100,10 @@ class DTensor:
         return f"DTensor({self.dtype}{list(self.shape)} @ {self.ptr:#x})"
 
 
-def _decode_step_geometry(Dh: int, g: int, dtype: str) -> tuple[int, int]:
-    """(threads per block, static shared memory in bytes) of attn_decode_step (attention.cu) for head size Dh
-    and group g, mirroring the kernel's DS_* macros: it has no build beyond 48 KB (large GQA groups take the
-    two-kernel path), and the backend launches it with this many threads."""
+def _decode_step_geometry(Dh: int, g: int, dtype: str) -> tuple[int, int, int]:
+    """(threads per block, static shared memory in bytes, fewest keys a slice takes) of attn_decode_step
+    (attention.cu) for head size Dh and group g, mirroring the kernel's DS_* macros: it has no build beyond
+    48 KB (large GQA groups take the two-kernel path), and the backend launches it with this many threads."""
     es = ITEMSIZE[dtype]
     vec = 16 // es
     row = Dh * es
@@ -116,7 +116,7 @@ def _decode_step_geometry(Dh: int, g: int, dtype: str) -> tuple[int, int]:
     kpad = Dh + vec * sp if Dh % vec == 0 else Dh + 1
     dhw = -(-row // 16) * 16 // es
     smem = 2 * tk * kpad * es + 2 * tk * Dh * es + 2 * dhw * es + 4 * (g * Dh + g * tk + 3 * g) + 16
-    return threads, smem
+    return threads, smem, min(tk, 32)
 
 
 class Lazy(DTensor):
@@ -924,12 +924,10 @@ class CudaBackend:
             # position from device memory), so a captured graph keeps one grid for every position. With `fold`
             # it also norms and rotates q and the new key and writes the new key and value to the cache.
             q0, knew, vnew, f, qw, kw, eps, off = fold if fold is not None else (q, None, None, None, None, None, 0.0, 0.0)
-            threads, _ = _decode_step_geometry(Dh, g, self.dtype)
-            esize = ITEMSIZE[self.dtype]
-            tk = 64 if Dh * esize <= 128 else 32 if Dh * esize <= 256 else 16 if Dh * esize <= 512 else 8
+            threads, _, minchunk = _decode_step_geometry(Dh, g, self.dtype)
             n = S if self.capture is not None else start + 1
             n = min(n, win) if win else n
-            nsplit = max(1, min(64, self._sm_count() // Hkv, -(-n // min(tk, 32))))  # slices of >= DS_MINCHUNK keys
+            nsplit = max(1, min(64, self._sm_count() // Hkv, -(-n // minchunk)))  # slices of >= DS_MINCHUNK keys
             part = self._alloc((Hkv, nsplit, g, 2 + Dh))
             fn = self._fn("attention.cu", "attn_decode_step", "PPPPPPPPPPPffiPiifif", HEAD_DIM=Dh, GROUP=g,
                           DS_THREADS=threads)
