@@ -277,7 +277,11 @@ extern "C" __global__ void attn_combine(float* __restrict__ out,         // floa
 //    stores in the cache (k rounded to the cache type, v copied) and uses directly. knew == NULL: q is final
 //    (rotated already) and the cache holds the new key (written by the kernel before this one);
 //  - tiles of DS_TK keys are double-buffered; a (key, head) dot product is split over SP lanes when the group
-//    is small, so all DS_THREADS threads have work.
+//    is small, so all DS_THREADS threads have work;
+//  - (round 5) after the wait there is one round trip for every input (q, the new key and value land in shared
+//    memory together; the RoPE angles and norm gains were staged before the wait), P V reads shared memory
+//    4 keys and 2 dims at a time, and the merging block combines the slices online with their loads in flight
+//    together, after one fence by one thread.
 #ifndef GROUP
 #define GROUP 1
 #endif
@@ -289,7 +293,6 @@ extern "C" __global__ void attn_combine(float* __restrict__ out,         // floa
 #define DS_NWARP (DS_THREADS / 32)
 #define DS_VEC_OK (DH % VEC == 0)
 #define DS_NCH (DS_VEC_OK ? DH / VEC : DH)  // 16-byte chunks (or scalars) per row
-#define DS_MAXSPLIT 64
 // fewest keys a slice takes (traced at 128 positions: 16 and 32 alike, 64 slower on Qwen3-0.6B; NOTES.md round 4)
 #define DS_MINCHUNK (DS_TK < 32 ? DS_TK : 32)
 __host__ __device__ constexpr int ds_sp() {  // lanes per (key, head) dot product: a power of two dividing the row's chunks
@@ -302,13 +305,31 @@ __host__ __device__ constexpr int ds_sp() {  // lanes per (key, head) dot produc
 #define DS_KPAD (DS_VEC_OK ? DH + VEC * DS_SP : DH + 1)
 #define DS_NOUT ((GROUP * DH + DS_THREADS - 1) / DS_THREADS)  // (head, dim) outputs per thread
 #define DS_DHW ((DH * (int)sizeof(wt) + 15) / 16 * 16 / (int)sizeof(wt))  // the new row, padded to 16 bytes
+#define DS_MS (DS_NOUT >= 4 ? 4 : 16 / DS_NOUT)  // slices the merge loads at once, per output (3 loads each)
+// P V: a thread owns DS_PW adjacent dims of one head (one 4-byte V load for two) and takes p four keys at a
+// time, since P V is bound by shared-memory loads (it was one p and one V load per FMA)
+#define DS_PW (DH % 2 == 0 ? 2 : 1)
+#define DS_NU ((GROUP * DH / DS_PW + DS_THREADS - 1) / DS_THREADS)  // P V units per thread
 static_assert(DS_THREADS % 32 == 0 && DS_THREADS >= 64 && DS_THREADS <= 256, "attn_decode_step: DS_THREADS");
 static_assert(GROUP * DH <= 2048 && GROUP <= 128, "attn_decode_step: GROUP * HEAD_DIM must be <= 2048 (the backend falls back)");
 // backend._decode_step_geometry mirrors this total; beyond 48 KB the backend takes attn_decode + attn_combine
 static_assert(2 * DS_TK * DS_KPAD * sizeof(wt) + 2 * DS_TK * DH * sizeof(wt) + 2 * DS_DHW * sizeof(wt)
-              + 4 * (GROUP * DH + GROUP * DS_TK + 3 * GROUP) + 16 <= 48 * 1024,
+              + 4 * (GROUP * DH + GROUP * DS_TK + 3 * GROUP) + 4 * (4 * DH + 2 * ((DH + 1) / 2)) + 16 <= 48 * 1024,
               "attn_decode_step: shared memory over 48 KB for this GROUP");
-static_assert(GROUP * DS_MAXSPLIT * 4 <= 2 * DS_TK * DS_KPAD * sizeof(wt), "attn_decode_step: merge weights alias K");
+
+// two adjacent cached values as floats (p 4-byte aligned for 16-bit types, 8 for float)
+__device__ __forceinline__ void ds_load2(const __half* p, float& a, float& b) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(p));
+    a = f.x, b = f.y;
+}
+__device__ __forceinline__ void ds_load2(const __nv_bfloat16* p, float& a, float& b) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+    a = f.x, b = f.y;
+}
+__device__ __forceinline__ void ds_load2(const float* p, float& a, float& b) {
+    const float2 f = *reinterpret_cast<const float2*>(p);
+    a = f.x, b = f.y;
+}
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
@@ -375,10 +396,12 @@ attn_decode_step(float* __restrict__ out,            // float32 [1, H, Dh], H = 
     __shared__ __align__(16) wt rowk[DS_DHW];
     __shared__ __align__(16) wt rowv[DS_DHW];
     __shared__ __align__(16) float qs[GROUP * DH];
-    __shared__ float ps[GROUP * DS_TK];
+    __shared__ __align__(16) float ps[GROUP * DS_TK];
     __shared__ float ms[GROUP], ls[GROUP], al[GROUP];
+    // the new key and value as the GEMV left them, and what RoPE and the norms need that no kernel writes
+    // (staged before the wait): cos / sin at this position, the norm gains plus offset
+    __shared__ float kraw[DH], vraw[DH], rcos[(DH + 1) / 2], rsin[(DH + 1) / 2], gq[DH], gk[DH];
     __shared__ int is_last;
-    float* wsp = reinterpret_cast<float*>(ks);  // [GROUP][DS_MAXSPLIT] merge weights, after the last tile
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int hk = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
     // The position was written before this graph replay began (step_advance of the previous step, or the
@@ -398,56 +421,69 @@ attn_decode_step(float* __restrict__ out,            // float32 [1, H, Dh], H = 
     ds_issue(1, true, ntile, c0, c1, pos, ks, vs, rowk, rowv, kh, vh);
     cp_async_commit();
     pdl_launch();  // every block is resident: the next kernel may start issuing its weight loads
+    const bool fuse = knew != nullptr, rot = fuse && inv_freq != nullptr, nrm = fuse && qn != nullptr;
+    const int h2 = rot ? DH / 2 : DH;  // rotate-half pairs (i, i + DH/2), or single dims
+    // Nothing here depends on the kernel before (the position came from the previous step): the angles and
+    // the norm gains leave the critical path (they cost a round trip and sincosf after the wait; Qwen3-0.6B
+    // ~1.5 us a layer, traced, NOTES.md round 5).
+    if (rot)
+        for (int i = tid; i < DH / 2; i += DS_THREADS) sincosf((float)pos * __ldg(inv_freq + i), &rsin[i], &rcos[i]);
+    if (nrm)
+        for (int d = tid; d < DH; d += DS_THREADS) { gq[d] = offset + to_f(qn[d]); gk[d] = offset + to_f(kn[d]); }
     pdl_wait();
 
     const bool owns_pos = split == used - 1;  // this slice ends with the new key
     {
-        // q (and, in the block holding pos, the new key) normed and rotated as rope_kv does, q scaled; a warp a head
-        const int nh = GROUP + (owns_pos ? 1 : 0);
-        for (int a = warp; a < nh; a += DS_NWARP) {
-            const bool isq = a < GROUP;
-            const bool fuse = knew != nullptr;
-            const float* src = isq ? q + ((size_t)hk * GROUP + a) * DH : knew + (size_t)hk * DH;
-            if (!isq && !fuse) {  // the cache holds the new key already: read it after the wait
-                for (int d = lane; d < DH; d += 32) {
+        // One round trip for every input the previous kernels wrote: the group's q (final, or raw with fuse) and,
+        // in the block holding pos, the new key and value (raw with fuse, else from the cache)
+        const float* qh = q + (size_t)hk * GROUP * DH;
+        for (int idx = tid; idx < GROUP * DH; idx += DS_THREADS) qs[idx] = fuse ? qh[idx] : qh[idx] * scale;
+        if (owns_pos) {
+            for (int d = tid; d < DH; d += DS_THREADS) {
+                if (fuse) {
+                    kraw[d] = knew[(size_t)hk * DH + d];
+                    vraw[d] = vnew[(size_t)hk * DH + d];
+                } else {  // the cache holds the new key already
                     rowk[d] = __ldcg(kh + (size_t)pos * DH + d);
                     rowv[d] = __ldcg(vh + (size_t)pos * DH + d);
                 }
-                continue;
             }
-            const wt* nw = isq ? qn : kn;
+        }
+        __syncthreads();
+        // with fuse: q (and the new key) normed and rotated as rope_kv does, q scaled, in place; a warp a head
+        const int nh = fuse ? GROUP + (owns_pos ? 1 : 0) : 0;
+        for (int a = warp; a < nh; a += DS_NWARP) {
+            const bool isq = a < GROUP;
+            float* x = isq ? qs + a * DH : kraw;
+            const float* gn = isq ? gq : gk;
             float inv = 1.f;
-            if (fuse && qn) {
+            if (nrm) {
                 float ss = 0.f;
-                for (int d = lane; d < DH; d += 32) ss += src[d] * src[d];
+                for (int d = lane; d < DH; d += 32) ss += x[d] * x[d];
                 inv = 1.f / sqrtf(warp_sum(ss) / DH + eps);
+                __syncwarp();  // every lane has read the row before any lane rewrites it below
             }
-            const bool rot = fuse && inv_freq != nullptr;
-            const int h2 = rot ? DH / 2 : DH;  // rotate-half pairs (i, i + DH/2), or single dims
             for (int i = lane; i < h2; i += 32) {
-                float x1 = src[i], x2 = rot ? src[i + h2] : 0.f, y1 = x1, y2 = x2;
-                if (fuse && qn) {
-                    x1 = x1 * inv * (offset + to_f(nw[i]));
-                    if (rot) x2 = x2 * inv * (offset + to_f(nw[i + h2]));
-                    y1 = x1, y2 = x2;
+                float x1 = x[i], x2 = rot ? x[i + h2] : 0.f;
+                if (nrm) {
+                    x1 = x1 * inv * gn[i];
+                    if (rot) x2 = x2 * inv * gn[i + h2];
                 }
+                float y1 = x1, y2 = x2;
                 if (rot) {
-                    float s, c;
-                    sincosf((float)pos * inv_freq[i], &s, &c);
-                    y1 = x1 * c - x2 * s;
-                    y2 = x2 * c + x1 * s;
+                    y1 = x1 * rcos[i] - x2 * rsin[i];
+                    y2 = x2 * rcos[i] + x1 * rsin[i];
                 }
                 if (isq) {
-                    qs[a * DH + i] = y1 * scale;
-                    if (rot) qs[a * DH + i + h2] = y2 * scale;
+                    x[i] = y1 * scale;
+                    if (rot) x[i + h2] = y2 * scale;
                 } else {
                     const size_t ci = ((size_t)hk * S + pos) * DH;
-                    const float* vr = vnew + (size_t)hk * DH;
                     rowk[i] = kc[ci + i] = from_f<wt>(y1);
-                    rowv[i] = vc[ci + i] = from_f<wt>(vr[i]);
+                    rowv[i] = vc[ci + i] = from_f<wt>(vraw[i]);
                     if (rot) {
                         rowk[i + h2] = kc[ci + i + h2] = from_f<wt>(y2);
-                        rowv[i + h2] = vc[ci + i + h2] = from_f<wt>(vr[i + h2]);
+                        rowv[i + h2] = vc[ci + i + h2] = from_f<wt>(vraw[i + h2]);
                     }
                 }
             }
@@ -461,9 +497,11 @@ attn_decode_step(float* __restrict__ out,            // float32 [1, H, Dh], H = 
             for (int d = tid; d < DH; d += DS_THREADS) { kb[d] = rowk[d]; vb[d] = rowv[d]; }
         }
 
-        float o[DS_NOUT];
+        float o[DS_NU][DS_PW];
 #pragma unroll
-        for (int i = 0; i < DS_NOUT; ++i) o[i] = 0.f;
+        for (int i = 0; i < DS_NU; ++i)
+#pragma unroll
+            for (int k = 0; k < DS_PW; ++k) o[i][k] = 0.f;
         for (int t = 0; t < ntile; ++t) {
             const int k0 = c0 + t * DS_TK, nk = min(DS_TK, c1 - k0);
             const wt* kb = ks + (t & 1) * DS_TK * DS_KPAD;
@@ -485,10 +523,14 @@ attn_decode_step(float* __restrict__ out,            // float32 [1, H, Dh], H = 
                             for (int c = prt; c < DS_NCH; c += SP) {
                                 const uint4 uu = *reinterpret_cast<const uint4*>(kr + c * VEC);
                                 const wt* e = reinterpret_cast<const wt*>(&uu);
+                                const float4* q4 = reinterpret_cast<const float4*>(qa + c * VEC);  // 16-byte loads
 #pragma unroll
-                                for (int x = 0; x < VEC; x += 2) {
-                                    acc0 = fmaf(qa[c * VEC + x], to_f(e[x]), acc0);
-                                    acc1 = fmaf(qa[c * VEC + x + 1], to_f(e[x + 1]), acc1);
+                                for (int x = 0; x < VEC; x += 4) {
+                                    const float4 qv = q4[x / 4];
+                                    acc0 = fmaf(qv.x, to_f(e[x]), acc0);
+                                    acc1 = fmaf(qv.y, to_f(e[x + 1]), acc1);
+                                    acc0 = fmaf(qv.z, to_f(e[x + 2]), acc0);
+                                    acc1 = fmaf(qv.w, to_f(e[x + 3]), acc1);
                                 }
                             }
                         } else {
@@ -523,21 +565,46 @@ attn_decode_step(float* __restrict__ out,            // float32 [1, H, Dh], H = 
                 }
             }
             __syncthreads();
-            // P V: key-outer, the thread's outputs as independent accumulators
+            // P V: key-outer, the thread's DS_PW-dim units as independent accumulators
             {
-                const float* pa[DS_NOUT];
-                const wt* vd[DS_NOUT];
+                const float* pa[DS_NU];
+                const wt* vd[DS_NU];
 #pragma unroll
-                for (int i = 0; i < DS_NOUT; ++i) {
-                    const int idx = min(tid + i * DS_THREADS, GROUP * DH - 1);  // clamped ones are not stored
-                    pa[i] = ps + (idx / DH) * DS_TK;
-                    vd[i] = vb + idx % DH;
-                    o[i] *= al[idx / DH];
+                for (int i = 0; i < DS_NU; ++i) {
+                    const int e = min((tid + i * DS_THREADS) * DS_PW, GROUP * DH - DS_PW);  // clamped: not stored
+                    pa[i] = ps + (e / DH) * DS_TK;
+                    vd[i] = vb + e % DH;
+                    const float f = al[e / DH];
+#pragma unroll
+                    for (int k = 0; k < DS_PW; ++k) o[i][k] *= f;
                 }
-#pragma unroll 4
-                for (int j = 0; j < nk; ++j) {
+                int j = 0;
+                for (; j + 4 <= nk; j += 4) {  // keys past nk hold stale rows: never read them (0 * NaN)
 #pragma unroll
-                    for (int i = 0; i < DS_NOUT; ++i) o[i] = fmaf(pa[i][j], to_f(vd[i][j * DH]), o[i]);
+                    for (int i = 0; i < DS_NU; ++i) {
+                        const float4 p4 = *reinterpret_cast<const float4*>(pa[i] + j);
+                        const float pj[4] = {p4.x, p4.y, p4.z, p4.w};
+#pragma unroll
+                        for (int jj = 0; jj < 4; ++jj) {
+                            const wt* vr = vd[i] + (j + jj) * DH;
+                            if (DS_PW == 2) {
+                                float v0, v1;
+                                ds_load2(vr, v0, v1);
+                                o[i][0] = fmaf(pj[jj], v0, o[i][0]);
+                                o[i][DS_PW - 1] = fmaf(pj[jj], v1, o[i][DS_PW - 1]);
+                            } else {
+                                o[i][0] = fmaf(pj[jj], to_f(vr[0]), o[i][0]);
+                            }
+                        }
+                    }
+                }
+                for (; j < nk; ++j) {
+#pragma unroll
+                    for (int i = 0; i < DS_NU; ++i) {
+                        const wt* vr = vd[i] + j * DH;
+#pragma unroll
+                        for (int k = 0; k < DS_PW; ++k) o[i][k] = fmaf(pa[i][j], to_f(vr[k]), o[i][k]);
+                    }
                 }
             }
             __syncthreads();  // buffer t & 1 is consumed: tile t + 2 may go there
@@ -547,57 +614,77 @@ attn_decode_step(float* __restrict__ out,            // float32 [1, H, Dh], H = 
         cp_async_wait<0>();  // nothing outstanding when the buffers are reused below (empty groups at most)
         if (used == 1) {  // one slice holds every key: normalise and write; no merge, the counter untouched
 #pragma unroll
-            for (int i = 0; i < DS_NOUT; ++i) {
-                const int idx = tid + i * DS_THREADS;
-                if (idx < GROUP * DH) out[(size_t)hk * GROUP * DH + idx] = o[i] / ls[idx / DH];
+            for (int i = 0; i < DS_NU; ++i) {
+                const int e = (tid + i * DS_THREADS) * DS_PW;
+#pragma unroll
+                for (int k = 0; k < DS_PW; ++k)
+                    if (e < GROUP * DH) out[(size_t)hk * GROUP * DH + e + k] = o[i][k] / ls[e / DH];
             }
             return;
         }
         float* pr = part + ((size_t)hk * nsplit + split) * GROUP * (2 + DH);
         if (tid < GROUP) { pr[tid * (2 + DH)] = ms[tid]; pr[tid * (2 + DH) + 1] = ls[tid]; }
 #pragma unroll
-        for (int i = 0; i < DS_NOUT; ++i) {
-            const int idx = tid + i * DS_THREADS;
-            if (idx < GROUP * DH) pr[(idx / DH) * (2 + DH) + 2 + idx % DH] = o[i];
+        for (int i = 0; i < DS_NU; ++i) {
+            const int e = (tid + i * DS_THREADS) * DS_PW;
+#pragma unroll
+            for (int k = 0; k < DS_PW; ++k)
+                if (e < GROUP * DH) pr[(e / DH) * (2 + DH) + 2 + e % DH + k] = o[i][k];
         }
     }
-    // the last block of this kv head to get here merges every slice (classic threadfence reduction)
-    __threadfence();
+    // The last block of this kv head to get here merges every slice (the pattern of cooperative groups' grid
+    // barrier: the block's writes, a barrier, one thread's fence and count).
     __syncthreads();
-    if (tid == 0) is_last = atomicAdd(counter + hk, 1) == used - 1;
+    if (tid == 0) {
+        __threadfence();
+        is_last = atomicAdd(counter + hk, 1) == used - 1;
+        if (is_last) {
+            counter[hk] = 0;  // ready for the next launch (graph replays reuse the counter)
+            __threadfence();
+        }
+    }
     __syncthreads();
     if (!is_last) return;
-    if (tid == 0) counter[hk] = 0;  // ready for the next launch (graph replays reuse the counter)
-    __threadfence();
+    // Each thread merges its outputs over the slices on its own, online (max of the round, rescale, add), with
+    // the (max, sum, value) loads of DS_MS slices in flight at once: one round trip for up to DS_MS slices
+    // (it was a round trip for the maxima and sums, a barrier, then one per 8 slices and output).
     const float* ph = part + (size_t)hk * nsplit * GROUP * (2 + DH);
-    // a warp per head: each lane loads the (max, sum) of slices lane and lane + 32 (used <= 64) in one round trip
-    for (int a = warp; a < GROUP; a += DS_NWARP) {
-        const float* pa = ph + (size_t)a * (2 + DH);
-        const size_t st = (size_t)GROUP * (2 + DH);  // slice stride
-        const bool h0 = lane < used, h1 = lane + 32 < used;
-        const float m0 = h0 ? __ldcg(pa + lane * st) : -INFINITY, l0 = h0 ? __ldcg(pa + lane * st + 1) : 0.f;
-        const float m1 = h1 ? __ldcg(pa + (lane + 32) * st) : -INFINITY, l1 = h1 ? __ldcg(pa + (lane + 32) * st + 1) : 0.f;
-        const float M = warp_max(fmaxf(m0, m1));  // finite: every used slice has a key
-        const float f0 = h0 ? expf(m0 - M) : 0.f, f1 = h1 ? expf(m1 - M) : 0.f;
-        const float L = warp_sum(f0 * l0 + f1 * l1);
-        if (h0) wsp[a * DS_MAXSPLIT + lane] = f0 / L;
-        if (h1) wsp[a * DS_MAXSPLIT + lane + 32] = f1 / L;
-    }
-    __syncthreads();
-    for (int idx = tid; idx < GROUP * DH; idx += DS_THREADS) {
-        const int a = idx / DH, d = idx % DH;
-        // 8 slices' loads in flight (one L2 round trip per slice otherwise: ~20 us a layer at 4,096 positions)
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        int s = 0;
-        for (; s + 8 <= used; s += 8) {
-            float v[8];
+    float M[DS_NOUT], L[DS_NOUT], O[DS_NOUT];
 #pragma unroll
-            for (int u = 0; u < 8; ++u) v[u] = __ldcg(ph + ((size_t)(s + u) * GROUP + a) * (2 + DH) + 2 + d);
+    for (int i = 0; i < DS_NOUT; ++i) M[i] = -INFINITY, L[i] = 0.f, O[i] = 0.f;
+    for (int s0 = 0; s0 < used; s0 += DS_MS) {
+        float pm[DS_NOUT][DS_MS], pl[DS_NOUT][DS_MS], po[DS_NOUT][DS_MS];
 #pragma unroll
-            for (int u = 0; u < 8; ++u) acc[u] = fmaf(wsp[a * DS_MAXSPLIT + s + u], v[u], acc[u]);
+        for (int i = 0; i < DS_NOUT; ++i) {
+            const int idx = tid + i * DS_THREADS, a = idx / DH, d = idx % DH;
+#pragma unroll
+            for (int u = 0; u < DS_MS; ++u) {
+                const bool ok = idx < GROUP * DH && s0 + u < used;
+                const float* p = ph + ((size_t)(s0 + u) * GROUP + a) * (2 + DH);
+                pm[i][u] = ok ? __ldcg(p) : -INFINITY;
+                pl[i][u] = ok ? __ldcg(p + 1) : 0.f;
+                po[i][u] = ok ? __ldcg(p + 2 + d) : 0.f;
+            }
         }
-        for (; s < used; ++s)
-            acc[0] = fmaf(wsp[a * DS_MAXSPLIT + s], __ldcg(ph + ((size_t)s * GROUP + a) * (2 + DH) + 2 + d), acc[0]);
-        out[((size_t)hk * GROUP + a) * DH + d] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+#pragma unroll
+        for (int i = 0; i < DS_NOUT; ++i) {
+            float mr = M[i];
+#pragma unroll
+            for (int u = 0; u < DS_MS; ++u) mr = fmaxf(mr, pm[i][u]);  // finite: slice s0 holds keys
+            const float f = expf(M[i] - mr);  // 0 on the first round (M = -inf)
+            L[i] *= f, O[i] *= f;
+#pragma unroll
+            for (int u = 0; u < DS_MS; ++u) {
+                const float e = expf(pm[i][u] - mr);  // 0 for slices past `used`
+                L[i] = fmaf(e, pl[i][u], L[i]);
+                O[i] = fmaf(e, po[i][u], O[i]);
+            }
+            M[i] = mr;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < DS_NOUT; ++i) {
+        const int idx = tid + i * DS_THREADS;
+        if (idx < GROUP * DH) out[(size_t)hk * GROUP * DH + idx] = O[i] / L[i];
     }
 }

@@ -115,7 +115,8 @@ def _decode_step_geometry(Dh: int, g: int, dtype: str) -> tuple[int, int, int]:
         sp *= 2
     kpad = Dh + vec * sp if Dh % vec == 0 else Dh + 1
     dhw = -(-row // 16) * 16 // es
-    smem = 2 * tk * kpad * es + 2 * tk * Dh * es + 2 * dhw * es + 4 * (g * Dh + g * tk + 3 * g) + 16
+    smem = (2 * tk * kpad * es + 2 * tk * Dh * es + 2 * dhw * es + 4 * (g * Dh + g * tk + 3 * g)
+            + 4 * (4 * Dh + 2 * ((Dh + 1) // 2)) + 16)
     return threads, smem, min(tk, 32)
 
 

@@ -286,7 +286,11 @@ def trace_decode(name: str, steps: int = 16, context: int = 128, out_dir: str | 
     span = statistics.median(st[-1]["ts"] + st[-1]["dur"] - st[0]["ts"] for st in steps_ev)
     busy = statistics.median(sum(e["dur"] for e in st) for st in steps_ev)
     between = statistics.median(b[0]["ts"] - (a[-1]["ts"] + a[-1]["dur"]) for a, b in zip(steps_ev, steps_ev[1:]))
+    mid = steps_ev[len(steps_ev) // 2]
+    one = [[e["name"].split("(")[0], math.prod(e.get("args", {}).get("grid", [0])), round(e["ts"] - mid[0]["ts"], 2),
+            round(e["dur"], 2)] for e in mid]  # one step's kernels: name, blocks, start (us from the first), duration
     return {"config": name, "device": torch.cuda.get_device_name(), "context": context, "steps": len(steps_ev),
+            "one_step": one,
             "kernels_per_step": len(steps_ev[0]), "span_us": span, "busy_us": busy, "host_gap_us": between,
             "per_kernel_us": dict(sorted(per.items(), key=lambda kv: -kv[1])),
             "count_per_step": {k: v // len(steps_ev) for k, v in count.items()}}
