@@ -591,7 +591,7 @@ attn_decode_step(float* __restrict__ out,            // float32 [1, H, Dh], H = 
                                 float v0, v1;
                                 ds_load2(vr, v0, v1);
                                 o[i][0] = fmaf(pj[jj], v0, o[i][0]);
-                                o[i][DS_PW - 1] = fmaf(pj[jj], v1, o[i][DS_PW - 1]);
+                                o[i][DS_PW - 1] = fmaf(pj[jj], v1, o[i][DS_PW - 1]);  // [1]; spelled so DS_PW 1 builds
                             } else {
                                 o[i][0] = fmaf(pj[jj], to_f(vr[0]), o[i][0]);
                             }
