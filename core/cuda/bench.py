@@ -255,7 +255,9 @@ def trace_decode(name: str, steps: int = 16, context: int = 128, out_dir: str | 
     """Per-kernel GPU time of graph-replayed greedy decode steps at ~`context` positions, from a CUPTI
     trace taken through torch.profiler (kernels inside a CUDA graph are traced one by one): microseconds
     per kernel name per step, the kernel count, and the step's span (first kernel start to last kernel end)
-    against its summed kernel time, whose difference is the gaps between kernels."""
+    against its summed kernel time, whose difference is the gaps between kernels; and one step's kernels in
+    order ("one_step": name, blocks, start in microseconds from the step's first kernel, duration), which shows
+    each kernel's place on the critical path when programmatic dependent launch overlaps them."""
     import pycuda.autoprimaryctx  # noqa: F401
     import torch
     from torch.profiler import ProfilerActivity, profile
