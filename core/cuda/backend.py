@@ -649,7 +649,7 @@ class CudaBackend:
                          resid, *segs)
         return ys
 
-    def _gemv_geometry(self, K: int, M: int, qkv: bool = False) -> tuple:
+    def _gemv_geometry(self, K: int, M: int, qkv: bool = False, gated: bool = False) -> tuple:
         """(output rows per block, extra gemv.cu defines) for a GEMV over K features and M tokens."""
         # Each GEMV lets the next kernel launch as soon as all its blocks run (gemv.cu GEMV_EARLY_LAUNCH), except
         # the q/k/v product (the only three-output one), whose successor is the decode attention: launched that
@@ -660,6 +660,15 @@ class CudaBackend:
             # one 16-byte chunk per thread per row: 8 rows a block keep 8 loads in flight (as 4 rows x 2 chunks
             # at K = 2048) and halve the blocks' x reads (Qwen3-0.6B decode 1.02x, traced; NOTES.md round 4)
             return 8, dict(geo, GEMV_ROWS=8, GEMV_UNROLL=1)
+        if M == 1:
+            # Every weight load a thread makes is issued before the wait when one pass of the block covers the
+            # row: with 2 chunks a pass, Qwen3-0.6B's down projection (K = 3,072) took its last third after the
+            # wait, an HBM round trip on the critical path (3.6 us there against 1.6 for the o projection,
+            # whose bytes are 2/3 of it; NOTES.md round 6). Capped at 16 loads in flight a thread (registers).
+            vec = 16 // ITEMSIZE[self.dtype]
+            unroll = -(-K // (vec * GEMV_THREADS))
+            if 2 < unroll <= 4 and (2 if gated else 1) * GEMV_ROWS * unroll <= 16:
+                return GEMV_ROWS, dict(geo, GEMV_UNROLL=unroll)
         return GEMV_ROWS, geo
 
     def linear_act(self, x: DTensor, w: DTensor, b, kind: str) -> DTensor:
@@ -679,7 +688,7 @@ class CudaBackend:
             raise DeviceError(f"gated_linear: x has {K} features, gate {list(wg.shape)}, up {list(wu.shape)}")
         y = self._alloc(x.shape[:-1] + (N,))
         x, g, lb, eps, off, suffix = self._folded_norm(x)
-        rows, geo = self._gemv_geometry(K, M)
+        rows, geo = self._gemv_geometry(K, M, gated=True)
         fn = self._fn("gemv.cu", "gemv_gated" + suffix, "PPPPPPiiiiPPff", GEMV_MAX_T=1 if M == 1 else GEMV_MAX_T, **geo)
         if N:
             self._launch(f"gated_linear({kind})", fn, (-(-N // rows), 1, 1), (GEMV_THREADS, 1, 1),
