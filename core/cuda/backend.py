@@ -664,7 +664,8 @@ class CudaBackend:
             # Every weight load a thread makes is issued before the wait when one pass of the block covers the
             # row: with 2 chunks a pass, Qwen3-0.6B's down projection (K = 3,072) took its last third after the
             # wait, an HBM round trip on the critical path (3.6 us there against 1.6 for the o projection,
-            # whose bytes are 2/3 of it; NOTES.md round 6). Capped at 16 loads in flight a thread (registers).
+            # whose bytes are 2/3 of it, NOTES.md round 5; Qwen3-0.6B decode 1.035x, GPT-2 1.02x, BENCHMARKS.md
+            # item 19). Capped at 16 loads in flight a thread (registers).
             vec = 16 // ITEMSIZE[self.dtype]
             unroll = -(-K // (vec * GEMV_THREADS))
             if 2 < unroll <= 4 and (2 if gated else 1) * GEMV_ROWS * unroll <= 16:
