@@ -65,7 +65,7 @@ class NumpyBackend:
             x = x.astype(np.float16).astype(np.float32)
         elif self.dtype == "bfloat16" and stored != "BF16":
             x = to_float32(float32_to_bf16_bits(x), "BF16")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return np.ascontiguousarray(x, dtype=np.float32).reshape(x.shape)  # (ascontiguousarray makes a 0-d array 1-d)
 
     def begin_loading(self, config, numel: int) -> None:
         """Hook called before the first convert(): the model's config and its weights' element count."""
@@ -92,10 +92,10 @@ class NumpyBackend:
         """A float32 numpy copy of a backend tensor."""
         return np.asarray(x, dtype=np.float32)
 
-    def decode(self, forward, W, c, token: int, cache: Cache, start: int, inv_freq, greedy: bool = False):
+    def decode(self, forward, W, c, token: int, cache: Cache, start: int, rope, greedy: bool = False):
         """Logits [V] of one generated token at position `start`, or with greedy its argmax id (an int; a
         backend may then pick it on its device). A backend may replay a captured step."""
-        logits = forward(self, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]
+        logits = forward(self, W, c, np.asarray([token]), cache, start, rope, all_logits=False)[-1]
         return int(np.argmax(logits)) if greedy else logits
 
     # -- primitive operations (see core.ops for shapes) ------------------------------------------
@@ -134,9 +134,9 @@ class NumpyBackend:
         x = x + delta
         return x, self.norm(x, w, b, eps, kind, offset)
 
-    def head_norm(self, x, w, eps, offset=0.0):
-        """Per-head RMSNorm over the last axis of [T, H, Dh]."""
-        return ops.rms_norm(x, w, eps, offset)
+    def head_norm(self, x, w, eps, offset=0.0, b=None, kind="rmsnorm"):
+        """Norm of each head of x [T, H, Dh] over Dh; w (and b) [Dh] shared by the heads or [H, Dh] per head."""
+        return self.norm(x, w, b, eps, kind, offset)
 
     def act(self, x, kind):
         return ops.ACT[kind](x)
@@ -145,17 +145,17 @@ class NumpyBackend:
         """act(gate) * up."""
         return ops.ACT[kind](gate) * up
 
-    def rope(self, x, start, inv_freq):
-        """RoPE on [T, H, Dh] at positions start..start+T-1."""
-        return ops.rope(x, np.arange(start, start + x.shape[0]), inv_freq)
+    def rope(self, x, start, table):
+        """RoPE (a core.rope.RopeTable) on [T, H, Dh] at positions start..start+T-1."""
+        return ops.rope(x, np.arange(start, start + x.shape[0]), table)
 
-    def rope_cache_write(self, q, k, v, cache: Cache, layer: int, start: int, inv_freq, qk_norm=None):
+    def rope_cache_write(self, q, k, v, cache: Cache, layer: int, start: int, table, qk_norm=None):
         """RoPE on q and k (after per-head RMSNorm when qk_norm = (q weight, k weight, eps, offset)), k and v
         stored in the cache; returns the rotated q."""
         if qk_norm is not None:
             qw, kw, eps, offset = qk_norm
             q, k = self.head_norm(q, qw, eps, offset), self.head_norm(k, kw, eps, offset)
-        q, k = self.rope(q, start, inv_freq), self.rope(k, start, inv_freq)
+        q, k = self.rope(q, start, table), self.rope(k, start, table)
         self.cache_write(cache, layer, k, v, start)
         return q
 
@@ -168,3 +168,21 @@ class NumpyBackend:
     def soft_cap(self, x, cap):
         """cap * tanh(x / cap) (final logit soft-capping)."""
         return ops.soft_cap(x, cap)
+
+    def scale(self, x, s: float):
+        """x * s (embedding, residual-branch and logit multipliers), s rounded to float32 as torch does."""
+        return x * np.float32(s)
+
+    def sigmoid_gate(self, y, g):
+        """y [T, N] * sigmoid(g [T, 1]): a gate computed per token (Qwen2-MoE's shared expert)."""
+        return y * ops.sigmoid(g)
+
+    def moe(self, x, router_w, router_b, gate, up, down, routing, biases=(None, None, None)):
+        """Mixture of experts on x [T, D] (see core.ops.moe; routing: core.config.MoeRouting)."""
+        return ops.moe(x, router_w, router_b, gate, up, down, routing.top_k, routing.scoring, routing.renormalize,
+                       routing.activation, routing.routed_scale, biases)
+
+    def custom(self, op, *args, **scalars):
+        """A plugin's own op (core.custom_ops.CustomOp): its numpy reference on float32 arrays → float32."""
+        out = op.reference(*(np.asarray(a, dtype=np.float32) for a in args), **scalars)
+        return np.asarray(out, dtype=np.float32)

@@ -184,15 +184,34 @@ def cmd_inspect(args) -> int:
           f"context {cfg.max_position_embeddings}")
     print(f"             {cfg.norm} eps={cfg.norm_eps:g}, {rope or 'learned positions'}, "
           f"tied embeddings: {cfg.tie_word_embeddings}, qk-norm: {cfg.qk_norm}")
+    print(f"layout       {_layout(cfg)}")
+    if cfg.num_experts:
+        sparse = sum(cfg.sparse_layer(i) for i in range(cfg.num_layers))
+        print(f"experts      {cfg.num_experts} of {cfg.expert_dim}, top {cfg.num_experts_per_tok} by {cfg.router_scoring}"
+              f"{' renormalised' if cfg.moe_renormalize else ''}, shared {cfg.shared_expert_intermediate_size or 'none'}, "
+              f"{sparse} of {cfg.num_layers} layers sparse")
     tok = ckpt.path / "tokenizer.json"
     print(f"tokenizer    {'tokenizer.json' if tok.exists() else 'none (token ids only)'}")
     try:
         p = plan(spec, cfg, ckpt)
-        print(f"weights      all {len(p.sources)} expected tensors present with the right shapes")
+        print(f"weights      all {sum(len(src.infos) for src in p.sources)} expected tensors present with the right shapes")
     except WeightsError as e:
         print(f"weights      {e}")
         return 1
     return 0
+
+
+def _layout(cfg) -> str:
+    """The block layout, norm placement, rotary pairing and multipliers of a config, in one line."""
+    parts = [f"{cfg.block} block", f"{cfg.norm_placement}-norm"]
+    if cfg.rope is not None:
+        rot = cfg.rope.rotary_dims(cfg.head_dim)
+        parts.append(f"rope {cfg.rope_style} over {rot} of {cfg.head_dim} dims")
+    for name in ("embed_multiplier", "residual_multiplier", "attention_multiplier", "logit_multiplier",
+                 "attn_softcap", "logit_softcap"):
+        if getattr(cfg, name) is not None:
+            parts.append(f"{name}={getattr(cfg, name):g}")
+    return ", ".join(parts)
 
 
 def cmd_generate(args) -> int:
@@ -314,7 +333,8 @@ def _bytes(n: float) -> str:
 
 
 def cmd_bench(args) -> int:
-    from .bench import named_configs, pick_spec, run_bench
+    from .bench import run_bench
+    from .bench_shapes import named_configs, pick_spec
 
     if args.list:
         from .config import ModelConfig

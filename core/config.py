@@ -12,9 +12,9 @@ import attrs
 import numpy as np
 
 from .errors import ConfigError
-from .spec import REQUIRED, ACTIVATIONS, Derived, ModelSpec
+from .rope import ROPE_TYPES, RopeConfig, parse_rope  # noqa: F401  (re-exported: older imports name core.config)
+from .spec import ACTIVATIONS, FLAGS, REQUIRED, ROUTER_SCORINGS, Derived, ModelSpec
 
-ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # values of config.json's layer_types
 
 # Sanity bounds: a config outside them is rejected before any allocation (10^9 layers, ...).
@@ -26,41 +26,25 @@ LIMITS = {
 
 
 @attrs.frozen
-class RopeConfig:
-    """Rotary embedding parameters (rope_type in ROPE_TYPES; factors only where the type uses them)."""
+class MoeRouting:
+    """The `moe` op's parameters: top_k experts by softmax or sigmoid scores, their weights renormalised to sum
+    1 or not and times routed_scale; each expert a gated (or plain) MLP with `activation`."""
 
-    theta: float = 10000.0
-    type: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-    def inv_freq(self, head_dim: int) -> np.ndarray:
-        """float32 [head_dim // 2]: the (scaled) inverse frequencies, computed in float64."""
-        inv = 1.0 / (self.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-        if self.type == "linear":
-            inv = inv / self.factor
-        elif self.type == "llama3":
-            inv = _llama3_scale(inv, self)
-        return inv.astype(np.float32)
-
-
-def _llama3_scale(inv: np.ndarray, r: RopeConfig) -> np.ndarray:
-    # Llama 3.1 "rope_type: llama3": long wavelengths divided by factor, short kept, a smooth ramp between.
-    low_wavelen = r.original_max_position_embeddings / r.low_freq_factor
-    high_wavelen = r.original_max_position_embeddings / r.high_freq_factor
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > low_wavelen, inv / r.factor, inv)
-    smooth = (r.original_max_position_embeddings / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return np.where(medium, smoothed, scaled)
+    top_k: int
+    scoring: str = "softmax"
+    renormalize: bool = False
+    activation: str = "silu"
+    routed_scale: float = 1.0
+    gated: bool = True
 
 
 @attrs.frozen
 class ModelConfig:
-    """Everything the runtime needs to know about one model: sizes, flags, token ids."""
+    """Everything the runtime needs to know about one model: sizes, flags, token ids.
+
+    Each field comes from config.json through the spec's ConfigKeys (with the family's default when the key
+    is absent), or from the spec's architecture flags, or is the core default below.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -85,13 +69,40 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
-    # copied from the spec
+    # architecture flags (core.spec.FLAGS): from the spec, or mapped from config.json
     norm: str = "rmsnorm"
     norm_offset: float = 0.0
     mlp: str = "gated"
     positions: str = "rope"
-    qk_norm: bool = False
+    rope_style: str = "half"
+    qk_norm: str = "none"
     scale_embeddings: bool = False
+    block: str = "sequential"
+    norm_placement: str = "pre"
+    # rotary parameters a plugin maps from older spellings (rotary_emb_base, rotary_pct, rotary_dim); values
+    # inside rope_parameters / rope_scaling win (see core.rope.parse_rope)
+    rope_theta: float | None = None
+    partial_rotary_factor: float | None = None
+    rotary_dim: int | None = None
+    # scalar multipliers (None: off)
+    embed_multiplier: float | None = None  # token embeddings times this (Granite embedding_multiplier)
+    residual_multiplier: float | None = None  # each sublayer's output times this before the residual add (Granite)
+    attention_multiplier: float | None = None  # the score scale itself, replacing head_dim**-0.5 (Granite)
+    logit_multiplier: float | None = None  # final logits times this (Cohere logit_scale; Granite 1 / logits_scaling)
+    # mixture of experts (num_experts 0: every MLP is dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k experts per token
+    moe_intermediate_size: int | None = None  # each expert's; None: intermediate_size
+    router_scoring: str = "softmax"  # softmax over all experts, or an independent sigmoid per expert
+    moe_renormalize: bool = False  # the top-k weights rescaled to sum to 1 (Mixtral always; Qwen3-MoE norm_topk_prob)
+    moe_routed_scale: float = 1.0  # the routed experts' sum times this (DeepSeek routed_scaling_factor)
+    shared_expert_intermediate_size: int = 0  # a dense expert every token goes through; 0: none
+    mlp_only_layers: tuple[int, ...] = ()  # layers whose MLP is dense although the model has experts (Qwen3-MoE)
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 (Qwen2/3-MoE)
+    first_dense_layers: int = 0  # the first k layers are dense (DeepSeek first_k_dense_replace)
+    # a plugin's own sublayer functions (ModelSpec.attention_block / mlp_block), copied from the spec
+    attention_block: Any = attrs.field(default=None, eq=False, repr=False)
+    mlp_block: Any = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def q_dim(self) -> int:
@@ -101,6 +112,22 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def expert_dim(self) -> int:
+        """One expert's intermediate size."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    @property
+    def moe_routing(self) -> "MoeRouting":
+        """How the `moe` op routes and combines experts."""
+        return MoeRouting(self.num_experts_per_tok, self.router_scoring, self.moe_renormalize, self.activation,
+                          float(self.moe_routed_scale), self.mlp == "gated")
+
+    def sparse_layer(self, layer: int) -> bool:
+        """Whether `layer`'s MLP is a mixture of experts."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers and layer >= self.first_dense_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
     def window(self, layer: int) -> int | None:
         """How many positions (itself included) a query of `layer` attends to; None for all before it."""
         if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
@@ -109,46 +136,34 @@ class ModelConfig:
 
     @property
     def attn_scale(self) -> float:
-        """What q·k is multiplied by: 1/sqrt(head_dim), or 1/sqrt(attn_scalar) where the config sets one."""
+        """What q·k is multiplied by: attention_multiplier, or 1/sqrt(attn_scalar), or 1/sqrt(head_dim)."""
+        if self.attention_multiplier is not None:
+            return float(self.attention_multiplier)
         return 1.0 / math.sqrt(self.attn_scalar or self.head_dim)
 
     @property
     def embed_scale(self) -> float | None:
-        """What token embeddings are multiplied by (sqrt(hidden_size) for specs that scale them), or None."""
-        return self.hidden_size ** 0.5 if self.scale_embeddings else None
+        """What token embeddings are multiplied by (sqrt(hidden_size) for specs that scale them, or the
+        embedding multiplier), or None."""
+        s = self.hidden_size ** 0.5 if self.scale_embeddings else None
+        if self.embed_multiplier is not None:
+            s = self.embed_multiplier * (s or 1.0)
+        return s
 
     @classmethod
     def from_hf(cls, spec: ModelSpec, raw: dict, source: str = "config.json") -> "ModelConfig":
         """Read a config.json dict through `spec`'s key map; raises ConfigError naming the key."""
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-        for key, ok in spec.rejects:
-            if key in raw and raw[key] not in ok:
-                raise ConfigError(f"{source}: {key}={raw[key]!r} is not supported by plugin {spec.name!r} (supported: {list(ok)})")
-        values: dict[str, Any] = {}
-        derived: dict[str, Derived] = {}
-        stated: set[str] = set()  # fields config.json gives (the others come from the spec's defaults)
-        keys: dict[str, str] = {}  # field → the config.json key that gave it (or would have): errors name it
-        for ck in spec.config:
-            present = [k for k in ck.keys if raw.get(k) is not None or (ck.null_is_value and k in raw)]
-            keys[ck.field] = (present or ck.keys or (ck.field,))[0]
-            if present:
-                values[ck.field] = raw[present[0]]
-                stated.add(ck.field)
-            elif isinstance(ck.default, Derived):
-                derived[ck.field] = ck.default
-            elif ck.default is REQUIRED:
-                raise ConfigError(f"{source}: required key {ck.keys[0]!r} is missing (plugin {spec.name!r})")
-            else:
-                values[ck.field] = ck.default
+        _check_rejects(spec, raw, source)
+        values, derived, stated, keys = _read_keys(spec, raw, source)
         # Conventions shared by every HF config: no kv-head count means MHA, no head_dim means hidden/heads.
         for name, rule in (("num_kv_heads", Derived("num_heads")), ("head_dim", Derived("hidden_size", div="num_heads"))):
             if values.get(name) is None:
                 values.pop(name, None)
                 derived.setdefault(name, rule)
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                     "intermediate_size", "max_position_embeddings"):
-            if name in values and name not in derived:
+        for name in INT_FIELDS:
+            if values.get(name) is not None and name not in derived:
                 values[name] = _int(values[name], keys.get(name, name), source)
         for name, d in derived.items():
             if d.field not in values:
@@ -163,15 +178,24 @@ class ModelConfig:
         if values.get("layer_types") is not None:
             values["layer_types"] = _layer_types(values["layer_types"], values.get("num_layers"), "layer_types" in stated, source)
         values["eos_token_ids"] = _ids(values.get("eos_token_ids", ()), "eos_token_id", source)
+        values["mlp_only_layers"] = _ids(values.get("mlp_only_layers", ()), keys.get("mlp_only_layers", "mlp_only_layers"), source)
         for name in ("bos_token_id", "pad_token_id"):
             v = values.get(name)
             values[name] = v if isinstance(v, int) and not isinstance(v, bool) else None
-        if spec.positions == "rope":
-            values["rope"] = parse_rope(raw, source)
+        for flag in FLAGS:
+            if getattr(spec, flag) is not None:
+                values[flag] = getattr(spec, flag)
+        for name in ("norm_offset", "scale_embeddings", "attention_block", "mlp_block"):
+            if getattr(spec, name) is not None:
+                values[name] = getattr(spec, name)
+        if values.get("positions", "rope") == "rope":
+            values["rope"] = parse_rope(raw, source, theta=values.get("rope_theta"),
+                                        partial_rotary_factor=values.get("partial_rotary_factor"),
+                                        rotary_dim=values.get("rotary_dim"),
+                                        interleaved=values.get("rope_style") == "interleaved",
+                                        max_position_embeddings=values.get("max_position_embeddings"))
         else:
             values["rope"] = None
-        values.update(norm=spec.norm, norm_offset=spec.norm_offset, mlp=spec.mlp, positions=spec.positions, qk_norm=spec.qk_norm,
-                      scale_embeddings=spec.scale_embeddings)
         try:
             cfg = cls(**values)
         except TypeError as e:
@@ -192,49 +216,122 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"{source}: {k('num_heads', 'num_heads')}={self.num_heads} is not a multiple of "
                               f"{k('num_kv_heads', 'num_kv_heads')}={self.num_kv_heads}")
-        if self.positions == "rope" and self.head_dim % 2:
-            raise ConfigError(f"{source}: head_dim={self.head_dim} must be even for rotary embeddings")
+        for flag, allowed in FLAGS.items():
+            if getattr(self, flag) not in allowed:
+                raise ConfigError(f"{source}: {k(flag, flag)}={getattr(self, flag)!r} is not supported "
+                                  f"(supported: {list(allowed)})")
+        if self.rope is not None:
+            try:
+                self.rope.rotary_dims(self.head_dim)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
         w = self.sliding_window
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
             raise ConfigError(f"{source}: sliding_window={w!r} must be a positive integer or null")
-        for name in ("attn_softcap", "logit_softcap", "attn_scalar"):
+        for name in ("attn_softcap", "logit_softcap", "attn_scalar", "embed_multiplier", "residual_multiplier",
+                     "attention_multiplier", "logit_multiplier", "moe_routed_scale"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-                raise ConfigError(f"{source}: {name}={v!r} must be a positive number or null")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+                raise ConfigError(f"{source}: {k(name, name)}={v!r} must be a positive number or null")
         if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
             raise ConfigError(f"{source}: norm epsilon {self.norm_eps!r} must be in (0, 1)")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"{source}: activation {self.activation!r} is not supported (supported: {list(ACTIVATIONS)})")
-        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
+        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "moe_renormalize", "scale_embeddings"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{source}: {name}={getattr(self, name)!r} must be true or false")
+                raise ConfigError(f"{source}: {k(name, name)}={getattr(self, name)!r} must be true or false")
+        self._validate_moe(source, k)
         specials = [("eos_token_ids", t) for t in self.eos_token_ids] + [("bos_token_id", self.bos_token_id)] * (self.bos_token_id is not None)
         for name, t in specials:
             if not 0 <= t < self.vocab_size:
                 raise ConfigError(f"{source}: {k(name, name)} {t} is outside the vocabulary [0, {self.vocab_size})")
 
+    def _validate_moe(self, source, k) -> None:
+        for name, lo, hi in (("num_experts", 0, 1 << 16), ("shared_expert_intermediate_size", 0, 1 << 20),
+                             ("decoder_sparse_step", 1, 4096), ("first_dense_layers", 0, 4096)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ConfigError(f"{source}: {k(name, name)}={v!r} must be an integer in [{lo}, {hi}]")
+        if self.num_experts == 0:
+            return
+        top = self.num_experts_per_tok
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= self.num_experts:
+            raise ConfigError(f"{source}: {k('num_experts_per_tok', 'num_experts_per_tok')}={top!r} must be an "
+                              f"integer in [1, {k('num_experts', 'num_experts')}={self.num_experts}]")
+        m = self.moe_intermediate_size
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 0 < m <= LIMITS["intermediate_size"]):
+            raise ConfigError(f"{source}: {k('moe_intermediate_size', 'moe_intermediate_size')}={m!r} must be an "
+                              f"integer in [1, {LIMITS['intermediate_size']}]")
+        if self.router_scoring not in ROUTER_SCORINGS:
+            raise ConfigError(f"{source}: router scoring {self.router_scoring!r} is not supported "
+                              f"(supported: {list(ROUTER_SCORINGS)})")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ConfigError(f"{source}: {k('mlp_only_layers', 'mlp_only_layers')} names layer {bad[0]}, outside "
+                              f"[0, {self.num_layers})")
+
     def summary(self) -> dict:
         """A flat dict for `archkit inspect`."""
-        d = attrs.asdict(self, recurse=False)
+        d = attrs.asdict(self, recurse=False, filter=lambda a, v: a.name not in ("attention_block", "mlp_block"))
         d["rope"] = attrs.asdict(self.rope) if self.rope else None
         return d
+
+
+INT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+              "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+              "shared_expert_intermediate_size", "decoder_sparse_step", "first_dense_layers", "rotary_dim")
+
+
+def _check_rejects(spec: ModelSpec, raw: dict, source: str) -> None:
+    """Every config value the spec cannot honour, in one ConfigError (an absent key means its stated default)."""
+    bad = []
+    for rule in spec.rejects:
+        key, ok = rule[0], rule[1]
+        if key in raw:
+            value = raw[key]
+        elif len(rule) == 3:
+            value = rule[2]
+        else:
+            continue
+        if value not in ok:
+            absent = "" if key in raw else " (absent, which means that)"
+            bad.append(f"{key}={value!r}{absent} is not supported by plugin {spec.name!r} (supported: {list(ok)})")
+    if bad:
+        raise ConfigError(f"{source}: " + "; ".join(bad))
+
+
+def _read_keys(spec: ModelSpec, raw: dict, source: str):
+    """(values, derived defaults, fields config.json stated, field → key) from the spec's ConfigKeys."""
+    values: dict[str, Any] = {}
+    derived: dict[str, Derived] = {}
+    stated: set[str] = set()  # fields config.json gives (the others come from the spec's defaults)
+    keys: dict[str, str] = {}  # field → the config.json key that gave it (or would have): errors name it
+    for ck in spec.config:
+        present = [k for k in ck.keys if raw.get(k) is not None or (ck.null_is_value and k in raw)]
+        keys[ck.field] = (present or ck.keys or (ck.field,))[0]
+        if present:
+            value = raw[present[0]]
+            if ck.transform is not None:
+                try:
+                    value = ck.transform(value)
+                except Exception as e:  # a plugin's function on untrusted JSON: any failure is the value's fault
+                    raise ConfigError(f"{source}: {present[0]}={value!r} cannot be read by plugin {spec.name!r} "
+                                      f"({type(e).__name__}: {e})") from None
+            values[ck.field] = value
+            stated.add(ck.field)
+        elif isinstance(ck.default, Derived):
+            derived[ck.field] = ck.default
+        elif ck.default is REQUIRED:
+            raise ConfigError(f"{source}: required key {ck.keys[0]!r} is missing (plugin {spec.name!r})")
+        else:
+            values[ck.field] = ck.default
+    return values, derived, stated, keys
 
 
 def _int(v, name, source):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
         raise ConfigError(f"{source}: {name}={v!r} must be an integer")
     return int(v)
-
-
-def _finite(x, otherwise: float) -> float:
-    """float(x) for a finite JSON number (not a bool), else `otherwise`."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return otherwise
-    try:
-        f = float(x)
-    except OverflowError:  # an integer beyond float range
-        return otherwise
-    return f if math.isfinite(f) else otherwise
 
 
 def _layer_types(v, num_layers, stated: bool, source) -> tuple[str, ...]:
@@ -258,41 +355,6 @@ def _ids(v, name, source) -> tuple[int, ...]:
     return tuple(v)
 
 
-def parse_rope(raw: dict, source: str = "config.json") -> RopeConfig:
-    """Rope parameters from the transformers-5 form (rope_parameters) or the hub form (rope_theta, rope_scaling)."""
-    params = raw.get("rope_parameters")
-    if isinstance(params, dict):
-        scaling = dict(params)
-        theta = scaling.pop("rope_theta", raw.get("rope_theta", 10000.0))
-    elif params is not None:
-        raise ConfigError(f"{source}: rope_parameters must be an object, got {params!r}")
-    else:
-        scaling = raw.get("rope_scaling") or {}
-        if not isinstance(scaling, dict):
-            raise ConfigError(f"{source}: rope_scaling must be an object or null, got {scaling!r}")
-        theta = raw.get("rope_theta", 10000.0)
-    if not 1 < _finite(theta, 0.0):
-        raise ConfigError(f"{source}: rope_theta={theta!r} must be a finite number > 1")
-    rtype = scaling.get("rope_type", scaling.get("type", "default"))
-    if rtype not in ROPE_TYPES:
-        raise ConfigError(f"{source}: rope type {rtype!r} is not supported (supported: {list(ROPE_TYPES)})")
-    prf = raw.get("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0))
-    if prf not in (None, 1, 1.0):
-        raise ConfigError(f"{source}: partial_rotary_factor={prf!r} is not supported (only 1.0)")
-    kw: dict[str, Any] = {"theta": float(theta), "type": rtype}
-    needed = {"default": (), "linear": ("factor",),
-              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}[rtype]
-    for k in needed:
-        if not 0 < _finite(scaling.get(k), 0.0):
-            raise ConfigError(f"{source}: rope type {rtype!r} needs a finite positive number {k!r}, got {scaling.get(k)!r}")
-        kw[k] = scaling[k]
-    if rtype == "llama3" and kw["high_freq_factor"] <= kw["low_freq_factor"]:
-        raise ConfigError(f"{source}: llama3 rope needs high_freq_factor > low_freq_factor")
-    if "original_max_position_embeddings" in kw:
-        kw["original_max_position_embeddings"] = int(kw["original_max_position_embeddings"])
-    return RopeConfig(**kw)
-
-
 def read_json(path: Path, what: str, error: type[Exception] = ConfigError) -> dict:
     """Parse a JSON object from `path`; `error` naming the file otherwise."""
     path = Path(path)
@@ -313,5 +375,8 @@ def read_json(path: Path, what: str, error: type[Exception] = ConfigError) -> di
     return data
 
 
-CONFIG_FIELDS = frozenset(f.name for f in attrs.fields(ModelConfig)) | {"q_dim", "kv_dim"}
-BOOL_FIELDS = frozenset(f.name for f in attrs.fields(ModelConfig) if f.type in ("bool", bool))
+CONFIG_FIELDS = (frozenset(f.name for f in attrs.fields(ModelConfig)) - {"attention_block", "mlp_block", "rope"}
+                 | {"q_dim", "kv_dim", "expert_dim"})
+# Fields a weight rule's `when` may test: the booleans, and qk_norm (false when "none": Phi's q/k LayerNorms exist
+# only with qk_layernorm).
+BOOL_FIELDS = frozenset(f.name for f in attrs.fields(ModelConfig) if f.type in ("bool", bool)) | {"qk_norm"}

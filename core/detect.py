@@ -49,8 +49,9 @@ def score_tensors(spec: ModelSpec, tensors: dict) -> float:
             v = defaults.get(rule.when.lstrip("!"), False)
             flag_default = bool(v is True) != rule.when.startswith("!")
         if not present:
-            if rule.when is None:
-                return 0.0  # a tensor this family always has is absent
+            alternative = any(set(other.targets) & set(rule.targets) for other in spec.weights if other is not rule)
+            if rule.when is None and not alternative:
+                return 0.0  # a tensor this family always has is absent (not merely laid out another way)
             continue
         score += 1.0 if flag_default or rule.ignore_when_false else 0.5
     return max(score, 0.0)

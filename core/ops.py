@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from .rope import RopeTable
+
 
 def embed(table: np.ndarray, ids: np.ndarray, scale: float | None = None) -> np.ndarray:
     """Rows of table [V, D] at ids [T] → [T, D] float32, times `scale` (as float32) if given."""
@@ -57,16 +59,79 @@ def relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0)
 
 
-ACT = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu": gelu_erf, "silu": silu, "relu": relu}
+def relu2(x: np.ndarray) -> np.ndarray:
+    """max(x, 0)² (Primer's squared ReLU; transformers' "relu2")."""
+    r = np.maximum(x, 0)
+    return r * r
 
 
-def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
-    """Rotate-half RoPE: x [T, H, Dh] at positions [T] with inv_freq [Dh/2]."""
-    ang = positions.astype(np.float32)[:, None] * inv_freq[None, :]  # [T, Dh/2], fp32 as HF
-    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
-    h = x.shape[-1] // 2
-    x1, x2 = x[..., :h], x[..., h:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+def quick_gelu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(1.702 x) (CLIP / OpenAI's "quick_gelu")."""
+    return x / (1.0 + np.exp(np.float32(-1.702) * x))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x))."""
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+# transformers' ACT2FN names; gelu_fast is the same tanh approximation as gelu_new written another way.
+ACT = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu_fast": gelu_tanh, "gelu": gelu_erf,
+       "quick_gelu": quick_gelu, "silu": silu, "swish": silu, "relu": relu, "relu2": relu2}
+
+
+def moe(x: np.ndarray, router_w: np.ndarray, router_b: np.ndarray | None, gate: np.ndarray | None, up: np.ndarray,
+        down: np.ndarray, top_k: int, scoring: str = "softmax", renormalize: bool = False, activation: str = "silu",
+        routed_scale: float = 1.0, biases: tuple = (None, None, None)) -> np.ndarray:
+    """Mixture of experts on x [T, D]: router [E, D] (+ [E]) → softmax or sigmoid scores → top_k experts per
+    token → weights (renormalised to sum 1 if asked, times routed_scale) → sum of weight · expert(x), where
+    expert e is down[e] @ (act(gate[e] @ x) * (up[e] @ x)) (gated) or down[e] @ act(up[e] @ x) (gate None).
+    gate, up [E, I, D]; down [E, D, I]; biases (gate [E, I], up [E, I], down [E, D]) or None. Returns [T, D]."""
+    logits = linear(x, router_w, router_b)
+    if scoring == "softmax":
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        scores = e / e.sum(-1, keepdims=True)
+    else:
+        scores = sigmoid(logits)
+    top = np.argsort(-scores, axis=-1, kind="stable")[:, :top_k]  # [T, k]: ties go to the lower expert id
+    w = np.take_along_axis(scores, top, -1)
+    if renormalize:
+        w = w / w.sum(-1, keepdims=True)
+    w = w * np.float32(routed_scale)
+    bg, bu, bd = biases
+    out = np.zeros_like(x)
+    for ex in np.unique(top):
+        rows, slot = np.nonzero(top == ex)
+        u = linear(x[rows], up[ex], None if bu is None else bu[ex])
+        if gate is not None:
+            a = ACT[activation](linear(x[rows], gate[ex], None if bg is None else bg[ex])) * u
+        else:
+            a = ACT[activation](u)
+        y = linear(a, down[ex], None if bd is None else bd[ex])
+        out[rows] += w[rows, slot][:, None] * y
+    return out
+
+
+def rope(x: np.ndarray, positions: np.ndarray, table) -> np.ndarray:
+    """RoPE of x [T, H, Dh] at positions [T] with a RopeTable, or a bare inv_freq [R/2] (= RopeTable(inv_freq)).
+
+    The first R = table.rotary_dim dims of each head rotate, the rest pass through. Pairs are (i, i + R/2)
+    (rotate-half, Llama) or, if table.interleaved, (2i, 2i+1) (GPT-J); cos and sin are multiplied by table.scale.
+    """
+    if not isinstance(table, RopeTable):
+        table = RopeTable(table)
+    ang = positions.astype(np.float32)[:, None] * table.inv_freq[None, :]  # [T, R/2], fp32 as HF
+    scale = np.float32(table.scale)  # as HF: the fp32 cos/sin times attention_scaling
+    cos, sin = (np.cos(ang) * scale)[:, None, :], (np.sin(ang) * scale)[:, None, :]
+    r = table.rotary_dim
+    xr = x[..., :r]
+    if table.interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = np.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(xr.shape)
+    else:
+        x1, x2 = xr[..., : r // 2], xr[..., r // 2 :]
+        out = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out if r == x.shape[-1] else np.concatenate([out, x[..., r:].astype(out.dtype)], axis=-1)
 
 
 def soft_cap(x: np.ndarray, cap: float) -> np.ndarray:

@@ -21,9 +21,10 @@ from . import hookspecs
 from .config import BOOL_FIELDS, CONFIG_FIELDS
 from .errors import UnknownArchitectureError
 from .spec import ModelSpec, validate_spec
+from .weights import check_spec
 
 BUILTINS = ("plugins.gpt2", "plugins.llama", "plugins.qwen3", "plugins.qwen2", "plugins.mistral", "plugins.phi3",
-            "plugins.gemma2")
+            "plugins.gemma2", "plugins.gpt_neox", "plugins.phi", "plugins.mixtral", "plugins.qwen3_moe")
 GROUP = "archkit"
 ALLOW_ENV = "ARCHKIT_PLUGINS"  # comma-separated plugin names to load; unset = all
 
@@ -139,6 +140,8 @@ def _collect(plugin: str, hook, dist, entries: dict[str, Entry], broken: list[Br
 
     def register(spec):
         bad = validate_spec(spec, CONFIG_FIELDS, BOOL_FIELDS)
+        if not bad:
+            bad = check_spec(spec)
         if bad:
             problems.append(f"invalid spec {getattr(spec, 'name', '?')!r}: " + "; ".join(bad))
         elif spec.name in entries or spec.name in mine:

@@ -15,16 +15,18 @@ import numpy as np
 from .checkpoint import float32_to_bf16_bits
 from .config import ModelConfig
 from .spec import Derived, ModelSpec
-from .weights import condition, expected_shape
+from .weights import condition, expected_shape, stack_count
 
 
 def hf_config_dict(spec: ModelSpec, c: ModelConfig) -> dict:
     """config.json content that ModelConfig.from_hf(spec, ...) reads back as `c`."""
     d: dict = {"architectures": list(spec.detection.architectures[:1]), "model_type": (spec.detection.model_types or ("",))[0]}
     for key in spec.config:
-        if not key.keys:
-            continue
+        if not key.keys or (key.transform is not None and key.default != getattr(c, key.field)):
+            continue  # a transformed value cannot be written back; the family default needs no key
         v = getattr(c, key.field)
+        if key.transform is not None:
+            continue
         if key.field == "eos_token_ids":
             v = (list(v) if len(v) > 1 else v[0]) if v else None
         d[key.keys[0]] = v
@@ -41,20 +43,32 @@ def hf_config_dict(spec: ModelSpec, c: ModelConfig) -> dict:
 
 
 def checkpoint_tensors(spec: ModelSpec, c: ModelConfig):
-    """Yield (checkpoint name, rule, layer) for every tensor the spec expects under `c`, in rule order."""
+    """Yield (checkpoint name, rule, layer) for every tensor the spec expects under `c`, in rule order; of rules
+    that are alternative layouts of the same roles only the first is written, and per-expert (per-head) patterns
+    once per expert (head)."""
+    seen: set[str] = set()
     for rule in spec.weights:
-        if not condition(rule.when, c):
+        if seen & set(rule.targets):
             continue
+        seen |= set(rule.targets)
         for layer in (range(c.num_layers) if rule.per_layer else [None]):
-            yield rule.patterns[0].replace("{layer}", str(layer)), rule, layer
+            if not condition(rule.when, c, layer):
+                continue
+            name = rule.patterns[0].replace("{layer}", str(layer))
+            for e in range(stack_count(rule, c, spec)) if rule.stacked else [None]:
+                yield (name if e is None else name.replace("{expert}", str(e)).replace("{head}", str(e))), rule, layer
 
 
-def stored_shape(rule, c: ModelConfig) -> tuple[int, ...]:
-    """The shape a rule's tensor has in the checkpoint (fused parts stacked, transposed back as stored)."""
-    shape = expected_shape(rule.targets[0], c)
+def stored_shape(rule, c: ModelConfig, spec: ModelSpec | None = None) -> tuple[int, ...]:
+    """The shape a rule's tensor has in the checkpoint (fused parts stacked, one expert's (head's) slice for
+    per-expert (per-head) patterns, transposed back as stored)."""
+    shape = expected_shape(rule.targets[0], c, spec)
+    axis = 1 if rule.targets[0].startswith("experts.") else 0
     if rule.split:
-        shape = (sum(getattr(c, s) for s in rule.split),) + shape[1:]
-    return tuple(shape[::-1]) if rule.transpose else tuple(shape)
+        shape = shape[:axis] + (sum(getattr(c, s) for s in rule.split),) + shape[axis + 1:]
+    if rule.stacked:
+        shape = shape[1:]
+    return tuple(shape[:-2]) + tuple(shape[-2:][::-1]) if rule.transpose and len(shape) > 1 else tuple(shape)
 
 
 def random_tensors(spec: ModelSpec, c: ModelConfig, seed: int = 0, std: float = 0.02):
@@ -63,16 +77,17 @@ def random_tensors(spec: ModelSpec, c: ModelConfig, seed: int = 0, std: float = 
     for name, rule, _ in checkpoint_tensors(spec, c):
         parts = []
         for role in rule.targets:
-            shape = expected_shape(role, c)
+            shape = expected_shape(role, c, spec)[1 if rule.stacked else 0:]
             if role.endswith("norm.weight"):
-                parts.append((1.0 - spec.norm_offset + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+                parts.append((1.0 - c.norm_offset + 0.1 * rng.standard_normal(shape)).astype(np.float32))
             elif len(shape) == 1:
                 parts.append((std * rng.standard_normal(shape)).astype(np.float32))
             else:
                 parts.append((std * rng.standard_normal(shape, dtype=np.float32)))
-        x = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        if rule.transpose:
-            x = np.ascontiguousarray(x.T)
+        x = np.concatenate(parts, axis=1 if rule.targets[0].startswith("experts.") and not rule.stacked else 0) \
+            if len(parts) > 1 else parts[0]
+        if rule.transpose and x.ndim > 1:
+            x = np.ascontiguousarray(np.swapaxes(x, -1, -2))
         yield name, x
 
 

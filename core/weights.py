@@ -17,48 +17,95 @@ import numpy as np
 from .checkpoint import Checkpoint, TensorInfo, read_tensor, to_float32
 from .config import ModelConfig
 from .errors import WeightsError
-from .spec import ModelSpec, WeightRule
+from .spec import FLAGS, LAYER_PREDICATES, REQUIRED, Derived, ModelSpec, WeightRule
 
 
-def expected_shape(role: str, c: ModelConfig) -> tuple[int, ...]:
-    """The canonical shape of a role ([out, in] for matrices)."""
-    D, I = c.hidden_size, c.intermediate_size
-    table = {
-        "embed": (c.vocab_size, D), "pos_embed": (c.max_position_embeddings, D), "lm_head": (c.vocab_size, D),
-        "q.weight": (c.q_dim, D), "k.weight": (c.kv_dim, D), "v.weight": (c.kv_dim, D), "o.weight": (D, c.q_dim),
-        "q.bias": (c.q_dim,), "k.bias": (c.kv_dim,), "v.bias": (c.kv_dim,),
-        "q_norm.weight": (c.head_dim,), "k_norm.weight": (c.head_dim,),
-        "gate.weight": (I, D), "up.weight": (I, D), "down.weight": (D, I), "gate.bias": (I,), "up.bias": (I,),
-    }
-    return table.get(role, (D,))  # norms and the remaining biases are [hidden]
+# The config field giving each role's first (output) dim, for shape checks and fused splits.
+ROWS = {
+    "embed": "vocab_size", "lm_head": "vocab_size", "lm_head.bias": "vocab_size", "pos_embed": "max_position_embeddings",
+    "q.weight": "q_dim", "q.bias": "q_dim", "k.weight": "kv_dim", "k.bias": "kv_dim", "v.weight": "kv_dim",
+    "v.bias": "kv_dim", "o.weight": "hidden_size", "o.bias": "hidden_size",
+    "gate.weight": "intermediate_size", "gate.bias": "intermediate_size", "up.weight": "intermediate_size",
+    "up.bias": "intermediate_size", "down.weight": "hidden_size", "down.bias": "hidden_size",
+    "router.weight": "num_experts", "router.bias": "num_experts",
+    "experts.gate.weight": "expert_dim", "experts.gate.bias": "expert_dim", "experts.up.weight": "expert_dim",
+    "experts.up.bias": "expert_dim", "experts.down.weight": "hidden_size", "experts.down.bias": "hidden_size",
+    "shared.gate.weight": "shared_expert_intermediate_size", "shared.gate.bias": "shared_expert_intermediate_size",
+    "shared.up.weight": "shared_expert_intermediate_size", "shared.up.bias": "shared_expert_intermediate_size",
+    "shared.down.weight": "hidden_size", "shared.down.bias": "hidden_size",
+}
+_INPUTS = {"o.weight": "q_dim", "down.weight": "intermediate_size", "experts.down.weight": "expert_dim",
+           "shared.down.weight": "shared_expert_intermediate_size"}  # matrices not reading the hidden state
+
+
+def expected_shape(role: str, c: ModelConfig, spec: ModelSpec | None = None) -> tuple[int, ...]:
+    """The canonical shape of a role ([out, in] for matrices, [num_experts, out, in] for experts.*)."""
+    if spec is not None:
+        for r in spec.extra_roles:
+            if r.name == role:
+                return tuple(s if isinstance(s, int) else getattr(c, s) for s in r.shape)
+    if role in ("q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias"):
+        heads = c.num_heads if role[0] == "q" else c.num_kv_heads
+        return {"per_head": (heads, c.head_dim), "projection": (heads * c.head_dim,)}.get(c.qk_norm, (c.head_dim,))
+    if role == "shared_gate.weight":
+        return (1, c.hidden_size)
+    rows = ROWS.get(role)
+    if rows is None:
+        return (c.hidden_size,)  # norms
+    shape = (getattr(c, rows),)
+    if role.endswith(".weight") or role in ("embed", "lm_head", "pos_embed"):
+        shape += (getattr(c, _INPUTS.get(role, "hidden_size")),)
+    return (c.num_experts,) + shape if role.startswith("experts.") else shape
 
 
 def _regex(pattern: str) -> re.Pattern:
-    return re.compile("^" + re.escape(pattern).replace(r"\{layer\}", r"(?P<layer>0|[1-9][0-9]*)") + "$")
+    """A pattern as a regex: groups "layer" and "index" (the {expert} or {head} number)."""
+    return re.compile("^" + re.escape(pattern).replace(r"\{layer\}", r"(?P<layer>0|[1-9][0-9]*)")
+                      .replace(r"\{expert\}", r"(?P<index>0|[1-9][0-9]*)")
+                      .replace(r"\{head\}", r"(?P<index>0|[1-9][0-9]*)") + "$")
 
 
-def condition(rule_when: str | None, c: ModelConfig) -> bool:
-    """Evaluate a rule's `when` against the config (None → always)."""
+def condition(rule_when: str | None, c: ModelConfig, layer: int | None = None) -> bool:
+    """Evaluate a rule's `when` against the config (None → always); "sparse_layer" asks about `layer`,
+    "flag=value" compares an architecture flag."""
     if rule_when is None:
         return True
     neg = rule_when.startswith("!")
-    return bool(getattr(c, rule_when.lstrip("!"))) != neg
+    name = rule_when.lstrip("!")
+    flag, eq, want = name.partition("=")
+    if eq:
+        return (getattr(c, flag) == want) != neg
+    value = c.sparse_layer(layer) if name in LAYER_PREDICATES else getattr(c, name)
+    return (value != "none" if isinstance(value, str) else bool(value)) != neg
 
 
 @attrs.frozen
 class Source:
-    """One checkpoint tensor feeding one rule, at one layer (None for global)."""
+    """The checkpoint tensor(s) feeding one rule at one layer (None for global): one, or one per expert / head."""
 
-    info: TensorInfo
+    infos: tuple[TensorInfo, ...]
     rule: WeightRule
     layer: int | None
+
+    @property
+    def info(self) -> TensorInfo:
+        return self.infos[-1]
+
+    @property
+    def numel(self) -> int:
+        return sum(i.numel for i in self.infos)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos)
 
 
 @attrs.define
 class Match:
     """Which tensor names the rules explain, and which they do not."""
 
-    found: dict[tuple[int, int | None], list[tuple[int, TensorInfo]]]  # (rule index, layer) → [(alt, info)]
+    # (rule index, layer) → [(alternative, info, expert / head or None)]
+    found: dict[tuple[int, int | None], list[tuple[int, TensorInfo, int | None]]]
     unexplained: list[str]
     ignored: list[str]
 
@@ -75,12 +122,14 @@ def match_names(spec: ModelSpec, tensors: dict[str, TensorInfo]) -> Match:
             for ai, rx in enumerate(alts):
                 m = rx.match(name)
                 if m:
-                    hit = (ri, int(m["layer"]) if "layer" in rx.groupindex else None, ai)
+                    g = m.groupdict()
+                    hit = (ri, int(g["layer"]) if "layer" in g else None, ai,
+                           int(g["index"]) if "index" in g else None)
                     break
             if hit:
                 break
         if hit:
-            found.setdefault(hit[:2], []).append((hit[2], info))
+            found.setdefault(hit[:2], []).append((hit[2], info, hit[3]))
         elif any(rx.match(name) for rx in ignores):
             ignored.append(name)
         else:
@@ -96,7 +145,8 @@ class Plan:
     sources: list[Source]
 
     def load(self, convert: Callable[[np.ndarray, str, str], object]) -> Iterator[tuple[str, int | None, object]]:
-        """Yield (role, layer, converted tensor), reading one checkpoint tensor at a time.
+        """Yield (role, layer, converted tensor), reading one checkpoint tensor (or one layer's experts or heads)
+        at a time.
 
         convert(float32 array or raw bits, stored dtype, role) → backend tensor. Transforms are
         applied in float32 unless the tensor needs none, in which case the raw bits are passed on.
@@ -107,18 +157,40 @@ class Plan:
             yield from self._one(src, convert)
 
     def _one(self, src: Source, convert) -> Iterator[tuple[str, int | None, object]]:
-        bits = read_tensor(src.info)
         rule = src.rule
-        if not rule.transpose and len(rule.targets) == 1:
-            yield rule.targets[0], src.layer, convert(bits, src.info.dtype, rule.targets[0])
-            return
-        x = to_float32(bits, src.info.dtype)
-        del bits
+        dtypes = {i.dtype for i in src.infos}
+        if len(dtypes) == 1:  # the experts' (heads') slices are stacked as stored (raw bits), one dtype
+            bits = np.stack([read_tensor(i) for i in src.infos]) if rule.stacked else read_tensor(src.info)
+            if not rule.transpose and len(rule.targets) == 1:
+                yield rule.targets[0], src.layer, convert(bits, src.info.dtype, rule.targets[0])
+                return
+            x = to_float32(bits, src.info.dtype)
+            del bits
+        else:  # experts (heads) stored in different dtypes: meet in float32
+            x = np.stack([to_float32(read_tensor(i), i.dtype) for i in src.infos])
+        stacked = rule.per_expert or rule.targets[0].startswith("experts.")
         if rule.transpose:
-            x = np.ascontiguousarray(x.T)
-        parts = [x] if len(rule.targets) == 1 else np.split(x, np.cumsum([getattr(self.config, s) for s in rule.split])[:-1])
+            x = np.ascontiguousarray(np.swapaxes(x, -1, -2) if x.ndim > 1 else x)
+        if len(rule.targets) == 1:
+            parts = [x]
+        else:
+            sizes = [getattr(self.config, s) for s in rule.split]
+            groups = getattr(self.config, rule.interleave) if rule.interleave else 1
+            parts = split_fused(x, sizes, groups, axis=1 if stacked else 0)
         for role, part in zip(rule.targets, parts):
             yield role, src.layer, convert(np.ascontiguousarray(part), "F32", role)
+
+
+def split_fused(x: np.ndarray, sizes: list[int], groups: int = 1, axis: int = 0) -> list[np.ndarray]:
+    """Cut a fused tensor along `axis` into parts of `sizes`; with groups > 1 the axis holds `groups` blocks,
+    each carrying size / groups rows of every part in turn (GPT-NeoX's [heads, (q, k, v), head_dim])."""
+    if groups == 1:
+        return np.split(x, np.cumsum(sizes)[:-1], axis=axis)
+    shape = x.shape
+    g = x.reshape(shape[:axis] + (groups, sum(sizes) // groups) + shape[axis + 1:])
+    per = [s // groups for s in sizes]
+    return [p.reshape(shape[:axis] + (s,) + shape[axis + 1:])
+            for p, s in zip(np.split(g, np.cumsum(per)[:-1], axis=axis + 1), sizes)]
 
 
 def plan(spec: ModelSpec, config: ModelConfig, ckpt: Checkpoint) -> Plan:
@@ -127,38 +199,159 @@ def plan(spec: ModelSpec, config: ModelConfig, ckpt: Checkpoint) -> Plan:
     missing, unexpected, mismatched = [], list(m.unexplained), []
     sources: list[Source] = []
     layers = range(config.num_layers)
+    present = set(m.found)
+    # Rules sharing a role are alternative layouts of it (experts one tensor each, or stacked): at each layer the
+    # first one present is used, the others must be absent.
+    alts = {ri: [rj for rj, other in enumerate(spec.weights) if rj != ri and set(other.targets) & set(rule.targets)]
+            for ri, rule in enumerate(spec.weights)}
     for ri, rule in enumerate(spec.weights):
-        wanted = condition(rule.when, config)
         for layer in (layers if rule.per_layer else [None]):
-            hits = sorted(m.found.pop((ri, layer), []), key=lambda h: h[0])
-            if not wanted:
-                if not rule.ignore_when_false:
-                    unexpected += [info.name for _, info in hits]
+            hits = sorted(m.found.pop((ri, layer), []), key=lambda h: (h[0], -1 if h[2] is None else h[2]))
+            other = [rj for rj in alts[ri] if (rj, layer) in present]
+            if not condition(rule.when, config, layer) or (other and (not hits or min(other) < ri)):
+                if not rule.ignore_when_false or other:
+                    unexpected += [info.name for _, info, _ in hits]
                 continue
-            if not hits:
-                missing.append(rule.patterns[0].replace("{layer}", str(layer)))
+            name = rule.patterns[0].replace("{layer}", str(layer))
+            if rule.stacked:
+                infos, extra = _experts(hits, stack_count(rule, config, spec))
+                unexpected += extra
+                gone = [name.replace("{expert}", str(e)).replace("{head}", str(e)) for e, i in enumerate(infos)
+                        if i is None]
+                missing += gone
+                if gone:
+                    continue
+                infos = tuple(infos)
+            elif not hits:
+                missing.append(name)
                 continue
-            info = hits[0][1]
-            unexpected += [h.name for _, h in hits[1:]]  # the same tensor under two alternative names
-            bad = _shape_problem(rule, info, config)
+            else:
+                infos = (hits[0][1],)
+                unexpected += [h.name for _, h, _ in hits[1:]]  # the same tensor under two alternative names
+            bad = _shape_problem(rule, infos, config, spec)
             if bad:
                 mismatched.append(bad)
-            sources.append(Source(info, rule, layer))
+            sources.append(Source(infos, rule, layer))
     for (ri, layer), hits in m.found.items():  # layers beyond num_hidden_layers
-        unexpected += [info.name for _, info in hits]
+        unexpected += [info.name for _, info, _ in hits]
     if missing or unexpected or mismatched:
         raise WeightsError(ckpt.path, missing, sorted(unexpected), mismatched)
     return Plan(config, sources)
 
 
-def _shape_problem(rule: WeightRule, info: TensorInfo, c: ModelConfig) -> str | None:
-    shape = info.shape[::-1] if rule.transpose else info.shape
+def stack_count(rule: WeightRule, c: ModelConfig, spec: ModelSpec) -> int:
+    """How many tensors a {expert} or {head} rule stacks: the experts, or the role's leading (head) axis."""
+    if rule.per_expert:
+        return c.num_experts
+    shape = expected_shape(rule.targets[0], c, spec)
+    return shape[0] if len(shape) > 1 else 0  # a role without a per-head axis: _shape_problem says why
+
+
+def _experts(hits, n: int) -> tuple[list, list[str]]:
+    """One tensor per expert (or head) 0..n-1 (the first alternative found), and the names left over."""
+    infos: list = [None] * n
+    extra = []
+    for _, info, e in hits:
+        if e < n and infos[e] is None:
+            infos[e] = info
+        else:
+            extra.append(info.name)
+    return infos, extra
+
+
+def _shape_problem(rule: WeightRule, infos: tuple[TensorInfo, ...], c: ModelConfig, spec: ModelSpec) -> str | None:
+    want = expected_shape(rule.targets[0], c, spec)
+    stacked = rule.targets[0].startswith("experts.")
     if len(rule.targets) > 1:
-        sizes = [getattr(c, s) for s in rule.split]
-        want = (sum(sizes),) + expected_shape(rule.targets[0], c)[1:]
-    else:
-        want = expected_shape(rule.targets[0], c)
-    if tuple(shape) != want:
-        stored = tuple(want[::-1]) if rule.transpose else want
-        return f"{info.name} is {list(info.shape)}, expected {list(stored)}"
+        axis = 1 if stacked else 0
+        groups = getattr(c, rule.interleave) if rule.interleave else 1
+        if any(getattr(c, s) % groups for s in rule.split):
+            return (f"{infos[0].name} cannot be split into {list(rule.split)} interleaved over {rule.interleave}="
+                    f"{groups}: {[getattr(c, s) for s in rule.split]} are not all multiples of it")
+        want = want[:axis] + (sum(getattr(c, s) for s in rule.split),) + want[axis + 1:]
+    if rule.per_head and len(want) < 2:
+        return (f"{infos[0].name if infos else rule.patterns[0]} is stored one tensor per head, but role "
+                f"{rule.targets[0]!r} has no per-head axis under qk_norm={c.qk_norm!r} (it is {list(want)})")
+    if rule.stacked:
+        want = want[1:]  # each tensor is one expert's (head's) slice
+    stored = tuple(want[:-2]) + tuple(want[-2:][::-1]) if rule.transpose and len(want) > 1 else want
+    for info in infos:
+        if tuple(info.shape) != stored:
+            return f"{info.name} is {list(info.shape)}, expected {list(stored)}"
     return None
+
+
+# -- registration-time checks that need the config's defaults ---------------------------------------------------------
+
+def family_defaults(spec: ModelSpec) -> dict:
+    """The value of every ModelConfig field when config.json says nothing: the spec's fixed flags, its
+    ConfigKey defaults, then the core defaults (sizes the family requires stay absent)."""
+    values = {f.name: f.default for f in attrs.fields(ModelConfig) if f.default is not attrs.NOTHING}
+    for key in spec.config:
+        if key.default is not REQUIRED and not isinstance(key.default, Derived):
+            values[key.field] = key.default
+    for flag in (*FLAGS, "norm_offset", "scale_embeddings"):
+        if getattr(spec, flag) is not None:
+            values[flag] = getattr(spec, flag)
+    return values
+
+
+def needed_roles(d: dict, spec: ModelSpec) -> set[str]:
+    """The roles the forward reads under config values `d` (see core.model)."""
+    need = {"embed", "final_norm.weight"}
+    if spec.attention_block is None:
+        need |= {"q.weight", "k.weight", "v.weight", "o.weight"}
+        if d["qk_norm"] != "none":
+            need |= {"q_norm.weight", "k_norm.weight"}
+    if not d.get("tie_word_embeddings"):
+        need.add("lm_head")
+    if d["positions"] == "learned":
+        need.add("pos_embed")
+    if d["norm_placement"] in ("pre", "sandwich"):
+        need.add("attn_norm.weight")
+        if d["block"] != "parallel_shared_norm":
+            need.add("mlp_norm.weight")
+    if d["norm_placement"] in ("post", "sandwich"):
+        need |= {"post_attn_norm.weight", "post_mlp_norm.weight"}
+    if spec.mlp_block is None:
+        gate = {"gate.weight"} if d["mlp"] == "gated" else set()
+        moe = isinstance(d.get("num_experts"), int) and d["num_experts"] > 0
+        if not moe or d.get("mlp_only_layers") or d.get("first_dense_layers") or d.get("decoder_sparse_step", 1) > 1:
+            need |= {"up.weight", "down.weight"} | gate
+        if moe:
+            need |= {"router.weight", "experts.up.weight", "experts.down.weight"} | {"experts." + g for g in gate}
+            if d.get("shared_expert_intermediate_size"):
+                need |= {"shared.up.weight", "shared.down.weight"} | {"shared." + g for g in gate}
+    return need
+
+
+def check_spec(spec: ModelSpec) -> list[str]:
+    """What makes a (structurally valid) spec unusable, found at registration rather than at the first token:
+    a role the forward needs under the family's defaults that no rule provides, a flag both fixed and mapped,
+    a fused split whose parts cannot be shape-checked."""
+    bad = []
+    for key in spec.config:
+        if key.field in (*FLAGS, "norm_offset", "scale_embeddings") and getattr(spec, key.field) is not None:
+            bad.append(f"config key {key.field!r} maps onto a flag the spec fixes ({key.field}="
+                       f"{getattr(spec, key.field)!r}); fix it in one place")
+    d = family_defaults(spec)
+    mapped = {key.field for key in spec.config}
+    unmapped = [f.name for f in attrs.fields(ModelConfig) if f.default is attrs.NOTHING
+                and f.name not in mapped and f.name not in ("num_kv_heads", "head_dim")]  # those two have conventions
+    if unmapped:
+        bad.append(f"no config key maps {unmapped}, which every model needs")
+    if d["norm"] == "rmsnorm" and any(t.endswith("norm.bias") for r in spec.weights for t in r.targets):
+        bad.append("a norm bias role under norm='rmsnorm', which has no bias (use norm='layernorm')")
+    provided = {t for r in spec.weights for t in r.targets}
+    missing = sorted(needed_roles(d, spec) - provided)
+    if missing:
+        bad.append(f"no weight rule provides {missing}, which the forward needs under the family's defaults")
+    extra = {r.name: r for r in spec.extra_roles}
+    for rule in spec.weights:
+        for role, size in zip(rule.targets, rule.split):
+            rows = extra[role].shape[0] if role in extra else ROWS.get(role)
+            if role.endswith(("norm.weight", "norm.bias")) or rows is None:
+                bad.append(f"fused split of {rule.patterns[0]!r}: role {role!r} has no checkable size")
+            elif rows != size:
+                bad.append(f"fused split of {rule.patterns[0]!r}: role {role!r} has {rows} rows, not {size!r}")
+    return bad

@@ -228,21 +228,25 @@ def test_phi3_detection(tmp_path):
     assert all(s == 0 for n, s in bare.scores.items() if n != "phi3")  # nobody else has qkv_proj
 
 
-@pytest.mark.parametrize("edit,message", [
-    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
-                          "long_factor": [2.0] * 8, "original_max_position_embeddings": 64}},
-     "rope type 'longrope' is not supported"),
-    ({"rope_parameters": None, "rope_theta": 10000.0,  # the original Phi-3-128k config.json spelling
-      "rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}},
-     "rope type 'su' is not supported"),
-    ({"partial_rotary_factor": 0.75}, r"partial_rotary_factor=0.75 is not supported"),
-])
-def test_phi3_rejects_unsupported_rope(tmp_path, edit, message):
-    ckpt = save_model("phi3", tmp_path / "p")
-    cfg = json.loads((ckpt / "config.json").read_text())
-    (ckpt / "config.json").write_text(json.dumps({k: v for k, v in {**cfg, **edit}.items() if v is not None}))
-    with pytest.raises(ConfigError, match=message):
-        core.load(ckpt, device="cpu", quiet=True)
+@FEW
+@given(partial=st.sampled_from([1.0, 0.75, 0.5]), longrope=st.booleans(), seed=S.seed)
+def test_phi3_longrope_and_partial_rotary(partial, longrope, seed):
+    """Phi-3 128k's LongRoPE (short factors up to original_max_position_embeddings, long factors past it, and the
+    attention factor) and Phi-4-mini's partial rotary, through prefill, decode and greedy generation that cross
+    the short/long boundary (original_max_position_embeddings 8, 12 prompt tokens, 20 generated)."""
+    head_dim = 16
+    rot = int(head_dim * partial) // 2
+    rng = np.random.default_rng(seed)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial}
+    if longrope:
+        rope.update(rope_type="longrope", short_factor=(1 + rng.random(rot)).tolist(),
+                    long_factor=(1 + 4 * rng.random(rot)).tolist(), original_max_position_embeddings=8)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build("phi3", tmp, layers=2, heads=(4, 2), hidden=64, seed=seed, max_pos=64, rope_parameters=rope)
+        if longrope:  # Phi3Config keeps original_max_position_embeddings at the top level too
+            cfg = json.loads((ckpt / "config.json").read_text())
+            assert cfg["rope_parameters"]["rope_type"] == "longrope"
+        assert_parity("phi3", ckpt, prompt(seed, 12))
 
 
 # -- Gemma 2: scaled embeddings, (1 + w) norms, sandwich norms, soft-capping, local/global layers -----------
@@ -296,8 +300,8 @@ def test_gemma2_detection(tmp_path):
 @pytest.mark.parametrize("edit,message", [
     ({"layer_types": ["full_attention"]}, "layer_types has 1 entries for num_hidden_layers=2"),
     ({"layer_types": ["sliding_attention", "chunked_attention"]}, "layer_types=.* is not supported"),
-    ({"attn_logit_softcapping": -1.0}, "attn_softcap=-1.0 must be a positive number or null"),
-    ({"final_logit_softcapping": 0}, "logit_softcap=0 must be a positive number or null"),
+    ({"attn_logit_softcapping": -1.0}, "attn_logit_softcapping=-1.0 must be a positive number or null"),
+    ({"final_logit_softcapping": 0}, "final_logit_softcapping=0 must be a positive number or null"),
     ({"query_pre_attn_scalar": "256"}, "attn_scalar='256' must be a positive number or null"),
     ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True is not supported by plugin 'gemma2'"),
 ])

@@ -77,6 +77,7 @@ SPEC = ModelSpec(
     mlp="gated",
     positions="rope",
     scale_embeddings=True,
+    norm_placement="sandwich",
     detection=Detection(architectures=("Gemma2ForCausalLM",), model_types=("gemma2",)),
 )
 

@@ -5,8 +5,8 @@ load by the generic split transform: qkv_proj holds q, k and v stacked along the
 gate_up_proj holds gate then up (Phi3MLP: `gate, up = gate_up_proj(x).chunk(2, dim=-1)`). Every layer
 uses the sliding window when config.json sets one (Phi-3-mini-4k: 2047).
 
-Not supported, and refused by config validation with a ConfigError: "longrope" rope scaling (the
-128k-context models; older configs call it "su" or "yarn") and partial_rotary_factor != 1 (Phi-4-mini).
+The 128k-context models' "longrope" scaling (older configs call it "su") and Phi-4-mini's partial rotary
+(partial_rotary_factor 0.75) are read by core.rope like every other family's.
 """
 
 from core import ConfigKey, Derived, Detection, ModelSpec, W, hookimpl
