@@ -16,60 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
-from .detect import score_config
+from .bench_shapes import bytes_per_token, named_config, named_configs, pick_spec, resolve
 from .errors import ConfigError
-from .registry import default_registry
 from .synth import write_checkpoint
 
-CONFIGS_FILE = Path(__file__).parent / "data" / "bench_configs.json"
-
-
-def named_configs() -> dict[str, dict]:
-    """The named shapes: config.json contents keyed by name (data, so core names no family)."""
-    return {k: v for k, v in json.loads(CONFIGS_FILE.read_text()).items() if not k.startswith("_")}
-
-
-def resolve(name: str) -> tuple[str, dict]:
-    """A named shape by exact name or unique prefix ("tinyllama" → "tinyllama-1.1b")."""
-    configs = named_configs()
-    key = name.lower()
-    hits = [key] if key in configs else [k for k in configs if k.startswith(key)]
-    if len(hits) != 1:
-        raise ConfigError(f"bench config {name!r} is {'ambiguous' if hits else 'unknown'}; "
-                          f"known: {sorted(configs)} (or pass a checkpoint directory)")
-    return hits[0], configs[hits[0]]
-
-
-def pick_spec(raw: dict, registry=None):
-    """The registered spec that detection would pick for these config.json contents."""
-    reg = registry if registry is not None else default_registry()
-    scores = {name: score_config(reg[name].spec, raw) for name in reg}
-    best = max(scores.values(), default=0)
-    winners = [n for n, s in scores.items() if s == best]
-    if best <= 0 or len(winners) != 1:
-        raise ConfigError(f"no unique plugin for architectures={raw.get('architectures')} "
-                          f"model_type={raw.get('model_type')!r} (scores {scores})")
-    return reg[winners[0]].spec
-
-
-def named_config(name: str):
-    """(spec, ModelConfig) of a named bench shape."""
-    key, raw = resolve(name)
-    spec = pick_spec(raw)
-    return spec, ModelConfig.from_hf(spec, raw, source=f"bench config {key!r}")
-
-
-def bytes_per_token(model) -> int:
-    """Weight bytes one decode step must read: everything but the unused embedding rows."""
-    from .weights import expected_shape
-
-    c, per = model.config, {"float32": 4, "float16": 2, "bfloat16": 2}[model.dtype]
-    n = sum(int(np.prod(expected_shape(r, c))) for L in model.weights.layers for r in L)
-    n += sum(int(np.prod(expected_shape(r, c))) for r in model.weights.globals if r not in ("embed", "pos_embed"))
-    if "lm_head" not in model.weights.globals:
-        n += c.vocab_size * c.hidden_size  # tied: the embedding is read whole as lm_head
-    return n * per
+# the named shapes and bytes_per_token live in core/bench_shapes.py, shared with core/cuda/bench.py; kept
+# importable from here
+__all__ = ["run_bench", "named_configs", "named_config", "resolve", "pick_spec", "bytes_per_token",
+           "host_copy_bandwidth", "time_ours", "time_hf"]
 
 
 def host_copy_bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> float:

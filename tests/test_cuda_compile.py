@@ -38,10 +38,10 @@ def test_compiles(name, arch, tmp_path):
 def test_decode_attention_group_limit_matches_the_kernel(dtype, Dh, g, tmp_path):
     """The backend's shared-memory estimate for attn_decode_step (it falls back to the two-kernel path above
     48 KB) agrees with what the kernel can be built for: the .cu's static_assert fires exactly past it."""
-    from core.cuda.backend import _decode_step_geometry
+    from core.cuda.geometry import decode_step_geometry
 
     defines = {"WDTYPE": modules.DTYPE_CODES[dtype], "HEAD_DIM": Dh, "GROUP": g}
     cmd = [NVCC, "-cubin", "-arch=sm_90", f"-I{modules.HERE}", *modules.nvcc_options(defines),
            str(modules.HERE / "attention.cu"), "-o", str(tmp_path / "out.cubin")]
     builds = subprocess.run(cmd, capture_output=True, text=True).returncode == 0
-    assert builds == (_decode_step_geometry(Dh, g, dtype)[1] <= 48 * 1024)
+    assert builds == (decode_step_geometry(Dh, g, dtype)[1] <= 48 * 1024)

@@ -44,13 +44,13 @@ class Recorder:
         self.be, self.ops = be, []
 
     def __enter__(self):
-        be, launch, cub = self.be, self.be._launch, self.be._cublas_op
-        be._launch = lambda op, *a, **kw: (self.ops.append(op), launch(op, *a, **kw))[1]
-        be._cublas_op = lambda op, call: (self.ops.append(op), cub(op, call))[1]
+        be, launch, cub = self.be, self.be.launch, self.be.cublas_op
+        be.launch = lambda op, *a, **kw: (self.ops.append(op), launch(op, *a, **kw))[1]
+        be.cublas_op = lambda op, call: (self.ops.append(op), cub(op, call))[1]
         return self
 
     def __exit__(self, *exc):
-        del self.be._launch, self.be._cublas_op
+        del self.be.launch, self.be.cublas_op
 
 
 @on_gpu

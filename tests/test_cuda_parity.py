@@ -40,6 +40,10 @@ FAMILIES = {  # sizes chosen off the kernels' tile multiples; windows shorter th
     "mistral": dict(kv_heads=2, sliding_window=24),
     "phi3": dict(kv_heads=2),
     "gemma2": dict(kv_heads=2, head_dim=32, sliding_window=24),
+    # the open vocabulary: a parallel block, LayerNorm with biases, fused per-head QKV, a quarter of each head rotated
+    "gpt_neox": {},
+    # a parallel block from one LayerNorm, half of each head rotated, per-head q/k LayerNorm with bias, lm_head bias
+    "phi": dict(kv_heads=2, qk_layernorm=True),
 }
 
 
@@ -186,7 +190,7 @@ def test_out_of_memory_while_loading_frees_everything(family_ckpt, monkeypatch):
     def failing(self, bits, stored, role):
         calls["n"] += 1
         if calls["n"] == 5:  # some weights are already on the GPU by now
-            raise self._oom(1 << 40, f"weight {role!r}")
+            raise self.oom(1 << 40, f"weight {role!r}")
         return real(self, bits, stored, role)
 
     monkeypatch.setattr(CudaBackend, "convert", failing)
@@ -208,3 +212,77 @@ def test_kv_cache_that_cannot_fit_says_needed_vs_free(family_ckpt):
         model.generate([1, 2, 3], max_new_tokens=3)  # the backend is still usable afterwards
     finally:
         release(model)
+
+
+# --- rope tables that change with the length, and the vocabulary's outside families ---------------------------------
+def test_rope_table_that_changes_mid_decode(tmp_path):
+    """Phi-3 longrope with original_max_position_embeddings 32: its table (long factors past 32 positions, cos/sin
+    scaled by 1.34, so the unfused rope kernel) changes during the generation. Decode graphs are captured before
+    the switch and replayed after it: each step's table is bound into the buffer the graph reads (bind_rope), and
+    steps are not launched ahead of the host (decode_ids declines). CUDA graphs, launched kernels and numpy fp32
+    give the same tokens; logits through the KV cache across the switch match numpy's."""
+    from test_families import cached_logits
+
+    path = hf.save_model("phi3", tmp_path / "ckpt", seed=3, **COMMON, kv_heads=2, original_max_position_embeddings=32,
+                         rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(16)],
+                                       "long_factor": [2.0 + 0.3 * i for i in range(16)]})
+    prompt = np.random.default_rng(12).integers(0, COMMON["vocab"], 20).tolist()
+    cpu = core.load(path, device="cpu", quiet=True)
+    assert cpu.config.rope.dynamic and cpu.config.rope.attention_scaling() != 1.0
+    want = cpu.generate(prompt, max_new_tokens=30, stop_at_eos=False)
+    ids = prompt + want[:24]
+    want_logits = cached_logits(cpu, ids, 20)
+    model = load_cuda(path, "float32")
+    be = model.backend
+    try:
+        assert be.decode_ids(None, model.weights, model.config, 0, None, 0, model.config.rope, 5, None) is None
+        graphs = model.generate(prompt, max_new_tokens=30, stop_at_eos=False)
+        be.graphs = False
+        eager = model.generate(prompt, max_new_tokens=30, stop_at_eos=False)
+        err = hf.rel_err(cached_logits(model, ids, 20), want_logits)
+    finally:
+        release(model)
+    assert eager == want, f"launched kernels {eager} vs numpy {want}"
+    assert graphs == want, f"decode graphs {graphs} vs numpy {want}"
+    assert err < TOL["float32"], f"logits through the cache across the table switch: rel err {err:.3g}"
+
+
+VOCAB_CASES = {  # tests/vocab_plugins families: config switches that exercise what only they need
+    "olmo2": dict(attention_bias=True),  # post-norm, no input norms; q/k RMSNorm over the whole projection
+    "granite": dict(embedding_multiplier=6.0, residual_multiplier=0.4, attention_multiplier=0.1, logits_scaling=4.0),
+    "cohere": dict(use_qk_norm=True, logit_scale=0.5),  # interleaved pairs, per-head q/k LayerNorm, a logit multiplier
+    "stablelm": dict(use_parallel_residual=True, qk_layernorm=True, use_qkv_bias=True),  # + a quarter rotated
+    "gptj": None,  # interleaved pairs over rotary_dim 8 of 16, parallel block from one norm, lm_head bias
+}
+
+
+@pytest.mark.parametrize("family", sorted(VOCAB_CASES))
+def test_vocabulary_family_on_the_gpu(family, tmp_path):
+    """The outside families of tests/test_vocabulary.py (transformers-checked there, on numpy) on the CUDA backend
+    in fp32: prefill logits and logits through the KV cache as numpy's (< 1e-4), greedy tokens equal with decode
+    graphs and with launched kernels."""
+    import test_vocabulary as tv
+    from test_families import cached_logits
+
+    if family == "gptj":
+        ckpt = tv.build("gptj", str(tmp_path), 5, n_embd=64, n_layer=2, n_head=4, n_positions=128, rotary_dim=8)
+    else:
+        rope = {"partial_rotary_factor": 0.25} if family == "stablelm" else {}
+        ckpt = tv.build(family, str(tmp_path), 5, **tv.dims((4, 2), 2, **rope), **VOCAB_CASES[family])
+    reg = tv.registry(family)
+    ids = np.random.default_rng(4).integers(0, tv.VOCAB, 40).tolist()
+    cpu = core.load(ckpt, registry=reg, device="cpu", quiet=True)
+    want, want_cached = cpu.logits(ids), cached_logits(cpu, ids, 30)
+    greedy = cpu.generate(ids[:16], max_new_tokens=GREEDY, stop_at_eos=False)
+    model = core.load(ckpt, registry=reg, device="cuda", dtype="float32", quiet=True)
+    try:
+        err, err_cached = hf.rel_err(model.logits(ids), want), hf.rel_err(cached_logits(model, ids, 30), want_cached)
+        graphs = model.generate(ids[:16], max_new_tokens=GREEDY, stop_at_eos=False)
+        model.backend.graphs = False
+        eager = model.generate(ids[:16], max_new_tokens=GREEDY, stop_at_eos=False)
+    finally:
+        release(model)
+    assert err < TOL["float32"], f"{family}: prefill logits rel err {err:.3g} vs numpy fp32"
+    assert err_cached < TOL["float32"], f"{family}: logits through the cache rel err {err_cached:.3g} vs numpy fp32"
+    assert eager == greedy, f"{family}: launched kernels {eager} vs numpy {greedy}"
+    assert graphs == greedy, f"{family}: decode graphs {graphs} vs numpy {greedy}"

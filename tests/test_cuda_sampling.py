@@ -304,7 +304,7 @@ def capture(gs, d, ctr_ptr):
     _call("cuStreamBeginCapture_v2", stream, CAPTURE_MODE_RELAXED)
     be.capture = Capture(ids=None, start_ptr=ctr_ptr)
     try:
-        out = gs.sample(d, counter_ptr=be._start_dev())
+        out = gs.sample(d, counter_ptr=be.start_dev())
     finally:
         be.capture = None
         rc = _cuda().cuStreamEndCapture(stream, ctypes.byref(graph))

@@ -32,14 +32,14 @@ def main() -> None:
         w = be.random_weight((N, K), 1, 0.02)
         x = be.from_host(np.random.default_rng(0).normal(size=(1, K)).astype(np.float32))
         g = be.random_weight((K,), 2, 0.1, 1.0)
-        y = be._alloc((1, N))
+        y = be.alloc((1, N))
         for geo in a.geos.split(","):
             R, U = map(int, geo.split("x"))
             if K // 8 < 128 * U and U > 1:
                 continue  # fewer 16-byte chunks a row than the threads x unroll
             for fold in ("", "_norm"):
-                fn = be._fn("gemv.cu", "gemv_rows" + fold, "PiiiPPffP" + "PPPi" * 3, GEMV_MAX_T=1, GEMV_ROWS=R,
-                            GEMV_UNROLL=U)
+                fn = be.kernel("gemv.cu", "gemv_rows" + fold, "PiiiPPffP" + "PPPi" * 3, GEMV_MAX_T=1, GEMV_ROWS=R,
+                                GEMV_UNROLL=U)
                 args = (x, 1, K, -1, g if fold else None, None, 1e-6, 0.0, None, y, w, None, N) + (None, None, None, 0) * 2
                 grid = (-(-N // R), 1, 1)
                 times = []
@@ -47,7 +47,7 @@ def main() -> None:
                     e0, e1 = be.drv.Event(), be.drv.Event()
                     e0.record(be.stream)
                     for _ in range(20):
-                        be._launch("probe", fn, grid, (128, 1, 1), *args)
+                        be.launch("probe", fn, grid, (128, 1, 1), *args)
                     e1.record(be.stream)
                     e1.synchronize()
                     if rep:

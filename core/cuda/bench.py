@@ -9,7 +9,11 @@ scoring as detection, the weights are made on the GPU (no download, no checkpoin
 What is reported, per model (dtype float16 unless the checkpoint says otherwise):
 - copy_gbps: device-to-device copy bandwidth (bytes read + written per second), measured first.
 - weight_bytes, bytes_per_token: a batch-1 decode step reads every weight once, except the token and
-  position tables of which it reads one row each (a tied table is read whole, as the output projection).
+  position tables of which it reads one row each (a tied table is read whole, as the output projection),
+  and, in a mixture-of-experts layer, the experts a token does not pick: the active bytes are attention,
+  norms, router, top_k of num_experts experts and any shared expert (core/bench_shapes.py bytes_per_token).
+  Named MoE shapes in fp16: qwen3-30b-a3b holds 61.1 GB of weights (6.09 GB active a token; fits an 80 GB
+  H100), mixtral-8x7b 93.4 GB (25.5 GB active; needs an H200's 141 GB).
 - roofline_tok_s = copy bandwidth / bytes_per_token; decode_tok_s (128 new tokens after an 8-token
   prompt, wall clock around generate(), CUDA graphs on) and its % of the roofline; decode without graphs.
 - prefill_tok_s for 512 and 2048 tokens (last-position logits; None past the model's context).
@@ -39,7 +43,7 @@ import numpy as np
 
 from ..backend import Weights
 from ..config import ModelConfig
-from ..bench import named_configs, pick_spec, resolve  # noqa: F401  (the named shapes live beside the CPU bench)
+from ..bench_shapes import bytes_per_token, named_configs, pick_spec, resolve
 from ..model import Model, forward
 from ..synth import checkpoint_tensors, stored_shape
 from ..weights import condition, expected_shape
@@ -48,13 +52,17 @@ DECODE_TOKENS, PROMPT_TOKENS, PREFILL_LENGTHS = 128, 8, (512, 2048)
 
 
 def weight_shapes(spec, config: ModelConfig) -> list[tuple[str, int | None, tuple]]:
-    """(role, layer, shape) of every weight the spec loads under this config."""
-    out = []
+    """(role, layer, shape) of every weight the spec loads under this config, each role once per layer: a rule's
+    `when` is asked per layer (dense and sparse MLP layers), and of rules that are alternative layouts of the same
+    role (experts one tensor each, or stacked) only the first counts. Expert roles are stacked [E, out, in]."""
+    out, seen = [], set()
     for rule in spec.weights:
-        if not condition(rule.when, config):
-            continue
         for layer in (range(config.num_layers) if rule.per_layer else [None]):
-            out += [(role, layer, expected_shape(role, config)) for role in rule.targets]
+            if not condition(rule.when, config, layer):
+                continue
+            out += [(role, layer, expected_shape(role, config, spec)) for role in rule.targets
+                    if (role, layer) not in seen]
+            seen |= {(role, layer) for role in rule.targets}
     return out
 
 
@@ -66,7 +74,7 @@ def _init(role: str, shape: tuple) -> tuple[float, float]:
         return 0.0, 0.02
     if role in ("embed", "pos_embed"):
         return 0.0, 0.5
-    return 0.0, 1.0 / math.sqrt(shape[1])
+    return 0.0, 1.0 / math.sqrt(shape[-1])  # fan-in: the last axis ([out, in], experts [E, out, in])
 
 
 def random_model(raw: dict, dtype: str = "float16", context: int | None = None, seed: int = 0) -> Model:
@@ -108,17 +116,6 @@ def copy_bandwidth(be, nbytes: int = 1 << 30, reps: int = 10) -> float:
     finally:
         src.free()
         dst.free()
-
-
-def bytes_per_token(model: Model) -> int:
-    """Bytes one batch-1 decode step must read: all weights but the rows of gathered tables not read."""
-    W, n = model.weights, model.backend.weight_bytes
-    tied = "lm_head" not in W.globals
-    if not tied:
-        n -= W.globals["embed"].nbytes
-    if "pos_embed" in W.globals:
-        n -= W.globals["pos_embed"].nbytes
-    return n
 
 
 def _prompt(model: Model, n: int, seed: int = 0) -> list[int]:
@@ -189,8 +186,7 @@ def decode_ab(name: str, reps: int = 2, attr: str = "fused") -> dict:
         for rep in range(reps):
             for fused in (False, True):
                 setattr(be, attr, fused)
-                if be._graph_cache is not None:
-                    be._graph_cache.clear()
+                be.clear_graphs()
                 model.generate(prompt, max_new_tokens=8, stop_at_eos=False)  # compile, capture
                 t = time.perf_counter()
                 out = model.generate(prompt, max_new_tokens=DECODE_TOKENS, stop_at_eos=False)
@@ -210,7 +206,7 @@ def decode_ab(name: str, reps: int = 2, attr: str = "fused") -> dict:
 def _timed_forward(model: Model, ids, cache, start: int) -> dict[str, float]:
     """Microseconds per op name for one uncaptured forward (events around every launch and cuBLAS call)."""
     be, c = model.backend, model.config
-    events, launch, cublas_op = [], be._launch, be._cublas_op
+    events, launch, cublas_op = [], be.launch, be.cublas_op
 
     def timed(inner):
         def run(op, *a, **kw):
@@ -221,11 +217,11 @@ def _timed_forward(model: Model, ids, cache, start: int) -> dict[str, float]:
             events.append((op, e0, e1))
         return run
 
-    be._launch, be._cublas_op = timed(launch), timed(cublas_op)
+    be.launch, be.cublas_op = timed(launch), timed(cublas_op)
     try:
         forward(be, model.weights, c, ids, cache, start, model.inv_freq, all_logits=False)
     finally:
-        del be._launch, be._cublas_op
+        del be.launch, be.cublas_op
     be.synchronize("profile")
     out: dict[str, float] = {}
     for op, e0, e1 in events:
@@ -601,7 +597,7 @@ def _load_child(path: str) -> None:
     used = free0 - drv.mem_get_info()[0]
     print(json.dumps({"load_s": load_s, "peak_rss_bytes": rss, "rss_before_load_bytes": rss0,
                       "weight_bytes": model.backend.weight_bytes, "kv_bytes": model.backend.kv_bytes,
-                      "kv_positions": model.backend._kv[1], "gpu_used_bytes": used}))
+                      "kv_positions": model.backend.kv_positions, "gpu_used_bytes": used}))
 
 
 def main(argv=None) -> int:

@@ -65,11 +65,17 @@ __device__ __forceinline__ void pdl_launch() {
 #endif
 }
 
-// Activation codes, shared with core/cuda/backend.py (ACT_CODES); used by elementwise.cu and gemv.cu.
-#define ACT_GELU_TANH 0  // gelu_new / gelu_pytorch_tanh
-#define ACT_GELU_ERF 1   // exact gelu
-#define ACT_SILU 2
+// Activation codes, shared with core/cuda/elementwise.py (ACT_CODES); used by elementwise.cu and gemv.cu.
+#define ACT_GELU_TANH 0   // gelu_new / gelu_pytorch_tanh / gelu_fast
+#define ACT_GELU_ERF 1    // exact gelu
+#define ACT_SILU 2        // silu / swish
 #define ACT_RELU 3
+#define ACT_QUICK_GELU 4  // x sigmoid(1.702 x) (quick_gelu)
+#define ACT_RELU2 5       // max(x, 0)^2 (relu2)
+// The GEMV epilogues (gemv.cu) call activate(), which knows codes 0..ACT_GEMV_MAX only (anything above is
+// ReLU there): the backend runs a product with a higher code unfused (core/cuda/linear.py), so the decode GEMVs
+// keep the code they had. Every other kernel calls activate_any().
+#define ACT_GEMV_MAX 3
 
 // The gelus are written without 1 + tanh / 1 + erf, which cancel for negative x (x = -4: 1 + erf(x/sqrt2)
 // = 4e-5, so one ulp of erf is 1e-3 of the result): 0.5 (1 + tanh u) = sigmoid(2u), 1 + erf z = erfc(-z).
@@ -79,6 +85,18 @@ __device__ __forceinline__ float activate(float x, int kind) {
         case ACT_GELU_ERF: return 0.5f * x * erfcf(-x * 0.7071067811865476f);
         case ACT_SILU: return x / (1.f + expf(-x));
         default: return fmaxf(x, 0.f);
+    }
+}
+
+// Every ACT_* code (activate() for codes 0..ACT_GEMV_MAX).
+__device__ __forceinline__ float activate_any(float x, int kind) {
+    switch (kind) {
+        case ACT_QUICK_GELU: return x / (1.f + expf(-1.702f * x));
+        case ACT_RELU2: {
+            const float r = fmaxf(x, 0.f);
+            return r * r;
+        }
+        default: return activate(x, kind);
     }
 }
 

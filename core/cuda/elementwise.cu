@@ -1,5 +1,6 @@
 // Elementwise kernels on float32 activations: residual add, activation, gated activation (act(gate) * up),
-// soft-capping (cap * tanh(x / cap)); for the cuBLAS path, x rounded to the weight type and a bias add.
+// soft-capping (cap * tanh(x / cap)), a scalar multiple, a per-token sigmoid gate; for the cuBLAS path, x
+// rounded to the weight type and a bias add.
 // Grid-stride loops, so any grid size is correct; n may be any length.
 #include "common.cuh"
 
@@ -19,7 +20,7 @@ extern "C" __global__ void act(float* __restrict__ y,        // float32 [n]
     pdl_wait();
     pdl_launch();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        y[i] = activate(x[i], kind);
+        y[i] = activate_any(x[i], kind);
 }
 
 extern "C" __global__ void gated_act(float* __restrict__ y,           // float32 [n]
@@ -29,7 +30,7 @@ extern "C" __global__ void gated_act(float* __restrict__ y,           // float32
     pdl_wait();
     pdl_launch();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        y[i] = activate(gate[i], kind) * up[i];
+        y[i] = activate_any(gate[i], kind) * up[i];
 }
 
 extern "C" __global__ void soft_cap(float* __restrict__ y,        // float32 [n]
@@ -39,6 +40,27 @@ extern "C" __global__ void soft_cap(float* __restrict__ y,        // float32 [n]
     pdl_launch();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         y[i] = cap * tanhf(x[i] / cap);
+}
+
+// x * s (embedding, residual-branch and logit multipliers; s is the float32 the reference rounds to).
+extern "C" __global__ void scale(float* __restrict__ y,        // float32 [n]
+                                 const float* __restrict__ x,  // float32 [n]
+                                 long long n, float s) {
+    pdl_wait();
+    pdl_launch();
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = x[i] * s;
+}
+
+// y [T, N] * sigmoid(g [T, 1]): one gate value per token (row of N), 1 / (1 + exp(-g)) as the reference.
+extern "C" __global__ void sigmoid_gate(float* __restrict__ out,      // float32 [n] = [T, N]
+                                        const float* __restrict__ y,  // float32 [T, N]
+                                        const float* __restrict__ g,  // float32 [T]
+                                        long long n, int N) {
+    pdl_wait();
+    pdl_launch();
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        out[i] = y[i] * (1.f / (1.f + expf(-g[i / N])));
 }
 
 // x rounded to the storage type (the operand a vendor GEMM reads; core/cuda/cublas.py).

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import DeviceError, GenerationError
 from ..sampling import SamplingParams
-from .backend import DTensor
+from .tensors import DTensor
 
 SAMPLE_PASSES = 9          # sample.cu SAMPLE_PASSES
 THREADS = 512              # sample.cu SAMPLE_THREADS
@@ -57,18 +57,18 @@ class GpuSampler:
             raise DeviceError(f"GPU sampling handles vocabularies of 1 to {MAX_VOCAB} tokens, not {V}")
         self.be, self.V = be, V
         drv = be.drv
-        self._params = be._mem_alloc(PARAMS_DTYPE.itemsize, "sampling parameters")
-        self._state = be._mem_alloc(STATE_BYTES, "sampling state")
-        self._keys = be._mem_alloc(4 * V, "sampling keys")
-        self._seen = be._mem_alloc(V, "the seen-token mask")
-        self._out = be._mem_alloc(4, "the sampled id")
+        self._params = be.mem_alloc(PARAMS_DTYPE.itemsize, "sampling parameters")
+        self._state = be.mem_alloc(STATE_BYTES, "sampling state")
+        self._keys = be.mem_alloc(4 * V, "sampling keys")
+        self._seen = be.mem_alloc(V, "the seen-token mask")
+        self._out = be.mem_alloc(4, "the sampled id")
         self.out = DTensor(self._out, int(self._out), (1,), "int32")
         self._warped = None
         self._host = {}  # host copies kept alive until their asynchronous uploads have run
-        be._check(lambda: drv.memset_d8_async(int(self._state), 0, STATE_BYTES, be.stream), "sampling state")
-        be._check(lambda: drv.memset_d8_async(int(self._seen), 0, V, be.stream), "sampling state")
-        be._check(lambda: drv.memset_d8_async(int(self._out), 0, 4, be.stream), "sampling state")
-        self.fn = be._fn("sample.cu", "sample_pass", "PPPPPPPPiiii")  # compiled now, never under capture
+        be.check(lambda: drv.memset_d8_async(int(self._state), 0, STATE_BYTES, be.stream), "sampling state")
+        be.check(lambda: drv.memset_d8_async(int(self._seen), 0, V, be.stream), "sampling state")
+        be.check(lambda: drv.memset_d8_async(int(self._out), 0, 4, be.stream), "sampling state")
+        self.fn = be.kernel("sample.cu", "sample_pass", "PPPPPPPPiiii")  # compiled now, never under capture
         sms = be.device.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
         self.grid = (max(1, min(-(-V // (THREADS * ELEMS_PER_THREAD)), sms)), 1, 1)
         self.set_params(SamplingParams(), 0)
@@ -90,7 +90,7 @@ class GpuSampler:
         """The seen mask as bool [V] (waits for the stream; for tests)."""
         self.be.synchronize("seen mask")
         mask = np.empty(self.V, np.uint8)
-        self.be._check(lambda: self.be.drv.memcpy_dtoh(mask, int(self._seen)), "seen mask")
+        self.be.check(lambda: self.be.drv.memcpy_dtoh(mask, int(self._seen)), "seen mask")
         return mask.astype(bool)
 
     def sample(self, logits, counter_ptr: int | None = None, counter: int = 0) -> DTensor:
@@ -102,18 +102,18 @@ class GpuSampler:
         """float32 [V]: the warped logits as the kernel computed them (penalised, / temperature, -inf where
         top-k / top-p dropped them; with temperature 0 the penalised logits). Leaves the seen mask alone."""
         if self._warped is None:
-            self._warped = self.be._mem_alloc(4 * self.V, "warped logits")
+            self._warped = self.be.mem_alloc(4 * self.V, "warped logits")
         self._run(logits, None, counter, int(self._warped), 0)
         self.be.synchronize("debug_warped")
         out = np.empty(self.V, np.float32)
-        self.be._check(lambda: self.be.drv.memcpy_dtoh(out, int(self._warped)), "debug_warped")
+        self.be.check(lambda: self.be.drv.memcpy_dtoh(out, int(self._warped)), "debug_warped")
         return out
 
     def read_id(self) -> int:
         """The last sampled id (waits for the stream; for tests and eager use)."""
         self.be.synchronize("sampled id")
         out = np.empty(1, np.int32)
-        self.be._check(lambda: self.be.drv.memcpy_dtoh(out, int(self._out)), "sampled id")
+        self.be.check(lambda: self.be.drv.memcpy_dtoh(out, int(self._out)), "sampled id")
         return int(out[0])
 
     # -- internals ---------------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ class GpuSampler:
         if be.capture is not None:
             raise DeviceError(f"GpuSampler: set the {what} before capturing, not inside a graph")
         self._host[what] = host
-        be._check(lambda: be.drv.memcpy_htod_async(ptr, host, be.stream), f"sampling {what}")
+        be.check(lambda: be.drv.memcpy_htod_async(ptr, host, be.stream), f"sampling {what}")
 
     def _run(self, logits, counter_ptr, counter, warped, mark) -> None:
         if not isinstance(logits, DTensor) or logits.dtype != "float32" or logits.size != self.V:
@@ -131,6 +131,6 @@ class GpuSampler:
         counter = counter - (1 << 32) if counter >= 1 << 31 else counter  # int32 bits
         be = self.be
         for p in range(SAMPLE_PASSES):
-            be._launch(f"sample[{p}]", self.fn, self.grid, (THREADS, 1, 1), int(self._params), int(self._state),
-                       int(self._keys), int(self._seen), logits.ptr, int(self._out), warped or 0,
+            be.launch(f"sample[{p}]", self.fn, self.grid, (THREADS, 1, 1), int(self._params), int(self._state),
+                      int(self._keys), int(self._seen), logits.ptr, int(self._out), warped or 0,
                        counter_ptr or 0, counter, self.V, p, mark)

@@ -18,6 +18,7 @@ import attrs
 import numpy as np
 
 from ..errors import ContextOverflowError, DeviceError
+from .tensors import DTensor
 
 CAPTURE_MODE_RELAXED = 2  # CUstreamCaptureMode: allows the memory pool to cuMemAlloc during capture
 MAX_GRAPHS = 8
@@ -72,11 +73,9 @@ class Capture:
 class Graph:
     """One captured decode step: its input buffer, output tensor and the instantiated graph."""
 
-    def __init__(self, be, forward, W, c, cache, start, inv_freq, greedy: bool = False, sampler=None):
+    def __init__(self, be, forward, W, c, cache, start, rope, greedy: bool = False, sampler=None):
         """greedy: the step ends in the GPU argmax; sampler (a GpuSampler): in a GPU sample. Either way its
         last kernel writes the picked id as the next step's input (run())."""
-        from .backend import DTensor
-
         drv = be.drv
         self.be = be
         self.inputs = drv.mem_alloc(8)                       # int32 [token, position]
@@ -88,8 +87,8 @@ class Graph:
         picks = greedy or sampler is not None
         if picks:  # compiled and loaded before capture, as the first (eager) step compiled the rest
             if greedy:
-                be._fn("sample.cu", "argmax_key", "PPi")
-            advance = be._fn("step.cu", "step_advance", "PPPPi")
+                be.kernel("sample.cu", "argmax_key", "PPi")
+            advance = be.kernel("step.cu", "step_advance", "PPPPi")
             self.ring, self.ring_dev, self.mapped, self._ring_alloc = _ring(drv)
             ring_ptr = self.ring_dev
         be.synchronize("graph capture")
@@ -97,17 +96,17 @@ class Graph:
         _call("cuStreamBeginCapture_v2", stream, CAPTURE_MODE_RELAXED)
         be.capture = cap
         try:
-            forward(be, W, c, np.asarray([0]), cache, start, inv_freq, all_logits=False)
+            forward(be, W, c, np.asarray([0]), cache, start, rope, all_logits=False)
             if greedy and cap.out is not None:  # the step ends in the argmax: only its key is copied back
                 cap.out = be.argmax_key(cap.out.reshape(-1))
                 # ... and turns it into the next step's input, so steps can be launched ahead (run())
-                be._launch("step_advance", advance, (1, 1, 1), (32, 1, 1), cap.ids, cap.out, None, ring_ptr, RING)
+                be.launch("step_advance", advance, (1, 1, 1), (32, 1, 1), cap.ids, cap.out, None, ring_ptr, RING)
             elif sampler is not None and cap.out is not None:  # a sample keyed by (seed, position)
                 cap.out = sampler.sample(cap.out.reshape(-1), counter_ptr=cap.start_ptr)
-                be._launch("step_advance", advance, (1, 1, 1), (32, 1, 1), cap.ids, None, cap.out, ring_ptr, RING)
-            be._flush_pending()  # (the model's attention takes every deferred cache write; none is left here)
+                be.launch("step_advance", advance, (1, 1, 1), (32, 1, 1), cap.ids, None, cap.out, ring_ptr, RING)
+            be.flush_pending()  # (the model's attention takes every deferred cache write; none is left here)
         finally:
-            be._pending = be._pending_rope = be._pending_kv = None  # never run a captured step's write outside it
+            be.drop_pending()  # never run a captured step's write outside it
             be.capture = None
             rc = _cuda().cuStreamEndCapture(stream, ctypes.byref(self.graph))
         if rc != 0 or cap.out is None:
@@ -198,21 +197,21 @@ class GraphCache:
         self.graphs: dict = {}
         self.eager: set = set()
 
-    def step(self, forward, W, c, token: int, cache, start: int, inv_freq, greedy: bool = False):
+    def step(self, forward, W, c, token: int, cache, start: int, rope, greedy: bool = False):
         """Logits [V] of the step, or with greedy the argmax id (an int)."""
         key = (id(W), id(c), id(forward), cache.k[0].ptr, cache.k[0].shape, len(cache.k), greedy, self._switches())
         g = self.graphs.get(key)
         if g is None:
             if key not in self.eager:  # first step: compile kernels and upload constants outside the graph
                 self.eager.add(key)
-                logits = forward(self.be, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]
+                logits = forward(self.be, W, c, np.asarray([token]), cache, start, rope, all_logits=False)[-1]
                 return int(np.argmax(logits)) if greedy else logits
             if len(self.graphs) >= MAX_GRAPHS:
                 self.clear()
-            g = self.graphs[key] = Graph(self.be, forward, W, c, cache, start, inv_freq, greedy)
+            g = self.graphs[key] = Graph(self.be, forward, W, c, cache, start, rope, greedy)
         return g.replay(token, start)
 
-    def run(self, forward, W, c, token: int, cache, start: int, inv_freq, count: int, sampler=None):
+    def run(self, forward, W, c, token: int, cache, start: int, rope, count: int, sampler=None):
         """Ids of `count` decode steps from (token, start) picked on the GPU (greedy, or by `sampler`, a
         GpuSampler whose parameters and seen mask are set), run ahead (Graph.run); the first step for a
         (weights, cache) runs eagerly (compiles kernels, uploads constants), the next captures."""
@@ -221,7 +220,7 @@ class GraphCache:
         if key not in self.graphs:
             if key not in self.eager:
                 self.eager.add(key)
-                logits = forward(self.be, W, c, np.asarray([token]), cache, start, inv_freq, all_logits=False)[-1]
+                logits = forward(self.be, W, c, np.asarray([token]), cache, start, rope, all_logits=False)[-1]
                 if sampler is None:
                     token = int(np.argmax(logits))
                 else:  # the graph's draw, eagerly: same kernels, same counter (the position)
@@ -233,7 +232,7 @@ class GraphCache:
                     return
             if len(self.graphs) >= MAX_GRAPHS:
                 self.clear()
-            self.graphs[key] = Graph(self.be, forward, W, c, cache, start, inv_freq, sampler is None, sampler)
+            self.graphs[key] = Graph(self.be, forward, W, c, cache, start, rope, sampler is None, sampler)
         yield from self.graphs[key].run(token, start, count)
 
     def _switches(self) -> tuple:

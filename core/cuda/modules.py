@@ -1,8 +1,10 @@
 """Kernel modules: the `.cu` files beside this one, compiled by name with `-D` sizes and cached.
 
 A module is compiled on first use (PyCUDA also caches the cubin on disk) and kept for the life of the
-process, keyed by file and defines. `nvcc_options` is the single source of compiler flags: the runtime
-and the CI compile test (tests/test_cuda_compile.py) both use it, so CI builds exactly what runs.
+process, keyed by file and defines. A module may also be an absolute path outside this folder (a plugin's
+own op, core/custom_ops.py): it is built the same way, with common.cuh and its own folder on the include path.
+`nvcc_options` is the single source of compiler flags: the runtime and the CI compile tests
+(tests/test_cuda_compile.py, core.testing.compile_op) both use it, so CI builds exactly what runs.
 """
 
 from __future__ import annotations
@@ -47,8 +49,19 @@ def nvcc_options(defines: dict[str, int]) -> list[str]:
     return list(BASE_OPTIONS) + [f"-D{k}={v}" for k, v in sorted(defines.items())]
 
 
+def source_path(name: str) -> Path:
+    """The source file of module `name`: a file in this folder, or an absolute path (a plugin's .cu)."""
+    p = Path(name)
+    return p if p.is_absolute() else HERE / name
+
+
+def include_dirs(name: str) -> list[str]:
+    """The include path of module `name`: this folder (common.cuh), then the module's own folder."""
+    return list(dict.fromkeys([str(HERE), str(source_path(name).parent)]))
+
+
 def source(name: str) -> str:
-    return (HERE / name).read_text()
+    return source_path(name).read_text()
 
 
 def get_module(name: str, defines: dict[str, int]):
@@ -69,6 +82,7 @@ def _compiled(name: str, defines: dict[str, int]):
         from pycuda.compiler import compile as nvcc_compile
 
         # no_extern_c: the kernels declare extern "C" themselves; wrapping would break <mma.h>.
-        cubin = nvcc_compile(source(name), options=nvcc_options(defines), include_dirs=[str(HERE)], no_extern_c=True)
+        cubin = nvcc_compile(source(name), options=nvcc_options(defines), include_dirs=include_dirs(name),
+                             no_extern_c=True)
         got = _modules[key] = (drv.module_from_buffer(cubin), cubin)
     return got

@@ -1,6 +1,7 @@
 // LayerNorm and RMSNorm over rows, optionally fused with the residual add that precedes them:
 //   s = x + delta (written to xsum), y = norm(s) * (offset + w) (+ b).
-// Also serves per-head RMSNorm (rows = T * heads, D = head_dim). Variance is two-pass in fp32, as torch.
+// Also serves per-head RMSNorm (rows = T * heads, D = head_dim), and head_norm the other per-head norms (LayerNorm,
+// biases, a gain per head). Variance is two-pass in fp32, as torch.
 #include "common.cuh"
 
 // One block per row; the row is re-read from global memory (L1/L2-resident) in each pass.
@@ -122,5 +123,45 @@ extern "C" __global__ void norm_reg(float* __restrict__ y,            // float32
             if (b) o[e] += to_f(b[4 * c + e]);
         }
         yr[c] = make_float4(o[0], o[1], o[2], o[3]);
+    }
+}
+
+// head_norm: RMSNorm or LayerNorm of each head of x [T, H, Dh] over Dh (row r = t * H + head), with a gain and a
+// LayerNorm bias shared by the heads ([Dh], wstride 0) or one per head ([H, Dh], wstride Dh). One warp per row;
+// two-pass variance in fp32, as norm_rows. (Shared RMSNorm gains without a bias, Qwen3's, go to norm_rows.)
+extern "C" __global__ void head_norm(float* __restrict__ y,        // float32 [R, Dh], R = T * H
+                                     const float* __restrict__ x,  // float32 [R, Dh]
+                                     const wt* __restrict__ w,     // wt [Dh] or [H, Dh]
+                                     const wt* __restrict__ b,     // wt like w (LayerNorm bias), or NULL
+                                     int R, int H, int Dh,
+                                     int wstride,                  // 0: w and b shared; Dh: one row per head
+                                     int rms,                      // 1 RMSNorm, 0 LayerNorm
+                                     float eps, float offset) {    // weight applied as (offset + w)
+    pdl_wait();
+    pdl_launch();
+    const int lane = threadIdx.x & 31;
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= R) return;  // (whole warps: r is the warp's)
+    const float* xr = x + (size_t)r * Dh;
+    const size_t wo = (size_t)(r % H) * wstride;
+    float mean = 0.f, var;
+    if (rms) {
+        float ss = 0.f;
+        for (int d = lane; d < Dh; d += 32) ss += xr[d] * xr[d];
+        var = warp_sum(ss) / Dh;
+    } else {
+        float sum = 0.f;
+        for (int d = lane; d < Dh; d += 32) sum += xr[d];
+        mean = warp_sum(sum) / Dh;
+        float dev = 0.f;
+        for (int d = lane; d < Dh; d += 32) dev += (xr[d] - mean) * (xr[d] - mean);
+        var = warp_sum(dev) / Dh;
+    }
+    const float inv = 1.f / sqrtf(var + eps);
+    float* yr = y + (size_t)r * Dh;
+    for (int d = lane; d < Dh; d += 32) {
+        float o = (xr[d] - mean) * inv * (offset + to_f(w[wo + d]));
+        if (b) o += to_f(b[wo + d]);
+        yr[d] = o;
     }
 }

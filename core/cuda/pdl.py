@@ -5,7 +5,7 @@ cuLaunchKernelEx with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION may 
 before it on the stream is still running; it waits for that kernel's results with griddepcontrol.wait
 (pdl_wait() in common.cuh), so its launch latency and the first weight loads of a GEMV overlap the tail of
 the previous kernel. Captured into a CUDA graph, the dependency becomes a programmatic edge. The backend
-uses this only while capturing a decode step, and only for kernels written for it (backend.PDL_KERNELS).
+uses this only while capturing a decode step, and only for kernels written for it (launch.PDL_KERNELS).
 """
 
 from __future__ import annotations

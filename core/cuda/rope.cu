@@ -1,33 +1,45 @@
-// Rotary position embedding, rotate-half form (GPT-NeoX / HF Llama): for i < Dh/2 at position p,
-//   a = p * inv_freq[i] (fp32 product, as transformers), y[i] = x[i] cos a - x[i+h] sin a,
-//   y[i+h] = x[i+h] cos a + x[i] sin a. inv_freq carries any scaling (linear, llama3) already.
+// Rotary position embedding of the first R dims of each head (dims R..Dh-1 pass through). For i < R/2 at
+// position p, a = p * inv_freq[i] (fp32 product, as transformers), c = cos(a) * scale, s = sin(a) * scale, and the
+// pair (j1, j2) = (i, i + R/2) (rotate-half: GPT-NeoX / HF Llama) or (2i, 2i + 1) (interleaved: GPT-J):
+//   y[j1] = x[j1] c - x[j2] s, y[j2] = x[j2] c + x[j1] s.
+// inv_freq carries any frequency scaling (linear, llama3, yarn, dynamic, longrope) already; scale is the table's
+// cos / sin multiplier (transformers' attention_scaling; 1 is exact, so a plain table computes what it did).
 #include "common.cuh"
 
-// One block per (token, head); threads stride over Dh/2 pairs. Accurate sincosf: angles reach 1e5 rad.
+// One block per (token, head); threads stride over the R/2 pairs, then over the pass-through dims. Accurate
+// sincosf: angles reach 1e5 rad.
 extern "C" __global__ void rope(float* __restrict__ y,               // float32 [T, H, Dh]
                                 const float* __restrict__ x,         // float32 [T, H, Dh]
-                                const float* __restrict__ inv_freq,  // float32 [Dh / 2]
+                                const float* __restrict__ inv_freq,  // float32 [R / 2]
                                 int start,                           // position of token 0 (if start_dev is NULL)
                                 const int* __restrict__ start_dev,   // int32 [1] or NULL (graph capture)
-                                int T, int H, int Dh) {
+                                int T, int H, int Dh,
+                                int R,                               // rotated dims: even, <= Dh
+                                int interleaved,                     // 1: pairs (2i, 2i+1); 0: (i, i + R/2)
+                                float scale) {                       // cos and sin multiplied by it
     pdl_wait();
     pdl_launch();
     int t = blockIdx.x / H;
     if (t >= T) return;
-    int h = Dh / 2;
+    int h = R / 2;
     float p = (float)(start_pos(start, start_dev) + t);
     const float* xr = x + (size_t)blockIdx.x * Dh;
     float* yr = y + (size_t)blockIdx.x * Dh;
     for (int i = threadIdx.x; i < h; i += blockDim.x) {
         float s, c;
         sincosf(p * inv_freq[i], &s, &c);
-        float x1 = xr[i], x2 = xr[i + h];
-        yr[i] = x1 * c - x2 * s;
-        yr[i + h] = x2 * c + x1 * s;
+        c *= scale;
+        s *= scale;
+        const int j1 = interleaved ? 2 * i : i, j2 = interleaved ? 2 * i + 1 : i + h;
+        float x1 = xr[j1], x2 = xr[j2];
+        yr[j1] = x1 * c - x2 * s;
+        yr[j2] = x2 * c + x1 * s;
     }
+    for (int d = R + threadIdx.x; d < Dh; d += blockDim.x) yr[d] = xr[d];
 }
 
-// rope_kv: RoPE on q and k fused with the KV-cache write (and, optionally, the per-head RMSNorm of q and k
+// rope_kv: rotate-half RoPE over the whole head (R = Dh, scale 1: the backend sends other tables to the rope
+// kernel above) on q and k fused with the KV-cache write (and, optionally, the per-head RMSNorm of q and k
 // that comes before RoPE in QK-norm models), one launch instead of up to five:
 //   qo = rope(norm_q(q)); cache k[:, pos] = rope(norm_k(k)), cache v[:, pos] = v, in the cache's type.
 // One warp per (token, head) over the H query heads then the Hkv key heads; lanes stride over the Dh/2

@@ -22,19 +22,19 @@ class Session:
         self.pushed = False
 
     def __enter__(self):
-        lock, me = self.be._session_lock, threading.get_ident()
-        if self.be._session_owner == me:
+        lock, me = self.be.session_lock, threading.get_ident()
+        if self.be.session_owner == me:
             raise DeviceError("this model is already generating in this thread (its GPU KV cache is in use); "
                               "finish or close that generator first, or load the model twice")
         lock.acquire()
         try:
-            self.be._session_owner = me
-            cur = self.be.drv.Context.get_current()
-            if cur is None or getattr(cur, "handle", cur) != getattr(self.be._ctx, "handle", self.be._ctx):
-                self.be._ctx.push()
+            self.be.session_owner = me
+            cur, ctx = self.be.drv.Context.get_current(), self.be.primary_context
+            if cur is None or getattr(cur, "handle", cur) != getattr(ctx, "handle", ctx):
+                ctx.push()
                 self.pushed = True
         except BaseException:
-            self.be._session_owner = None
+            self.be.session_owner = None
             lock.release()
             raise
         return self
@@ -44,6 +44,6 @@ class Session:
             if self.pushed:
                 self.be.drv.Context.pop()
         finally:
-            self.be._session_owner = None
-            self.be._session_lock.release()
+            self.be.session_owner = None
+            self.be.session_lock.release()
         return False

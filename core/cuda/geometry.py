@@ -1,0 +1,68 @@
+"""Launch geometry: the tile sizes, threads and shared memory of the kernels, as constants and pure functions.
+
+Each number mirrors a macro of a .cu file, named beside it. tests/test_cuda_compile.py builds attn_decode_step
+against decode_step_geometry (its static_assert fires exactly past 48 KB), and tests/test_cuda_rooms.py reads
+the macros' defaults out of the .cu files and checks that every gemv.cu build gemv_geometry asks for is one
+CI compiles (modules.variants).
+"""
+
+from __future__ import annotations
+
+from .tensors import ITEMSIZE
+
+GEMV_MAX_T = 4        # gemv.cu handles up to this many tokens per weight read; more go to the GEMM
+GEMV_ROWS, GEMV_THREADS = 4, 128  # gemv.cu gemv_rows / gemv_gated: output rows and threads per block
+NORM_VPT = 2          # norm.cu norm_reg: float4 values per thread kept in registers
+PREFILL_NQ, PREFILL_BK = 16, 32  # attention.cu: queries per block, keys per tile
+TC_FQ, TC_FK, TC_NW = 64, 64, 4  # attention_tc.cu: queries per block, keys per tile, warps (TC_SMEM_BYTES there)
+MOE_ROWS, MOE_THREADS, ROUTE_WARPS = 4, 128, 4  # moe.cu: rows and threads per GEMV block; tokens per route block
+
+
+def grid1(n: int, block: int = 256) -> tuple:
+    """A 1-D grid of `block`-thread blocks over n elements for the grid-stride kernels (at most 8,192 blocks)."""
+    return (max(1, min((n + block - 1) // block, 8192)), 1, 1)
+
+
+def decode_step_geometry(Dh: int, g: int, dtype: str) -> tuple[int, int, int]:
+    """(threads per block, static shared memory in bytes, fewest keys a slice takes) of attn_decode_step
+    (attention.cu) for head size Dh and group g, mirroring the kernel's DS_* macros: it has no build beyond
+    48 KB (large GQA groups take the two-kernel path), and the backend launches it with this many threads."""
+    es = ITEMSIZE[dtype]
+    vec = 16 // es
+    row = Dh * es
+    tk = 64 if row <= 128 else 32 if row <= 256 else 16 if row <= 512 else 8
+    threads = 256 if g * Dh >= 256 else 64 if g * Dh <= 64 else -(-g * Dh // 32) * 32
+    nch = Dh // vec if Dh % vec == 0 else Dh
+    sp = 1
+    while sp * 2 <= 32 and sp * 2 * tk * g <= threads and nch % (sp * 2) == 0:
+        sp *= 2
+    kpad = Dh + vec * sp if Dh % vec == 0 else Dh + 1
+    dhw = -(-row // 16) * 16 // es
+    smem = (2 * tk * kpad * es + 2 * tk * Dh * es + 2 * dhw * es + 4 * (g * Dh + g * tk + 3 * g)
+            + 4 * (4 * Dh + 2 * ((Dh + 1) // 2)) + 16)
+    return threads, smem, min(tk, 32)
+
+
+def gemv_geometry(K: int, M: int, dtype: str, qkv: bool = False, gated: bool = False) -> tuple:
+    """(output rows per block, extra gemv.cu defines) for a GEMV over K features and M tokens of a weight
+    of `dtype`."""
+    # Each GEMV lets the next kernel launch as soon as all its blocks run (gemv.cu GEMV_EARLY_LAUNCH), except
+    # the q/k/v product (the only three-output one), whose successor is the decode attention: launched that
+    # early, its K/V prefetch slowed 4,096-position decode 0.94x; the others made decode 1.05x at 128
+    # positions (TinyLlama / Qwen3-0.6B, H200, one run each; NOTES.md round 4).
+    geo = {"GEMV_EARLY_LAUNCH": 0} if qkv else {}
+    if M == 1 and K <= 1024:
+        # one 16-byte chunk per thread per row: 8 rows a block keep 8 loads in flight (as 4 rows x 2 chunks
+        # at K = 2048) and halve the blocks' x reads (Qwen3-0.6B decode 1.02x, traced; NOTES.md round 4)
+        return 8, dict(geo, GEMV_ROWS=8, GEMV_UNROLL=1)
+    if M == 1:
+        # Every weight load a thread makes is issued before the wait when one pass of the block covers the
+        # row: with 2 chunks a pass, Qwen3-0.6B's down projection (K = 3,072) took its last third after the
+        # wait, an HBM round trip on the critical path (3.6 us there against 1.6 for the o projection,
+        # whose bytes are 2/3 of it, NOTES.md round 5; Qwen3-0.6B decode 1.035x, GPT-2 1.02x, BENCHMARKS.md
+        # item 19). Capped at 16 loads in flight a thread (registers).
+        vec = 16 // ITEMSIZE[dtype]
+        unroll = -(-K // (vec * GEMV_THREADS))
+        if 2 < unroll <= 4 and (2 if gated else 1) * GEMV_ROWS * unroll <= 16:
+            return GEMV_ROWS, dict(geo, GEMV_UNROLL=unroll)
+    return GEMV_ROWS, geo

@@ -1,0 +1,306 @@
+// Mixture of experts (core.ops.moe) on the GPU, driven by core/cuda/moe.py.
+//
+//   moe_route      one warp per token: softmax or sigmoid scores of the router logits in fp32, the top k
+//                  (ties to the lower expert id, as the reference's stable argsort), renormalised if asked,
+//                  times routed_scale → int32 ids [T, k] and float32 weights [T, k], in device memory.
+//   moe_up /       decode (a few tokens): a grouped GEMV over the k selected experts only. Block (row chunk,
+//   moe_gate_up    slot) with slot = t * k + j reads MOE_ROWS rows of up[e] (and gate[e]) for e = ids[slot],
+//                  e read from device memory inside the kernel (a captured graph replays it for any routing);
+//                  the epilogue adds the biases, applies act(gate) * up (or act(up)) and the routing weight:
+//                  h [T, k, I] = w[t, j] * act(...).
+//   moe_down       y [T, D] = sum_j down[e_j] h[t, j] (+ w[t, j] bd[e_j]): one GEMV per token over the k
+//                  experts' rows laid end to end (K = k * I), so each block loops over all k experts for its
+//                  MOE_ROWS output rows and sums them in registers: no atomics, no second pass.
+//   moe_gather /   prefill: rows of x gathered per expert, and an expert's weighted output added back to its
+//   moe_scatter_add tokens' rows (one expert per launch: a token picks an expert at most once, so no two threads
+//                  of a launch write one element).
+//
+// The GEMVs follow gemv.cu: MOE_THREADS threads split the reduction, 128-bit __ldg weight loads (MOE_UNROLL_*
+// chunks per thread issued before any is used, for every row of the block), fp32 accumulation, warp sums,
+// then the warps' partial sums meet in shared memory. A scalar path covers widths that are not multiples of
+// the vector (or unaligned activations). None of these kernels is launched with programmatic dependent launch.
+#include "common.cuh"
+
+#ifndef MOE_ROWS
+#define MOE_ROWS 4  // output rows per block (moe_up / moe_gate_up: of each of gate and up; moe_down)
+#endif
+#define MOE_THREADS 128
+#ifndef MOE_UNROLL_UP
+#define MOE_UNROLL_UP 2  // chunks per thread in flight per row, moe_up / moe_gate_up (8 rows: 16 loads)
+#endif
+#ifndef MOE_UNROLL_DOWN
+#define MOE_UNROLL_DOWN 4  // moe_down (4 rows: 16 loads)
+#endif
+#define ROUTE_WARPS 4  // tokens per moe_route block
+static_assert(MOE_ROWS >= 1 && MOE_ROWS <= 8, "MOE_ROWS must be in [1, 8]");
+static_assert(MOE_UNROLL_UP >= 1 && MOE_UNROLL_UP <= 4 && MOE_UNROLL_DOWN >= 1 && MOE_UNROLL_DOWN <= 4,
+              "MOE_UNROLL_* must be in [1, 4]");
+
+// activate_any (every ACT_* code) where common.cuh has it, else activate.
+#ifdef ACT_GEMV_MAX
+#define MOE_ACT activate_any
+#else
+#define MOE_ACT activate
+#endif
+
+// An expert id as read from device memory, kept inside [0, E) so that a corrupt id cannot read out of bounds.
+__device__ __forceinline__ int clamp_expert(int e, int E) { return min(max(e, 0), E - 1); }
+
+extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
+moe_route(int* __restrict__ ids,             // int32 [T, k]
+          float* __restrict__ wts,           // float32 [T, k]
+          const float* __restrict__ logits,  // float32 [T, E]
+          int T, int E, int k,
+          int use_sigmoid,                   // 0: softmax over the E logits; 1: an independent sigmoid each
+          int renorm, float scale) {         // weights / their sum when renorm; then times scale
+    const int lane = threadIdx.x & 31;
+    const int t = blockIdx.x * ROUTE_WARPS + (threadIdx.x >> 5);
+    if (t >= T) return;  // a whole warp: no barrier below spans warps
+    const float* l = logits + (size_t)t * E;
+    float m = 0.f, s = 1.f;
+    if (!use_sigmoid) {
+        m = -INFINITY;
+        for (int e = lane; e < E; e += 32) m = fmaxf(m, l[e]);
+        m = warp_max(m);
+        float acc = 0.f;
+        for (int e = lane; e < E; e += 32) acc += expf(l[e] - m);
+        s = warp_sum(acc);
+    }
+    int* out_id = ids + (size_t)t * k;
+    float* out_w = wts + (size_t)t * k;
+    // Pick j is the best (score descending, id ascending) of the experts strictly after pick j - 1 in that
+    // order, so no list of taken experts is kept and k has no limit. Each score is computed at this one place
+    // in the code, so an expert's score is the same bits in every pass.
+    float prev_s = INFINITY, total = 0.f;
+    int prev_id = -1;
+    for (int j = 0; j < k; ++j) {
+        float best_s = -INFINITY;
+        int best_id = INT_MAX;
+        for (int e = lane; e < E; e += 32) {
+            const float v = l[e];
+            const float sc = use_sigmoid ? 1.f / (1.f + expf(-v)) : expf(v - m) / s;
+            const bool after = sc < prev_s || (sc == prev_s && e > prev_id);
+            if (after && (sc > best_s || (sc == best_s && e < best_id))) { best_s = sc; best_id = e; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float os = __shfl_xor_sync(0xffffffffu, best_s, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, best_id, o);
+            if (os > best_s || (os == best_s && oi < best_id)) { best_s = os; best_id = oi; }
+        }
+        if (best_id >= E) {  // nothing left to pick: only NaN scores; a NaN weight makes that visible downstream
+            best_id = 0;
+            best_s = NAN;
+        }
+        if (lane == 0) { out_id[j] = best_id; out_w[j] = best_s; }
+        total += best_s;
+        prev_s = best_s;
+        prev_id = best_id;
+    }
+    if (lane == 0) {  // (reads back its own writes)
+        for (int j = 0; j < k; ++j) {
+            float w = out_w[j];
+            if (renorm) w = w / total;
+            out_w[j] = w * scale;
+        }
+    }
+}
+
+// Sums over the block of acc[r] (each thread's partial dot of row r) into tot[r] (shared, NR values).
+template <int NR>
+__device__ __forceinline__ void block_rows_sum(float (&acc)[NR], float (*part)[NR], float* tot) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+        const float v = warp_sum(acc[r]);
+        if (lane == 0) part[warp][r] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < NR) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < MOE_THREADS / 32; ++w) v += part[w][threadIdx.x];
+        tot[threadIdx.x] = v;
+    }
+    __syncthreads();
+}
+
+// One 128-bit chunk of weights (VEC values) times VEC floats of x at xp (16-byte aligned), added to acc.
+__device__ __forceinline__ float dot_chunk(const uint4& wv, const float* xp, float acc) {
+    const wt* we = reinterpret_cast<const wt*>(&wv);
+    const float4* x4 = reinterpret_cast<const float4*>(xp);
+#pragma unroll
+    for (int e = 0; e < VEC / 4; ++e) {
+        const float4 xv = x4[e];
+        acc += to_f(we[4 * e]) * xv.x + to_f(we[4 * e + 1]) * xv.y + to_f(we[4 * e + 2]) * xv.z
+               + to_f(we[4 * e + 3]) * xv.w;
+    }
+    return acc;
+}
+
+template <bool GATED>
+__device__ __forceinline__ void moe_up_body(
+        float* __restrict__ h,           // float32 [T, k, I]: w[t, j] * act(...)
+        const float* __restrict__ x,     // float32 [T, D]
+        const int* __restrict__ ids,     // int32 [T, k]
+        const float* __restrict__ wts,   // float32 [T, k]
+        const wt* __restrict__ wg,       // wt [E, I, D] (GATED)
+        const wt* __restrict__ bg,       // wt [E, I] or NULL
+        const wt* __restrict__ wu,       // wt [E, I, D]
+        const wt* __restrict__ bu,       // wt [E, I] or NULL
+        int k, int E, int I, int D, int act) {
+    constexpr int NR = GATED ? 2 * MOE_ROWS : MOE_ROWS;  // up rows first, then gate rows
+    __shared__ float part[MOE_THREADS / 32][NR];
+    __shared__ float tot[NR];
+    const int slot = blockIdx.y, t = slot / k, r0 = blockIdx.x * MOE_ROWS;
+    const int e = clamp_expert(ids[slot], E);
+    const wt* rows[NR];
+#pragma unroll
+    for (int r = 0; r < MOE_ROWS; ++r) {
+        const size_t o = ((size_t)e * I + min(r0 + r, I - 1)) * D;  // clamped rows are not written
+        rows[r] = wu + o;
+        if (GATED) rows[MOE_ROWS + r] = wg + o;
+    }
+    const float* xt = x + (size_t)t * D;
+    float acc[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) acc[r] = 0.f;
+    const bool vec = D % VEC == 0 && aligned16(wu) && (!GATED || aligned16(wg)) && aligned16(x);
+    if (vec) {
+        const int nvec = D / VEC;
+        for (int c0 = threadIdx.x; c0 < nvec; c0 += MOE_THREADS * MOE_UNROLL_UP) {
+            uint4 wv[MOE_UNROLL_UP][NR];
+#pragma unroll
+            for (int u = 0; u < MOE_UNROLL_UP; ++u) {
+                const int c = c0 + u * MOE_THREADS;
+#pragma unroll
+                for (int r = 0; r < NR; ++r)
+                    if (c < nvec) wv[u][r] = __ldg(reinterpret_cast<const uint4*>(rows[r] + (size_t)c * VEC));
+            }
+#pragma unroll
+            for (int u = 0; u < MOE_UNROLL_UP; ++u) {
+                const int c = c0 + u * MOE_THREADS;
+                if (c >= nvec) break;
+#pragma unroll
+                for (int r = 0; r < NR; ++r) acc[r] = dot_chunk(wv[u][r], xt + (size_t)c * VEC, acc[r]);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < D; i += MOE_THREADS) {
+            const float xv = xt[i];
+#pragma unroll
+            for (int r = 0; r < NR; ++r) acc[r] += to_f(rows[r][i]) * xv;
+        }
+    }
+    block_rows_sum<NR>(acc, part, tot);
+    if (threadIdx.x < MOE_ROWS) {
+        const int row = r0 + threadIdx.x;
+        if (row < I) {
+            const size_t b = (size_t)e * I + row;
+            const float u = tot[threadIdx.x] + (bu ? to_f(bu[b]) : 0.f);
+            float v;
+            if (GATED) {
+                const float g = tot[MOE_ROWS + threadIdx.x] + (bg ? to_f(bg[b]) : 0.f);
+                v = MOE_ACT(g, act) * u;
+            } else {
+                v = MOE_ACT(u, act);
+            }
+            h[(size_t)slot * I + row] = v * wts[slot];
+        }
+    }
+}
+
+#define MOE_UP_ARGS float* __restrict__ h, const float* __restrict__ x, const int* __restrict__ ids, \
+    const float* __restrict__ wts, const wt* __restrict__ wg, const wt* __restrict__ bg, const wt* __restrict__ wu, \
+    const wt* __restrict__ bu, int k, int E, int I, int D, int act
+#define MOE_UP_PASS h, x, ids, wts, wg, bg, wu, bu, k, E, I, D, act
+// grid (ceil(I / MOE_ROWS), T * k), MOE_THREADS threads
+extern "C" __global__ void __launch_bounds__(MOE_THREADS) moe_gate_up(MOE_UP_ARGS) { moe_up_body<true>(MOE_UP_PASS); }
+extern "C" __global__ void __launch_bounds__(MOE_THREADS) moe_up(MOE_UP_ARGS) { moe_up_body<false>(MOE_UP_PASS); }
+
+// grid (ceil(D / MOE_ROWS), T), MOE_THREADS threads
+extern "C" __global__ void __launch_bounds__(MOE_THREADS)
+moe_down(float* __restrict__ y,            // float32 [T, D]
+         const float* __restrict__ h,      // float32 [T, k, I] (already times the routing weights)
+         const int* __restrict__ ids,      // int32 [T, k]
+         const float* __restrict__ wts,    // float32 [T, k] (for the bias)
+         const wt* __restrict__ wd,        // wt [E, D, I]
+         const wt* __restrict__ bd,        // wt [E, D] or NULL
+         int k, int E, int I, int D) {
+    __shared__ float part[MOE_THREADS / 32][MOE_ROWS];
+    __shared__ float tot[MOE_ROWS];
+    const int t = blockIdx.y, r0 = blockIdx.x * MOE_ROWS;
+    const int* it = ids + (size_t)t * k;
+    const float* ht = h + (size_t)t * k * I;  // the k experts' activations of token t, end to end
+    size_t roff[MOE_ROWS];
+#pragma unroll
+    for (int r = 0; r < MOE_ROWS; ++r) roff[r] = (size_t)min(r0 + r, D - 1) * I;  // clamped rows are not written
+    float acc[MOE_ROWS];
+#pragma unroll
+    for (int r = 0; r < MOE_ROWS; ++r) acc[r] = 0.f;
+    const bool vec = I % VEC == 0 && aligned16(wd) && aligned16(h);
+    if (vec) {
+        // chunk v of the virtual row covers expert j = v / nvec, columns (v - j nvec) * VEC.., and h at v * VEC
+        const int nvec = I / VEC, nv = nvec * k;
+        for (int c0 = threadIdx.x; c0 < nv; c0 += MOE_THREADS * MOE_UNROLL_DOWN) {
+            uint4 wv[MOE_UNROLL_DOWN][MOE_ROWS];
+#pragma unroll
+            for (int u = 0; u < MOE_UNROLL_DOWN; ++u) {
+                const int v = c0 + u * MOE_THREADS;
+                if (v < nv) {
+                    const int j = v / nvec, c = v - j * nvec;
+                    const wt* base = wd + (size_t)clamp_expert(it[j], E) * D * I + (size_t)c * VEC;
+#pragma unroll
+                    for (int r = 0; r < MOE_ROWS; ++r) wv[u][r] = __ldg(reinterpret_cast<const uint4*>(base + roff[r]));
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < MOE_UNROLL_DOWN; ++u) {
+                const int v = c0 + u * MOE_THREADS;
+                if (v >= nv) break;
+#pragma unroll
+                for (int r = 0; r < MOE_ROWS; ++r) acc[r] = dot_chunk(wv[u][r], ht + (size_t)v * VEC, acc[r]);
+            }
+        }
+    } else {
+        const int n = k * I;
+        for (int q = threadIdx.x; q < n; q += MOE_THREADS) {
+            const int j = q / I, i = q - j * I;
+            const wt* base = wd + (size_t)clamp_expert(it[j], E) * D * I + i;
+            const float xv = ht[q];
+#pragma unroll
+            for (int r = 0; r < MOE_ROWS; ++r) acc[r] += to_f(base[roff[r]]) * xv;
+        }
+    }
+    block_rows_sum<MOE_ROWS>(acc, part, tot);
+    if (threadIdx.x < MOE_ROWS) {
+        const int row = r0 + threadIdx.x;
+        if (row < D) {
+            float v = tot[threadIdx.x];
+            if (bd)
+                for (int j = 0; j < k; ++j) v += wts[(size_t)t * k + j] * to_f(bd[(size_t)clamp_expert(it[j], E) * D + row]);
+            y[(size_t)t * D + row] = v;
+        }
+    }
+}
+
+// xs [n, D] = x rows tok[0..n) (prefill: one expert's tokens)
+extern "C" __global__ void moe_gather(float* __restrict__ xs, const float* __restrict__ x, const int* __restrict__ tok,
+                                      long long n, int D) {
+    const long long total = n * D;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / D, d = i - r * D;
+        xs[i] = x[(long long)tok[r] * D + d];
+    }
+}
+
+// out[tok[i]] += wts[slot[i]] * y[i] for i < n (prefill: one expert's output, its tokens distinct)
+extern "C" __global__ void moe_scatter_add(float* __restrict__ out, const float* __restrict__ y,
+                                           const int* __restrict__ tok, const int* __restrict__ slot,
+                                           const float* __restrict__ wts, long long n, int D) {
+    const long long total = n * D;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / D, d = i - r * D;
+        out[(long long)tok[r] * D + d] += wts[slot[r]] * y[i];
+    }
+}
