@@ -14,7 +14,8 @@ from .errors import *  # noqa: F401,F403  (the error types are part of the publi
 from .hookspecs import hookimpl
 from .load import load
 from .registry import Registry, default_registry
-from .spec import API_VERSION, ConfigKey, Derived, Detection, ModelSpec, W, WeightRule
+from .custom_ops import CustomOp
+from .spec import API_VERSION, ConfigKey, Derived, Detection, ExtraRole, ModelSpec, W, WeightRule
 
 try:
     __version__ = _version("archkit")
@@ -28,4 +29,4 @@ def architectures() -> list[str]:
 
 
 __all__ = ["load", "architectures", "hookimpl", "Registry", "default_registry", "ModelSpec", "WeightRule", "W",
-           "ConfigKey", "Derived", "Detection", "API_VERSION", "Chat", "ChatTemplate", "__version__"]
+           "ConfigKey", "Derived", "Detection", "ExtraRole", "CustomOp", "API_VERSION", "Chat", "ChatTemplate", "__version__"]
