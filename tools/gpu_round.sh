@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One device call for the CUDA backend: kernel property tests, GPU parity, benchmark; logs under $OUT.
 #   bash tools/gpu_round.sh STEPS...   steps: kernels kernels2 cublas sampling parity ab prefill opdiff profile trace
-#                                      context bench benchhf loadcheck
+#                                      context bench benchhf loadcheck moe plugins
+# moe: the MoE kernels' property tests and MoE model parity (tests/test_cuda_moe.py); plugins: the plugin-op
+# escape hatch on the GPU (tests/test_apertus.py, tests/test_custom_ops.py). BENCH_CONFIGS=qwen3-30b-a3b (any
+# card) or mixtral-8x7b (H200 only: 93 GB of fp16 weights) bench the MoE shapes.
 # Per-step time limits (seconds) come from KERNELS_S, PARITY_S, BENCH_S; BENCH_CONFIGS picks the shapes;
 # KERNELS_K / KERNELS2_K / PARITY_K select tests (pytest -k) for kernels / kernels2 / parity.
 # ab: decode only, one backend switch off vs on in one process (AB_SWITCH: fused (default), pdl or fold).
@@ -37,6 +40,10 @@ for step in $steps; do
     loadcheck) timeout "${LOAD_S:-200}" python3 -c "import json, core.cuda.bench as b; \
                print(json.dumps(b.load_check('${LOAD_CONFIG:-qwen3-8b}', '${LOAD_DIR:-/tmp}'), indent=1))" \
                2>&1 | tee "$OUT/loadcheck.log" | tail -30 ;;
+    moe) timeout "${MOE_S:-200}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda_moe.py 2>&1 \
+               | tee "$OUT/moe.log" | tail -25 ;;
+    plugins) timeout 120 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider tests/test_apertus.py \
+               tests/test_custom_ops.py 2>&1 | tee "$OUT/plugins.log" | tail -15 ;;
     sampling) timeout 120 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda_sampling.py 2>&1 \
                | tee "$OUT/sampling.log" | tail -15 ;;
     trace) timeout 120 python3 -m core.cuda.bench ${BENCH_CONFIGS:-tinyllama-1.1b qwen3-0.6b gpt2-124m qwen3-8b} --trace \
