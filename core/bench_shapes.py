@@ -16,6 +16,8 @@ from .errors import ConfigError
 from .registry import default_registry
 
 CONFIGS_FILE = Path(__file__).parent / "data" / "bench_configs.json"
+# GPU decode is timed over DECODE_TOKENS new tokens after a PROMPT_TOKENS prompt; prefill at PREFILL_LENGTHS tokens.
+DECODE_TOKENS, PROMPT_TOKENS, PREFILL_LENGTHS = 128, 8, (512, 2048)
 
 
 def named_configs() -> dict[str, dict]:

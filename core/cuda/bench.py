@@ -31,9 +31,7 @@ import datetime
 import json
 import math
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,12 +41,13 @@ import numpy as np
 
 from ..backend import Weights
 from ..config import ModelConfig
-from ..bench_shapes import bytes_per_token, named_configs, pick_spec, resolve
+from ..bench_shapes import (DECODE_TOKENS, PREFILL_LENGTHS, PROMPT_TOKENS, bytes_per_token, named_configs,  # noqa: F401
+                           pick_spec, resolve)
 from ..model import Model, forward
-from ..synth import checkpoint_tensors, stored_shape
 from ..weights import condition, expected_shape
+from .bench_hf import bench_hf, hf_model, hf_prefill  # noqa: F401  (hf_model: part of this module's surface)
+from .loadcheck import load_check
 
-DECODE_TOKENS, PROMPT_TOKENS, PREFILL_LENGTHS = 128, 8, (512, 2048)
 
 
 def weight_shapes(spec, config: ModelConfig) -> list[tuple[str, int | None, tuple]]:
@@ -371,7 +370,7 @@ def prefill_ab(name: str, T: int = 2048, reps: int = 2, compare_hf: bool = True)
         hf = hf_model(raw, None, "float16")
         try:
             with torch.no_grad():
-                res["hf_tok_s"] = _hf_prefill(hf, hf.config.vocab_size, T)
+                res["hf_tok_s"] = hf_prefill(hf, hf.config.vocab_size, T)
         finally:
             del hf
             torch.cuda.empty_cache()
@@ -398,69 +397,6 @@ def prefill_table(rows: list[dict]) -> str:
 
 
 # -- transformers on the same card ---------------------------------------------------------------------
-def hf_model(raw: dict | None, path: str | None, dtype: str):
-    import torch
-    import transformers
-
-    td = getattr(torch, dtype)
-    if path is not None:
-        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=td).to("cuda").eval()
-    cfg = transformers.AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=td)
-    return model.to(td).eval()
-
-
-def bench_hf(raw: dict | None, path: str | None, dtype: str, max_pos: int) -> dict:
-    import torch
-
-    model = hf_model(raw, path, dtype)
-    V = model.config.vocab_size
-    res = {}
-    try:
-        with torch.no_grad():
-            ids = torch.randint(0, V, (1, PROMPT_TOKENS), device="cuda")
-            kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
-            model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
-            # as time_decode: the prompt's pass and the first token (a one-token generate) are not counted
-            first = _hf_generate_s(model, ids, 1, kw)
-            res["decode_tok_s"] = DECODE_TOKENS / (_hf_generate_s(model, ids, DECODE_TOKENS + 1, kw) - first)
-            for T in PREFILL_LENGTHS:
-                res[f"prefill{T}_tok_s"] = _hf_prefill(model, V, T) if T <= max_pos else None
-    finally:
-        del model
-        torch.cuda.empty_cache()
-    return res
-
-
-def _hf_generate_s(model, ids, n: int, kw: dict) -> float:
-    """Seconds of one transformers generate() of exactly n new tokens."""
-    import torch
-
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-    torch.cuda.synchronize()
-    assert out.shape[1] == ids.shape[1] + n
-    return time.perf_counter() - t
-
-
-def _hf_prefill(model, V: int, T: int, reps: int = 3) -> float:
-    import torch
-
-    ids = torch.randint(0, V, (1, T), device="cuda")
-    times = []
-    for i in range(reps + 1):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        model(ids, use_cache=False, logits_to_keep=1)
-        torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t)
-    return T / statistics.median(times)
-
-
-# -- the entry point the CLI calls ---------------------------------------------------------------------
 def bench_cuda(config_name_or_path: str, compare_hf: bool = False, out_json: str | None = None,
                dtype: str | None = None) -> dict:
     """Benchmark one named shape or checkpoint on the GPU; returns (and optionally writes) the results."""
@@ -515,91 +451,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-# -- loading a real sharded checkpoint: host RSS and GPU memory ---------------------------------------
-def write_random_checkpoint(raw: dict, path: Path, shard_bytes: int = 4 << 30, seed: int = 0) -> list[Path]:
-    """A hub-layout F16 checkpoint of `raw` with random values, written one tensor at a time."""
-    spec = pick_spec(raw)
-    config = ModelConfig.from_hf(spec, raw)
-    tensors = [(name, stored_shape(rule, config)) for name, rule, _ in checkpoint_tensors(spec, config)]
-    shards, cur, size = [], [], 0
-    for name, shape in tensors:
-        n = math.prod(shape) * 2
-        if cur and size + n > shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((name, shape))
-        size += n
-    shards.append(cur)
-    pool = (np.random.default_rng(seed).standard_normal(1 << 25, dtype=np.float32) * 0.02).astype(np.float16)
-    path.mkdir(parents=True, exist_ok=True)
-    files, weight_map = [], {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        files.append(path / fname)
-        _write_shard(path / fname, shard, pool)
-        weight_map.update({name: fname for name, _ in shard})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps({**raw, "torch_dtype": "float16"}))
-    return files
-
-
-def _write_shard(file: Path, tensors: list, pool: np.ndarray) -> None:
-    header, off = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in tensors:
-        n = math.prod(shape) * 2
-        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    with open(file, "wb") as f:
-        f.write(len(h).to_bytes(8, "little") + h)
-        for _, shape in tensors:
-            left = math.prod(shape)
-            while left:
-                k = min(left, pool.size)
-                f.write(memoryview(pool)[:k])
-                left -= k
-
-
-def load_check(name: str = "qwen3-8b", workdir: str | None = None) -> dict:
-    """Load a written checkpoint of a named shape in fp16 in a child process: peak RSS and GPU memory."""
-    name, raw = resolve(name)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        t = time.perf_counter()
-        files = write_random_checkpoint(raw, Path(tmp) / name)
-        write_s = time.perf_counter() - t
-        out = subprocess.run([sys.executable, "-m", "core.cuda.bench", "--load-child", str(Path(tmp) / name)],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"load child failed:\n{out.stderr[-4000:]}")
-        res = json.loads(out.stdout.strip().splitlines()[-1])
-        largest = max(f.stat().st_size for f in files)
-    res.update(config=name, write_s=write_s, largest_shard_bytes=largest,
-               rss_limit_bytes=largest + (1 << 30), rss_ok=res["peak_rss_bytes"] <= largest + (1 << 30),
-               gpu_limit_bytes=int(1.1 * (res["weight_bytes"] + res["kv_bytes"])),
-               gpu_ok=res["gpu_used_bytes"] <= 1.1 * (res["weight_bytes"] + res["kv_bytes"]))
-    return res
-
-
-def _load_child(path: str) -> None:
-    import pycuda.autoprimaryctx  # noqa: F401
-    import pycuda.driver as drv
-
-    from .. import load as core_load
-
-    free0 = drv.mem_get_info()[0]
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t = time.perf_counter()
-    model = core_load(path, device="cuda", dtype="float16", quiet=True)
-    load_s = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    model.generate(list(range(1, 513)), max_new_tokens=16, stop_at_eos=False)
-    used = free0 - drv.mem_get_info()[0]
-    print(json.dumps({"load_s": load_s, "peak_rss_bytes": rss, "rss_before_load_bytes": rss0,
-                      "weight_bytes": model.backend.weight_bytes, "kv_bytes": model.backend.kv_bytes,
-                      "kv_positions": model.backend.kv_positions, "gpu_used_bytes": used}))
-
-
 def main(argv=None) -> int:
     import argparse
 
@@ -620,11 +471,7 @@ def main(argv=None) -> int:
                    help="per-kernel GPU time of graph decode steps (CUPTI through torch.profiler; no bench)")
     p.add_argument("--context", type=int, help="decode speed after a prompt of this many tokens vs after 8")
     p.add_argument("--out", help="folder for trace files")
-    p.add_argument("--load-child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.load_child:
-        _load_child(a.load_child)
-        return 0
     if a.trace or a.context:
         rows = []
         for c in a.configs:
