@@ -113,6 +113,14 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def context_limit(self) -> int:
+        """The longest sequence generation allows: max_position_embeddings, or with dynamic NTK rope (which exists
+        to run past it: transformers grows the base once a sequence is longer) that times the rope factor."""
+        if self.rope is not None and self.rope.type == "dynamic":
+            return int(self.max_position_embeddings * self.rope.factor)
+        return self.max_position_embeddings
+
+    @property
     def expert_dim(self) -> int:
         """One expert's intermediate size."""
         return self.moe_intermediate_size or self.intermediate_size

@@ -214,9 +214,11 @@ class Model:
         return arr.astype(np.int64)
 
     def _check_context(self, n: int, what: str) -> None:
-        limit = self.config.max_position_embeddings
+        limit = self.config.context_limit
         if n > limit:
-            raise ContextOverflowError(f"{what} needs {n} positions but the model's context is {limit} (max_position_embeddings)")
+            why = "max_position_embeddings" if limit == self.config.max_position_embeddings else \
+                "max_position_embeddings times the dynamic rope factor"
+            raise ContextOverflowError(f"{what} needs {n} positions but the model's context is {limit} ({why})")
 
     def logits(self, ids) -> np.ndarray:
         """float32 logits [len(ids), vocab] of a full forward pass over `ids` (no cache reuse)."""

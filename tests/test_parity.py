@@ -153,7 +153,11 @@ class S:
             lambda f, lo, span, orig: {"rope_type": "llama3", "factor": f, "low_freq_factor": lo,
                                        "high_freq_factor": lo + span, "original_max_position_embeddings": orig},
             st.floats(1.0, 32.0), st.floats(0.5, 2.0), st.floats(0.5, 4.0), st.integers(4, 128))
-        return st.one_of(st.none(), linear, llama3)
+        # dynamic NTK and YaRN: an original context shorter than prompt + generation, so the scaling engages
+        dynamic = st.builds(lambda f: {"rope_type": "dynamic", "factor": f}, st.floats(1.0, 8.0))
+        yarn = st.builds(lambda f, orig: {"rope_type": "yarn", "factor": f, "original_max_position_embeddings": orig},
+                         st.floats(1.0, 16.0), st.integers(4, 32))
+        return st.one_of(st.none(), linear, llama3, dynamic, yarn)
 
     @staticmethod
     @st.composite
@@ -187,6 +191,8 @@ class S:
                    intermediate=draw(st.integers(8, 96)),
                    rope_theta=draw(st.one_of(st.sampled_from([10000.0, 500000.0, 1e6]), st.floats(20.0, 1e5))),
                    rope_scaling=draw(S.rope_scaling()))
+        if (cfg["rope_scaling"] or {}).get("rope_type") == "dynamic" and (cfg["head_dim"] or cfg["hidden"] // cfg["heads"]) <= 2:
+            cfg["rope_scaling"] = None  # dynamic NTK divides by head_dim - 2 (transformers raises ZeroDivisionError)
         if family == "starcoder2":
             return dict(cfg, use_bias=draw(st.booleans()), norm_epsilon=draw(st.sampled_from([1e-5, 1e-3])),
                         hidden_act=draw(st.sampled_from(["gelu_pytorch_tanh", "gelu", "relu"])),
@@ -725,3 +731,24 @@ def test_stop_strings(bpe_model):
             checked += 1
             break
     assert checked >= 2, "too few usable stop strings in the greedy outputs"
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "dynamic", "factor": 4.0},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 16.0, "beta_slow": 2.0,
+     "attention_factor": 1.3},
+])
+def test_length_dependent_rope_in_generation(tmp_path, scaling):
+    """Dynamic NTK (its table grows past the original context, step by step in transformers' generate) and YaRN
+    (its cos/sin attention factor), through prefill, decode and greedy tokens past the original context."""
+    # dynamic engages past max_position_embeddings (archkit allows factor times it); YaRN past its original context
+    max_pos = 16 if scaling["rope_type"] == "dynamic" else 64
+    path = hf.save_model("llama", tmp_path, layers=2, hidden=32, heads=4, kv_heads=2, vocab=128, max_pos=max_pos,
+                         rope_scaling=scaling, seed=5)
+    model, ref = assert_parity(path, list(range(3, 15)), n=GREEDY_TOKENS)  # 12 + 24 positions
+    assert model.config.rope.type == scaling["rope_type"] == ref.config.rope_parameters["rope_type"]
+    if scaling["rope_type"] == "dynamic":
+        assert model.config.context_limit == 64
+        r = model.config.rope
+        assert r.table(8, 36).inv_freq[-1] != r.table(8, 16).inv_freq[-1]  # the grown base was really used

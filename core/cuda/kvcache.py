@@ -29,12 +29,13 @@ class KVCacheMixin:
         return 2 * config.num_layers * config.num_kv_heads * config.head_dim * ITEMSIZE[self.dtype]
 
     def _default_context(self, config) -> int:
-        """`context` if given, else max_position_embeddings capped by free memory (at least 1)."""
+        """`context` if given, else the model's context limit (max_position_embeddings; times the factor for dynamic
+        NTK rope) capped by free memory (at least 1)."""
         if self.context is not None:
             return self.context
         free, _ = self.mem_info()
         fits = (free - WORKSPACE_RESERVE) // self._bytes_per_position(config)
-        return int(max(1, min(config.max_position_embeddings, fits)))
+        return int(max(1, min(config.context_limit, fits)))
 
     def _make_kv(self, config, length: int):
         per = self._bytes_per_position(config)
