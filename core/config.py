@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import numpy as np
 
 from .errors import ConfigError
 from .rope import ROPE_TYPES, RopeConfig, parse_rope  # noqa: F401  (re-exported: older imports name core.config)

@@ -11,7 +11,7 @@ What differs from Llama, each a capability of the core vocabulary:
 - a plain GELU MLP (dense_h_to_4h, dense_4h_to_h), untied `embed_out`.
 """
 
-from core import ConfigKey, Derived, Detection, ModelSpec, W, hookimpl
+from core import ConfigKey, Detection, ModelSpec, W, hookimpl
 
 L = "gpt_neox.layers.{layer}."
 QKV = ("q.weight", "k.weight", "v.weight")
