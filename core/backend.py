@@ -15,6 +15,8 @@ import numpy as np
 from . import ops
 from .checkpoint import float32_to_bf16_bits, to_float32
 from .errors import DeviceError
+from .paged import Batch, PagedCache
+from .sampling import check_finite
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -88,6 +90,16 @@ class NumpyBackend:
         return Cache([np.zeros(shape, np.float32) for _ in range(config.num_layers)],
                      [np.zeros(shape, np.float32) for _ in range(config.num_layers)], length)
 
+    def new_paged_cache(self, config, num_blocks: int, block_size: int) -> PagedCache:
+        """Zeroed block pools for batched steps: per layer k and v [num_blocks * block_size, Hkv, Dh]."""
+        shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        return PagedCache([np.zeros(shape, np.float32) for _ in range(config.num_layers)],
+                          [np.zeros(shape, np.float32) for _ in range(config.num_layers)], block_size, num_blocks)
+
+    def rows(self, x, idx):
+        """x [T, N] rows at idx (int [R]) → [R, N]: the rows whose logits a batched step returns."""
+        return x[np.asarray(idx, dtype=np.int64)]
+
     def to_host(self, x) -> np.ndarray:
         """A float32 numpy copy of a backend tensor."""
         return np.asarray(x, dtype=np.float32)
@@ -96,7 +108,10 @@ class NumpyBackend:
         """Logits [V] of one generated token at position `start`, or with greedy its argmax id (an int; a
         backend may then pick it on its device). A backend may replay a captured step."""
         logits = forward(self, W, c, np.asarray([token]), cache, start, rope, all_logits=False)[-1]
-        return int(np.argmax(logits)) if greedy else logits
+        if greedy:
+            check_finite(logits)  # argmax of NaNs is 0: a silent, wrong token
+            return int(np.argmax(logits))
+        return logits
 
     # -- primitive operations (see core.ops for shapes) ------------------------------------------
     def embed(self, table, ids, scale=None):
@@ -107,7 +122,7 @@ class NumpyBackend:
 
     def add_positions(self, x, table, start):
         """x [T, D] + table[start:start+T] (learned absolute positions)."""
-        return x + ops.embed(table, np.arange(start, start + x.shape[0]))
+        return x + ops.embed(table, _positions(start, x.shape[0]))
 
     def linear(self, x, w, b=None):
         return ops.linear(x, w, b)
@@ -147,7 +162,10 @@ class NumpyBackend:
 
     def rope(self, x, start, table):
         """RoPE (a core.rope.RopeTable) on [T, H, Dh] at positions start..start+T-1."""
-        return ops.rope(x, np.arange(start, start + x.shape[0]), table)
+        if isinstance(start, Batch) and start.tables is not None:  # a table per sequence (length-dependent rope)
+            return np.concatenate([ops.rope(x[g.row:g.row + g.n], np.arange(g.start, g.start + g.n), t)
+                                   for g, t in zip(start.segments, start.tables)]) if start.segments else x
+        return ops.rope(x, _positions(start, x.shape[0]), table)
 
     def rope_cache_write(self, q, k, v, cache: Cache, layer: int, start: int, table, qk_norm=None):
         """RoPE on q and k (after per-head RMSNorm when qk_norm = (q weight, k weight, eps, offset)), k and v
@@ -160,9 +178,19 @@ class NumpyBackend:
         return q
 
     def cache_write(self, cache: Cache, layer: int, k, v, start: int) -> None:
+        if isinstance(start, Batch):  # each row to its sequence's slot, through the block tables
+            slots = np.concatenate([start.slots(g) for g in start.segments])
+            cache.k[layer][slots], cache.v[layer][slots] = k, v
+            return
         ops.cache_write(cache.k[layer], cache.v[layer], k, v, start)
 
     def attention(self, q, cache: Cache, layer: int, start: int, scale: float, window=None, softcap=None):
+        if isinstance(start, Batch):  # each sequence attends over its own blocks
+            out = np.empty_like(q)
+            for g in start.segments:
+                k, v = cache.gather(layer, g.table, g.start + g.n)
+                out[g.row:g.row + g.n] = ops.attention(q[g.row:g.row + g.n], k, v, g.start, scale, window, softcap)
+            return out
         return ops.attention(q, cache.k[layer], cache.v[layer], start, scale, window, softcap)
 
     def soft_cap(self, x, cap):
@@ -186,3 +214,8 @@ class NumpyBackend:
         """A plugin's own op (core.custom_ops.CustomOp): its numpy reference on float32 arrays → float32."""
         out = op.reference(*(np.asarray(a, dtype=np.float32) for a in args), **scalars)
         return np.asarray(out, dtype=np.float32)
+
+
+def _positions(start, T: int) -> np.ndarray:
+    """Positions of T rows: start..start+T-1 for one sequence, or a Batch's per-row positions."""
+    return start.positions if isinstance(start, Batch) else np.arange(start, start + T)

@@ -21,12 +21,18 @@ import numpy as np
 
 from .config import read_json
 from .errors import CheckpointError, UnsupportedDtypeError
+from .tokenizer import Tokenizer
 
 # safetensors dtype → (numpy dtype of the stored bits, bytes per element). BF16 is kept as uint16 bits.
 DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
 MAX_HEADER = 100 << 20  # same bound as the safetensors library
 MAX_DIM = (1 << 63) - 1  # a dimension must fit numpy's int64 shapes
 MAX_NDIM = 64  # numpy's limit
+# Tensors in one checkpoint, all files together. The largest real ones hold ~90,000 (DeepSeek-V3: 256 experts x 58
+# layers x 3); a forged header of a million empty tensors costs tens of seconds to index, so it is refused as the
+# header is parsed, before most of that work.
+MAX_TENSORS = 1 << 17
+MAX_NAME = 512  # characters in a tensor name; real ones are under 200, and names end up in error messages
 
 
 @attrs.frozen
@@ -45,12 +51,13 @@ class TensorInfo:
         return math.prod(self.shape)  # exact: int64 would wrap for a forged [2**62, 4, 0]
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+def read_safetensors_header(path: Path, max_tensors: int = MAX_TENSORS) -> dict[str, TensorInfo]:
     """Parse and validate one .safetensors header; raises CheckpointError naming the file.
 
     The rules are the safetensors library's: header length within the file and MAX_HEADER, a JSON object,
     known dtypes, byte spans matching dtype x shape, and spans that tile the data exactly (no gaps, no
-    overlaps: two tensors cannot alias the same bytes).
+    overlaps: two tensors cannot alias the same bytes). Ours on top: at most max_tensors tensors, names of at
+    most MAX_NAME characters.
     """
     try:
         size = regular_file(path).st_size
@@ -65,7 +72,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_counting(path, max_tensors))
+    except _TooMany as e:
+        raise CheckpointError(str(e)) from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(header, dict):
@@ -75,9 +84,32 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
+        if len(name) > MAX_NAME:
+            raise CheckpointError(f"{path}: tensor name {_short(name, 60)} has {len(name)} characters; "
+                                  f"at most {MAX_NAME} are allowed")
         out[name] = _tensor_info(path, name, meta, base, data_len)
     _check_tiling(path, out.values(), base, data_len)
     return out
+
+
+class _TooMany(Exception):
+    """Raised from inside json.loads (a CheckpointError would be taken for a JSON syntax error)."""
+
+
+def _counting(path: Path, max_tensors: int):
+    """A json object_pairs_hook that stops the parse once the header has built more objects than max_tensors
+    allows (one per tensor, one for __metadata__, one for the header itself): memory and time stay bounded."""
+    count = 0
+
+    def hook(pairs):
+        nonlocal count
+        count += 1
+        if count > max_tensors + 2:
+            raise _TooMany(f"{path}: safetensors header holds more than {max_tensors} tensors, which would pass the "
+                           f"{MAX_TENSORS} archkit accepts in one checkpoint (real ones hold under 100,000)")
+        return dict(pairs)
+
+    return hook
 
 
 def regular_file(path: Path) -> os.stat_result:
@@ -93,9 +125,9 @@ def _check_tiling(path: Path, infos, base: int, data_len: int) -> None:
     for t in sorted(infos, key=lambda t: (t.offset, t.nbytes)):
         start = t.offset - base
         if start != end:
-            where = f"overlaps {prev!r}" if start < end else \
-                f"leaves {start - end} bytes unclaimed after {prev!r}" if prev else f"leaves the first {start} bytes unclaimed"
-            raise CheckpointError(f"{path}: tensor {t.name!r} at data bytes [{start}, {start + t.nbytes}] {where}; "
+            where = f"overlaps {_short(prev)}" if start < end else \
+                f"leaves {start - end} bytes unclaimed after {_short(prev)}" if prev else f"leaves the first {start} bytes unclaimed"
+            raise CheckpointError(f"{path}: tensor {_short(t.name)} at data bytes [{start}, {start + t.nbytes}] {where}; "
                                   f"tensors must tile the data with no gaps or overlaps")
         end, prev = start + t.nbytes, t.name
     if end != data_len:
@@ -105,23 +137,23 @@ def _check_tiling(path: Path, infos, base: int, data_len: int) -> None:
 
 def _tensor_info(path: Path, name: str, meta, base: int, data_len: int) -> TensorInfo:
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
+        raise CheckpointError(f"{path}: tensor {_short(name)} has a malformed header entry")
     dtype, shape, offs = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
     if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
             and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape)):
-        raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {_short(shape)} "
+        raise CheckpointError(f"{path}: tensor {_short(name)} has an invalid shape {_short(shape)} "
                               f"(at most {MAX_NDIM} non-negative integer dimensions)")
     if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
-        raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {_short(offs)} (two integers)")
+        raise CheckpointError(f"{path}: tensor {_short(name)} has invalid data_offsets {_short(offs)} (two integers)")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise UnsupportedDtypeError(f"{path}: tensor {name!r} has dtype {_short(dtype)}; archkit reads only {sorted(DTYPES)}")
+        raise UnsupportedDtypeError(f"{path}: tensor {_short(name)} has dtype {_short(dtype)}; archkit reads only {sorted(DTYPES)}")
     begin, end = offs
     numel = 0 if 0 in shape else functools.reduce(lambda a, b: min(a * b, data_len + 1), shape, 1)  # capped: no bignums
     if not 0 <= begin <= end <= data_len:
-        raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}] fall outside the data ({data_len} bytes)")
+        raise CheckpointError(f"{path}: tensor {_short(name)} offsets [{begin}, {end}] fall outside the data ({data_len} bytes)")
     if end - begin != numel * DTYPES[dtype][1]:
         need = numel * DTYPES[dtype][1] if numel <= data_len else f"more than the {data_len} data bytes"
-        raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes but {dtype}{_short(shape)} needs {need}")
+        raise CheckpointError(f"{path}: tensor {_short(name)} spans {end - begin} bytes but {dtype}{_short(shape)} needs {need}")
     return TensorInfo(name, path, dtype, tuple(shape), base + begin, end - begin)
 
 
@@ -140,10 +172,10 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
             f.seek(info.offset)
             got = f.readinto(memoryview(arr).cast("B"))
     except OSError as e:
-        raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} ({e.strerror or e})") from None
+        raise CheckpointError(f"{info.file}: cannot read tensor {_short(info.name)} ({e.strerror or e})") from None
     if got != info.nbytes:
         del arr  # not kept alive by the traceback
-        raise CheckpointError(f"{info.file}: tensor {info.name!r} is truncated ({got} of {info.nbytes} bytes)")
+        raise CheckpointError(f"{info.file}: tensor {_short(info.name)} is truncated ({got} of {info.nbytes} bytes)")
     return arr.reshape(info.shape)
 
 
@@ -162,7 +194,8 @@ def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 class Checkpoint:
-    """A checkpoint directory: parsed config files and an index of every tensor (no data read)."""
+    """A checkpoint directory: parsed config files, its tokenizer (or None) and an index of every tensor (no data
+    read). Side files are read only up to core.config.SIDE_FILE_LIMITS; weights must be files inside the directory."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -177,6 +210,8 @@ class Checkpoint:
         gen = self.path / "generation_config.json"
         self.generation_config: dict = read_json(gen, "generation_config.json") if gen.exists() else {}
         self.files, self.tensors = self._index()
+        # parsed here, so that `archkit inspect` fails on a tokenizer that `generate` would fail on
+        self.tokenizer: Tokenizer | None = Tokenizer.from_dir(self.path)
 
     def _index(self) -> tuple[list[Path], dict[str, TensorInfo]]:
         index = self.path / "model.safetensors.index.json"
@@ -189,17 +224,21 @@ class Checkpoint:
             files, expected = sorted(self.path.glob("*.safetensors")), None
             if not files:
                 raise CheckpointError(f"{self.path}: no weights (expected model.safetensors or model.safetensors.index.json)")
+        if expected is None:
+            for f in files:
+                self._inside(f, f, "weights file")
         tensors: dict[str, TensorInfo] = {}
         for f in files:
-            for name, info in read_safetensors_header(f).items():
+            for name, info in read_safetensors_header(f, MAX_TENSORS - len(tensors)).items():
                 if name in tensors:
-                    raise CheckpointError(f"{f}: tensor {name!r} also appears in {tensors[name].file.name}")
+                    raise CheckpointError(f"{f}: tensor {_short(name)} also appears in {_short(tensors[name].file.name)}")
                 tensors[name] = info
         if expected is not None:
             for name, shard in expected.items():
                 info = tensors.get(name)
                 if info is None or info.file.name != Path(shard).name:
-                    raise CheckpointError(f"{index}: weight_map puts {name!r} in {shard!r}, but that shard does not hold it")
+                    raise CheckpointError(f"{index}: weight_map puts {_short(name)} in {_short(shard)}, but that shard "
+                                          f"does not hold it")
         return files, tensors
 
     def _from_index(self, index: Path) -> tuple[list[Path], dict[str, str]]:
@@ -207,22 +246,38 @@ class Checkpoint:
         wm = data.get("weight_map")
         if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
-        root = self.path.resolve()
+        if len(wm) > MAX_TENSORS:
+            raise CheckpointError(f"{index}: 'weight_map' lists {len(wm)} tensors; archkit refuses more than "
+                                  f"{MAX_TENSORS} (real checkpoints hold under 100,000)")
         files = []
         for shard in dict.fromkeys(wm.values()):
             p = Path(shard)
             try:
-                resolved = (self.path / p).resolve()
-                present = resolved.is_file()
-            except (OSError, ValueError) as e:  # a name too long, or with a NUL byte
+                present = (self.path / p).resolve().is_file()
+            except (OSError, ValueError, RuntimeError) as e:  # a name too long, with a NUL byte, or a symlink loop
                 raise CheckpointError(f"{index}: shard name {_short(shard)} is not a usable file name ({e})") from None
-            if p.is_absolute() or ".." in p.parts or resolved.parent != root:
+            if p.is_absolute() or ".." in p.parts:
                 raise CheckpointError(f"{index}: shard path {_short(shard)} escapes the checkpoint directory "
                                       f"(shards are file names inside it)")
+            self._inside(self.path / p, index, f"shard path {_short(shard)}")
             if not present:
                 raise CheckpointError(f"{index}: shard {_short(shard)} is missing")
             files.append(self.path / p)
         return files, wm
+
+    def _inside(self, f: Path, source: Path, what: str) -> None:
+        """CheckpointError (reported against `source`, about `what`) unless weights file `f` lies directly inside
+        the checkpoint directory once symlinks are resolved: a downloaded checkpoint must not make archkit read,
+        and then serve as weights, a file elsewhere on the machine. The one exception is the Hugging Face cache,
+        whose snapshot files (.../snapshots/<rev>/x) are symlinks into the same repository's .../blobs/."""
+        try:
+            resolved, root = f.resolve(), self.path.resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: a symlink loop
+            raise CheckpointError(f"{source}: {what} cannot be resolved ({e})") from None
+        allowed = (root, root.parent.parent / "blobs") if root.parent.name == "snapshots" else (root,)
+        if resolved.parent not in allowed:
+            raise CheckpointError(f"{source}: {what} escapes the checkpoint directory: it resolves to "
+                                  f"{_short(str(resolved))} (weights must be files inside it)")
 
     def read(self, name: str) -> np.ndarray:
         """Stored bits of tensor `name` (see read_tensor)."""

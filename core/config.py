@@ -11,7 +11,9 @@ from typing import Any
 import attrs
 
 from .errors import ConfigError
+from .log import warn_once
 from .rope import ROPE_TYPES, RopeConfig, parse_rope  # noqa: F401  (re-exported: older imports name core.config)
+from .rope import _brief
 from .spec import ACTIVATIONS, FLAGS, REQUIRED, ROUTER_SCORINGS, Derived, ModelSpec
 
 LAYER_TYPES = ("full_attention", "sliding_attention")  # values of config.json's layer_types
@@ -22,6 +24,14 @@ LIMITS = {
     "num_kv_heads": 4096, "head_dim": 4096, "intermediate_size": 1 << 20,
     "max_position_embeddings": 1 << 24,
 }
+MAX_WINDOW = 1 << 31  # sliding_window: a window past any context means none, and 2**63 overflows numpy's int64
+# Config numbers the forward multiplies or divides by, and the range each must lie in. Real values sit far inside
+# (Gemma 2's soft-caps 30 and 50, Granite's multipliers 1/128 to 12, DeepSeek's routed scale 2.5); outside it a
+# value turns into 0 or inf in float32 (1e-320 is 0) and the logits into NaN without a word.
+FLOAT_RANGES = {name: (1e-6, 1e6) for name in ("attn_softcap", "logit_softcap", "attn_scalar", "embed_multiplier",
+                                                "residual_multiplier", "attention_multiplier", "logit_multiplier",
+                                                "moe_routed_scale")}
+NORM_EPS_RANGE = (1e-20, 1.0)  # [lo, hi): an epsilon that is 0 in float32 lets an all-zero row divide by zero
 
 
 @attrs.frozen
@@ -189,6 +199,7 @@ class ModelConfig:
         for name in ("bos_token_id", "pad_token_id"):
             v = values.get(name)
             values[name] = v if isinstance(v, int) and not isinstance(v, bool) else None
+        _drop_ids_outside_vocab(values, keys, source)
         for flag in FLAGS:
             if getattr(spec, flag) is not None:
                 values[flag] = getattr(spec, flag)
@@ -219,13 +230,13 @@ class ModelConfig:
         for name, limit in LIMITS.items():
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v > limit:
-                raise ConfigError(f"{source}: {k(name, name)}={v!r} must be an integer in [1, {limit}]")
+                raise ConfigError(f"{source}: {k(name, name)}={_brief(v)} must be an integer in [1, {limit}]")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"{source}: {k('num_heads', 'num_heads')}={self.num_heads} is not a multiple of "
                               f"{k('num_kv_heads', 'num_kv_heads')}={self.num_kv_heads}")
         for flag, allowed in FLAGS.items():
             if getattr(self, flag) not in allowed:
-                raise ConfigError(f"{source}: {k(flag, flag)}={getattr(self, flag)!r} is not supported "
+                raise ConfigError(f"{source}: {k(flag, flag)}={_brief(getattr(self, flag))} is not supported "
                                   f"(supported: {list(allowed)})")
         if self.rope is not None:
             try:
@@ -233,20 +244,24 @@ class ModelConfig:
             except ConfigError as e:
                 raise ConfigError(f"{source}: {e}") from None
         w = self.sliding_window
-        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
-            raise ConfigError(f"{source}: sliding_window={w!r} must be a positive integer or null")
-        for name in ("attn_softcap", "logit_softcap", "attn_scalar", "embed_multiplier", "residual_multiplier",
-                     "attention_multiplier", "logit_multiplier", "moe_routed_scale"):
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= MAX_WINDOW):
+            raise ConfigError(f"{source}: {k('sliding_window', 'sliding_window')}={_brief(w)} must be a positive integer "
+                              f"or null (an integer in [1, {MAX_WINDOW}])")
+        for name, (lo, hi) in FLOAT_RANGES.items():
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
-                raise ConfigError(f"{source}: {k(name, name)}={v!r} must be a positive number or null")
-        if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
-            raise ConfigError(f"{source}: norm epsilon {self.norm_eps!r} must be in (0, 1)")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi):
+                raise ConfigError(f"{source}: {k(name, name)}={_brief(v)} must be a positive number or null (a number "
+                                  f"in [{lo:g}, {hi:g}])")
+        lo, hi = NORM_EPS_RANGE
+        if isinstance(self.norm_eps, bool) or not (isinstance(self.norm_eps, (int, float)) and lo <= self.norm_eps < hi):
+            raise ConfigError(f"{source}: {k('norm_eps', 'norm epsilon')}={_brief(self.norm_eps)} must be a number in "
+                              f"[{lo:g}, {hi:g})")
         if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"{source}: activation {self.activation!r} is not supported (supported: {list(ACTIVATIONS)})")
+            raise ConfigError(f"{source}: activation {_brief(self.activation)} is not supported "
+                              f"(supported: {list(ACTIVATIONS)})")
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "moe_renormalize", "scale_embeddings"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{source}: {k(name, name)}={getattr(self, name)!r} must be true or false")
+                raise ConfigError(f"{source}: {k(name, name)}={_brief(getattr(self, name))} must be true or false")
         self._validate_moe(source, k)
         specials = [("eos_token_ids", t) for t in self.eos_token_ids] + [("bos_token_id", self.bos_token_id)] * (self.bos_token_id is not None)
         for name, t in specials:
@@ -258,20 +273,23 @@ class ModelConfig:
                              ("decoder_sparse_step", 1, 4096), ("first_dense_layers", 0, 4096)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise ConfigError(f"{source}: {k(name, name)}={v!r} must be an integer in [{lo}, {hi}]")
+                raise ConfigError(f"{source}: {k(name, name)}={_brief(v)} must be an integer in [{lo}, {hi}]")
         if self.num_experts == 0:
             return
         top = self.num_experts_per_tok
         if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= self.num_experts:
-            raise ConfigError(f"{source}: {k('num_experts_per_tok', 'num_experts_per_tok')}={top!r} must be an "
+            raise ConfigError(f"{source}: {k('num_experts_per_tok', 'num_experts_per_tok')}={_brief(top)} must be an "
                               f"integer in [1, {k('num_experts', 'num_experts')}={self.num_experts}]")
         m = self.moe_intermediate_size
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 0 < m <= LIMITS["intermediate_size"]):
-            raise ConfigError(f"{source}: {k('moe_intermediate_size', 'moe_intermediate_size')}={m!r} must be an "
+            raise ConfigError(f"{source}: {k('moe_intermediate_size', 'moe_intermediate_size')}={_brief(m)} must be an "
                               f"integer in [1, {LIMITS['intermediate_size']}]")
         if self.router_scoring not in ROUTER_SCORINGS:
-            raise ConfigError(f"{source}: router scoring {self.router_scoring!r} is not supported "
+            raise ConfigError(f"{source}: router scoring {_brief(self.router_scoring)} is not supported "
                               f"(supported: {list(ROUTER_SCORINGS)})")
+        if len(self.mlp_only_layers) > self.num_layers:  # repeats: each layer would scan them all
+            raise ConfigError(f"{source}: {k('mlp_only_layers', 'mlp_only_layers')} has {len(self.mlp_only_layers)} "
+                              f"entries for {self.num_layers} layers; each layer may be named once")
         bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ConfigError(f"{source}: {k('mlp_only_layers', 'mlp_only_layers')} names layer {bad[0]}, outside "
@@ -302,7 +320,7 @@ def _check_rejects(spec: ModelSpec, raw: dict, source: str) -> None:
             continue
         if value not in ok:
             absent = "" if key in raw else " (absent, which means that)"
-            bad.append(f"{key}={value!r}{absent} is not supported by plugin {spec.name!r} (supported: {list(ok)})")
+            bad.append(f"{key}={_brief(value)}{absent} is not supported by plugin {spec.name!r} (supported: {list(ok)})")
     if bad:
         raise ConfigError(f"{source}: " + "; ".join(bad))
 
@@ -322,8 +340,8 @@ def _read_keys(spec: ModelSpec, raw: dict, source: str):
                 try:
                     value = ck.transform(value)
                 except Exception as e:  # a plugin's function on untrusted JSON: any failure is the value's fault
-                    raise ConfigError(f"{source}: {present[0]}={value!r} cannot be read by plugin {spec.name!r} "
-                                      f"({type(e).__name__}: {e})") from None
+                    raise ConfigError(f"{source}: {present[0]}={_brief(value)} cannot be read by plugin {spec.name!r} "
+                                      f"({type(e).__name__}: {str(e)[:200]})") from None
             values[ck.field] = value
             stated.add(ck.field)
         elif isinstance(ck.default, Derived):
@@ -337,7 +355,7 @@ def _read_keys(spec: ModelSpec, raw: dict, source: str):
 
 def _int(v, name, source):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
-        raise ConfigError(f"{source}: {name}={v!r} must be an integer")
+        raise ConfigError(f"{source}: {name}={_brief(v)} must be an integer")
     return int(v)
 
 
@@ -345,7 +363,7 @@ def _layer_types(v, num_layers, stated: bool, source) -> tuple[str, ...]:
     """One attention kind per layer. config.json must list every layer; a spec default is a pattern that
     repeats over the layers (Gemma 2's: sliding, full, sliding, full, ...)."""
     if not isinstance(v, (list, tuple)) or not v or any(t not in LAYER_TYPES for t in v):
-        raise ConfigError(f"{source}: layer_types={v!r} is not supported (a list of {list(LAYER_TYPES)})")
+        raise ConfigError(f"{source}: layer_types={_brief(v)} is not supported (a list of {list(LAYER_TYPES)})")
     if stated and len(v) != num_layers:
         raise ConfigError(f"{source}: layer_types has {len(v)} entries for num_hidden_layers={num_layers}")
     if not isinstance(num_layers, int) or not 0 < num_layers <= LIMITS["num_layers"]:
@@ -353,26 +371,75 @@ def _layer_types(v, num_layers, stated: bool, source) -> tuple[str, ...]:
     return tuple(v[i % len(v)] for i in range(num_layers))
 
 
+def _drop_ids_outside_vocab(values: dict, keys: dict, source: str) -> None:
+    """Drop special token ids outside [0, vocab_size), warning once.
+
+    transformers loads such a config (GPT2Config's default 50256 on a small vocabulary, as in many tiny test
+    models) and never emits the id, so generation just does not stop on it; refusing the checkpoint would be worse.
+    """
+    vocab = values.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
+        return  # validate() reports the vocabulary size itself
+    outside = [f"{keys.get('eos_token_ids', 'eos_token_id')} {t}" for t in values["eos_token_ids"] if not 0 <= t < vocab]
+    values["eos_token_ids"] = tuple(t for t in values["eos_token_ids"] if 0 <= t < vocab)
+    for name in ("bos_token_id", "pad_token_id"):
+        t = values[name]
+        if t is not None and not 0 <= t < vocab:
+            outside.append(f"{keys.get(name, name)} {t}")
+            values[name] = None
+    if outside:
+        warn_once(f"{source}: {', '.join(outside)} outside the vocabulary [0, {vocab}): ignored, as transformers "
+                  "never emits it")
+
+
 def _ids(v, name, source) -> tuple[int, ...]:
     if v is None:
         return ()
     v = v if isinstance(v, (list, tuple)) else [v]
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-        raise ConfigError(f"{source}: {name}={v!r} must be an integer or a list of integers")
+        raise ConfigError(f"{source}: {name}={_brief(v)} must be an integer or a list of integers")
     return tuple(v)
 
 
-def read_json(path: Path, what: str, error: type[Exception] = ConfigError) -> dict:
-    """Parse a JSON object from `path`; `error` naming the file otherwise."""
-    path = Path(path)
+# Bytes read at most from each side file (by the `what` read_json is given), far above any real checkpoint's:
+# config.json and generation_config.json are a few KB, the largest index.json (~90,000 tensors) ~10 MB, and
+# tokenizer_config.json with a 256k-token added_tokens_decoder ~20 MB. Beyond these a file is refused unread,
+# where reading it whole would cost twice its size in memory.
+SIDE_FILE_LIMITS = {"config.json": 16 << 20, "generation_config.json": 16 << 20,
+                    "model.safetensors.index.json": 64 << 20, "tokenizer_config.json": 64 << 20,
+                    "chat_template.json": 16 << 20}
+DEFAULT_SIDE_FILE_LIMIT = 64 << 20
+
+
+def read_bounded(path: Path, what: str, limit: int, error: type[Exception] = ConfigError) -> bytes:
+    """The bytes of the side file `path` (config, tokenizer, template), refused unread — `error` naming the file —
+    when it is missing, not a regular file (a FIFO would block the read) or over `limit` bytes."""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
             raise error(f"{path}: {what} is not a regular file")
-        raw = path.read_bytes()
+        if st.st_size > limit:
+            raise error(f"{path}: {what} is {st.st_size} bytes, over the {_limit(limit)} archkit reads for it")
+        with open(path, "rb") as f:
+            raw = f.read(st.st_size + 1)  # one more: the file may have grown since stat()
+        if len(raw) > limit:
+            raise error(f"{path}: {what} is over the {_limit(limit)} archkit reads for it")
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
     except OSError as e:
         raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    return raw
+
+
+def _limit(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n} bytes"
+
+
+def read_json(path: Path, what: str, error: type[Exception] = ConfigError, limit: int | None = None) -> dict:
+    """Parse a JSON object from `path`; `error` naming the file otherwise, also when it is over `limit` bytes
+    (default: SIDE_FILE_LIMITS[what])."""
+    path = Path(path)
+    raw = read_bounded(path, what, limit or SIDE_FILE_LIMITS.get(what, DEFAULT_SIDE_FILE_LIMIT), error)
     try:
         data = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: "[[[[..."

@@ -82,3 +82,20 @@ class DeviceError(ArchkitError, RuntimeError):
 
 class DeviceMemoryError(DeviceError, MemoryError):
     """Not enough GPU memory; says how much was needed and how much was free."""
+
+
+class NonFiniteLogitsError(GenerationError):
+    """The model produced NaN or infinite logits (corrupt or overflowing weights)."""
+
+
+class ServeError(ArchkitError, RuntimeError):
+    """`archkit serve` cannot start or go on: its dependencies are missing, the model cannot serve text, or the
+    engine has stopped."""
+
+
+class ChatBusyError(ArchkitError, RuntimeError):
+    """A core.Chat was asked for a turn while another turn of the same conversation was under way."""
+
+
+class QueueFullError(GenerationError):
+    """The engine's waiting queue is full: try again later (the server answers 503)."""

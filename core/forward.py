@@ -13,13 +13,16 @@ import numpy as np
 
 from .backend import Weights
 from .config import ModelConfig
+from .paged import Batch
 from .rope import RopeConfig, RopeTable
 
 
 @attrs.define
 class Step:
     """What every block of one forward call needs: the backend and its weights, the config, the KV cache, the
-    first position, the number of tokens, and the rope table for this sequence length (None without RoPE).
+    first position (or a core.paged.Batch when the rows belong to several sequences: pass it on to the backend's
+    rope/cache/attention ops as the position argument), the number of tokens, and the rope table for this
+    sequence length (None without RoPE).
 
     A plugin's own layer function (ModelSpec.attention_block / mlp_block) receives it as `step`.
     """
@@ -28,23 +31,34 @@ class Step:
     W: Weights
     c: ModelConfig
     cache: Any
-    start: int
+    start: Any  # int, or a core.paged.Batch
     T: int
     rope: RopeTable | None
 
 
-def forward(be, W, c: ModelConfig, ids: np.ndarray, cache, start: int, rope: RopeConfig | None, all_logits: bool):
+def forward(be, W, c: ModelConfig, ids: np.ndarray, cache, start, rope: RopeConfig | None, all_logits: bool):
     """Run tokens `ids` [T] at positions start..start+T-1 through the model, filling `cache`.
 
+    `start` is an int for one sequence, or a core.paged.Batch for rows of many sequences (then `cache` is the
+    backend's paged cache, and without all_logits the rows returned are the batch's logit_rows).
     Returns float32 logits [T, V] (all_logits) or [1, V] for the last position, on the host.
     """
     T = len(ids)
-    s = Step(be, W, c, cache, start, T, rope.table(c.head_dim, start + T) if rope is not None else None)
+    batch = start if isinstance(start, Batch) else None
+    end = batch.max_len if batch is not None else start + T
+    table = rope.table(c.head_dim, end) if rope is not None else None
+    if batch is not None and rope is not None and rope.dynamic:  # each sequence's table follows its own length
+        batch.tables = [rope.table(c.head_dim, g.start + g.n) for g in batch.segments]
+    s = Step(be, W, c, cache, start, T, table)
     x = be.embed(W.globals["embed"], ids, c.embed_scale)
     if c.positions == "learned":
         x = be.add_positions(x, W.globals["pos_embed"], start)
     h = _layers(s, x)
-    if not all_logits:
+    if batch is not None and not all_logits:
+        if not batch.logit_rows.size:  # every row continues a prompt: no logits wanted this step
+            return np.zeros((0, c.vocab_size), np.float32)
+        h = be.rows(h, batch.logit_rows)
+    elif not all_logits:
         h = h[T - 1:]
     logits = be.linear(h, W.lm_head(), W.globals.get("lm_head.bias"))
     if c.logit_multiplier is not None:

@@ -1,10 +1,9 @@
-"""core.load: checkpoint dir → detect → spec → config → weights → backend → Model. All or nothing."""
+"""core.load: checkpoint dir (or hub id) → detect → spec → config → weights → backend → Model. All or nothing."""
 
 from __future__ import annotations
 
 import gc
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,9 +12,11 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig, _ids
 from .detect import detect
 from .errors import ConfigError, DeviceError
+from .genconfig import GenerationDefaults
+from .hub import resolve
+from .log import logger, warn_once
 from .model import Model
 from .registry import Registry, default_registry
-from .tokenizer import Tokenizer
 from .weights import plan
 
 DEVICES = ("auto", "cpu", "numpy", "cuda")
@@ -38,7 +39,7 @@ def cuda_available() -> tuple[bool, str]:
 
 def make_backend(device: str, dtype: str | None, ckpt: Checkpoint | None = None, quiet: bool = False,
                  context: int | None = None):
-    """The backend for `device` ("auto" picks cuda when usable, else numpy, and says which).
+    """The backend for `device` ("auto" picks cuda when usable, else numpy, and logs which unless `quiet`).
 
     context: positions of KV cache to preallocate on the GPU (default: the model's context, capped by free
     memory); the numpy backend sizes its cache per call and ignores it.
@@ -53,7 +54,7 @@ def make_backend(device: str, dtype: str | None, ckpt: Checkpoint | None = None,
         ok, why = cuda_available()
         device = "cuda" if ok else "cpu"
         if not quiet:
-            print(f"archkit: device auto → {device} ({why})", file=sys.stderr)
+            logger.info("device auto → %s (%s)", device, why)
     if device in ("cpu", "numpy"):
         return NumpyBackend(dtype or "float32")
     ok, why = cuda_available()
@@ -67,22 +68,31 @@ def make_backend(device: str, dtype: str | None, ckpt: Checkpoint | None = None,
 
 
 def eos_ids(config: ModelConfig, generation: dict, source: str) -> tuple[int, ...]:
-    """EOS ids from generation_config.json and config.json together, each checked against the vocab."""
+    """EOS ids from generation_config.json and config.json together.
+
+    An id outside the vocabulary is ignored with a warning, as config.json's are (see core.config): transformers
+    loads such a checkpoint and never emits that id.
+    """
     ids = tuple(dict.fromkeys(_ids(generation.get("eos_token_id"), "eos_token_id", source) + config.eos_token_ids))
-    for t in ids:
-        if not 0 <= t < config.vocab_size:
-            raise ConfigError(f"{source}: eos_token_id {t} is outside the vocabulary [0, {config.vocab_size})")
-    return ids
+    outside = [t for t in ids if not 0 <= t < config.vocab_size]
+    if outside:
+        warn_once(f"{source}: eos_token_id {', '.join(map(str, outside))} outside the vocabulary "
+                  f"[0, {config.vocab_size}): ignored, as transformers never emits it")
+    return tuple(t for t in ids if 0 <= t < config.vocab_size)
 
 
 def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = None, device: str = "auto",
          registry: Registry | None = None, quiet: bool = False,
-         progress: Callable[[int, int, int, int], None] | None = None, context: int | None = None) -> Model:
-    """Load a Hugging Face-style checkpoint directory.
+         progress: Callable[[int, int, int, int], None] | None = None, context: int | None = None,
+         revision: str | None = None) -> Model:
+    """Load a Hugging Face-style checkpoint directory, or a hub id ("Qwen/Qwen3-0.6B") through huggingface_hub.
+
+    path: a directory (always wins when it exists), else a hub id looked up in the Hugging Face cache and, unless
+    HF_HUB_OFFLINE is set, downloaded (see core.hub); revision: the hub id's branch, tag or commit.
 
     arch: a registered family name, or None to detect it from config.json / tensor names.
     dtype: "float32", "float16" or "bfloat16" (default: float32 on the CPU; the checkpoint's half type on CUDA).
-    device: "auto", "cpu" (numpy) or "cuda".
+    device: "auto", "cpu" (numpy) or "cuda"; "auto" logs its choice to the "archkit" logger (INFO) unless `quiet`.
     context: KV-cache positions to preallocate on the GPU (default: max_position_embeddings capped by free memory).
     progress: called as progress(done_bytes, total_bytes, file_number, num_files) before the first tensor
     and after each tensor is read (file_number is the 1-based safetensors file it came from).
@@ -91,6 +101,7 @@ def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = N
     >>> model.generate_text("Once upon a time", max_new_tokens=20)  # doctest: +SKIP
     """
     reg = registry if registry is not None else default_registry()
+    path = resolve(path, revision)
     ckpt = Checkpoint(path)
     detected = None
     if arch is None:
@@ -101,9 +112,11 @@ def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = N
         raise ConfigError(f"{ckpt.path}: config.json not found; it is needed for the model's sizes "
                           f"(the tensor names look like {arch!r})")
     config = ModelConfig.from_hf(entry.spec, ckpt.config, source=str(ckpt.path / "config.json"))
-    eos = eos_ids(config, ckpt.generation_config, str(ckpt.path / "generation_config.json"))
+    gen_source = str(ckpt.path / "generation_config.json")
+    eos = eos_ids(config, ckpt.generation_config, gen_source)
+    defaults = GenerationDefaults.from_hf(ckpt.generation_config, gen_source)
     p = plan(entry.spec, config, ckpt)  # every name and shape checked before any data is read
-    tokenizer = Tokenizer.from_dir(ckpt.path)
+    tokenizer = ckpt.tokenizer  # read (and checked) with the checkpoint
     backend = make_backend(device, dtype, ckpt, quiet, context)
     weights = Weights(layers=[{} for _ in range(config.num_layers)])
     try:
@@ -119,7 +132,8 @@ def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = N
         gc.collect()
         raise
     device = "cpu" if backend.name == "numpy" else backend.name
-    return Model(entry.spec, config, backend, weights, tokenizer, eos, Path(path), detected, device)
+    return Model(entry.spec, config, backend, weights, tokenizer, eos, Path(path), detected, device,
+                 generation_defaults=defaults)
 
 
 def _progress_reporter(p, ckpt: Checkpoint, progress):

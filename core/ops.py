@@ -139,6 +139,9 @@ def soft_cap(x: np.ndarray, cap: float) -> np.ndarray:
     return cap * np.tanh(x / cap)
 
 
+ATTN_BLOCK = 1 << 24  # score elements per block of queries (64 MB in float32): memory O(T x block), not O(T^2)
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, scale: float,
               window: int | None = None, softcap: float | None = None) -> np.ndarray:
     """Causal GQA attention of q [T, H, Dh] at positions start..start+T-1 over a cache k, v [Hkv, S, Dh].
@@ -146,22 +149,37 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, scale: fl
     Query t, at position p = start+t, sees keys 0..p (S >= start+T); with a sliding `window` only the
     last `window` of them, p-window+1..p. Scores are q·k * scale, then soft_cap(·, softcap) if given,
     then masked. Returns [T, H, Dh].
+
+    Queries go in blocks of rows, each block over only the keys it can see, so that a long prompt never
+    holds its whole [T, T] score matrix (a 20k-token prompt would need GBs); each row's softmax is the same.
     """
     T, H, Dh = q.shape
-    n, Hkv = start + T, k.shape[0]
+    Hkv = k.shape[0]
     g = H // Hkv
     qh = q.reshape(T, Hkv, g, Dh).transpose(1, 2, 0, 3)  # [Hkv, g, T, Dh]
-    s = (qh @ k[:, None, :n].transpose(0, 1, 3, 2)) * scale  # [Hkv, g, T, n]
+    rows = max(1, ATTN_BLOCK // (H * (start + T)))
+    blocks = [_attention_rows(qh[:, :, t0:t0 + rows], k, v, start + t0, scale, window, softcap)
+              for t0 in range(0, T, rows)]
+    o = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=2)  # [Hkv, g, T, Dh]
+    return o.transpose(2, 0, 1, 3).reshape(T, H, Dh)
+
+
+def _attention_rows(qh: np.ndarray, k: np.ndarray, v: np.ndarray, first: int, scale: float,
+                    window: int | None, softcap: float | None) -> np.ndarray:
+    """attention() for queries qh [Hkv, g, R, Dh] at positions first..first+R-1 → [Hkv, g, R, Dh]."""
+    R = qh.shape[2]
+    lo = 0 if window is None else max(0, first - window + 1)  # keys before lo are outside every row's window
+    hi = first + R
+    s = (qh @ k[:, None, lo:hi].transpose(0, 1, 3, 2)) * scale  # [Hkv, g, R, hi - lo]
     if softcap is not None:
         s = soft_cap(s, softcap)
-    qpos, kpos = (start + np.arange(T))[:, None], np.arange(n)[None, :]
+    qpos, kpos = (first + np.arange(R))[:, None], np.arange(lo, hi)[None, :]
     allowed = kpos <= qpos if window is None else (kpos <= qpos) & (kpos > qpos - window)
     s = np.where(allowed, s, -np.inf)
     s = s - s.max(-1, keepdims=True)
     p = np.exp(s)
     p /= p.sum(-1, keepdims=True)
-    o = p @ v[:, None, :n]  # [Hkv, g, T, Dh]
-    return o.transpose(2, 0, 1, 3).reshape(T, H, Dh)
+    return p @ v[:, None, lo:hi]
 
 
 def cache_write(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> None:

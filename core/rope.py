@@ -19,6 +19,11 @@ from .errors import ConfigError
 
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
 _MAX_POSITIONS = 2 ** 31  # bound on the *_position_embeddings counts, so that arithmetic on them stays in float range
+MAX_THETA = 1e15  # the largest real base is ~4e9 (Gradient's 4M-context Llama 3)
+# Every other rope number (factors, betas, attention factor, mscales, longrope's per-frequency factors) lies in
+# [-FACTOR_RANGE[1], FACTOR_RANGE[1]] and, where it must be > 0, in FACTOR_RANGE. Real ones are between 0.1 and 128;
+# a factor of 1e-320 is 0 in float32 and turns the rope table, then the logits, into NaN without a word.
+FACTOR_RANGE = (1e-6, 1e6)
 
 
 @attrs.frozen(eq=False)
@@ -217,17 +222,17 @@ def parse_rope(raw: dict, source: str = "config.json", *, theta=None, partial_ro
 
     th, th_key = _first((got("rope_theta"), key("rope_theta")), (theta, "rope_theta"), (raw.get("rope_theta"), "rope_theta"),
                         (10000.0, "rope_theta"))
-    if not 1 < _finite(th, 0.0):
-        raise ConfigError(f"{source}: {th_key}={th!r} must be a finite number > 1")
+    if not 1 < _finite(th, 0.0) <= MAX_THETA:
+        raise ConfigError(f"{source}: {th_key}={_brief(th)} must be a finite number > 1 and at most {MAX_THETA:g}")
     prf, prf_key = _first((got("partial_rotary_factor"), key("partial_rotary_factor")),
                           (partial_rotary_factor, "partial_rotary_factor"),
                           (raw.get("partial_rotary_factor"), "partial_rotary_factor"), (1.0, "partial_rotary_factor"))
     if not 0 < _finite(prf, 0.0) <= 1:
-        raise ConfigError(f"{source}: {prf_key}={prf!r} must be a number in (0, 1]")
+        raise ConfigError(f"{source}: {prf_key}={_brief(prf)} must be a number in (0, 1]")
     if rotary_dim is not None:
         rotary_dim = _count(rotary_dim, "rotary_dim", source)
     if not isinstance(interleaved, bool):
-        raise ConfigError(f"{source}: interleaved={interleaved!r} must be true or false")
+        raise ConfigError(f"{source}: interleaved={_brief(interleaved)} must be true or false")
     mpe_given = raw.get("max_position_embeddings") if max_position_embeddings is None else max_position_embeddings
     try:  # checked where a type needs it: the model's own validation covers the rest
         mpe = _count(mpe_given, "max_position_embeddings", source)
@@ -238,7 +243,7 @@ def parse_rope(raw: dict, source: str = "config.json", *, theta=None, partial_ro
     if rtype == "su" or (rtype == "yarn" and got("short_factor") is not None and got("long_factor") is not None):
         rtype = "longrope"  # Phi-3's old spellings, which transformers' Phi3Config converts
     if not isinstance(rtype, str) or rtype not in ROPE_TYPES:
-        raise ConfigError(f"{source}: rope type {rtype!r} ({key('rope_type')}) is not supported "
+        raise ConfigError(f"{source}: rope type {_brief(rtype)} ({key('rope_type')}) is not supported "
                           f"(supported: {list(ROPE_TYPES)})")
     kw: dict = {"theta": float(th), "type": rtype, "partial_rotary_factor": float(prf), "rotary_dim": rotary_dim,
                 "interleaved": interleaved, "max_position_embeddings": mpe}
@@ -247,8 +252,9 @@ def parse_rope(raw: dict, source: str = "config.json", *, theta=None, partial_ro
         v = got(k)
         if v is None and not required:
             return None
-        if not 0 < _finite(v, 0.0):
-            raise ConfigError(f"{source}: rope type {rtype!r} needs {key(k)} to be a finite number > 0, got {v!r}")
+        if not _in_range(v):
+            raise ConfigError(f"{source}: rope type {rtype!r} needs {key(k)} to be a finite number in "
+                              f"[{FACTOR_RANGE[0]:g}, {FACTOR_RANGE[1]:g}], got {_brief(v)}")
         return float(v)
 
     def need_mpe(why: str) -> int:
@@ -284,19 +290,21 @@ def parse_rope(raw: dict, source: str = "config.json", *, theta=None, partial_ro
         kw["beta_fast"] = number("beta_fast") if got("beta_fast") else 32.0
         kw["beta_slow"] = number("beta_slow") if got("beta_slow") else 1.0
         for k in ("mscale", "mscale_all_dim"):  # any finite number; used only when both are non-zero
-            if got(k) is not None and not math.isfinite(_finite(got(k), math.nan)):
-                raise ConfigError(f"{source}: {key(k)}={got(k)!r} must be a finite number")
+            if got(k) is not None and not abs(_finite(got(k), math.nan)) <= FACTOR_RANGE[1]:
+                raise ConfigError(f"{source}: {key(k)}={_brief(got(k))} must be a finite number in "
+                                  f"[-{FACTOR_RANGE[1]:g}, {FACTOR_RANGE[1]:g}]")
             kw[k] = None if got(k) is None else float(got(k))
         if not isinstance(params.get("truncate", True), (bool, type(None))):
-            raise ConfigError(f"{source}: {key('truncate')}={params['truncate']!r} must be true or false")
+            raise ConfigError(f"{source}: {key('truncate')}={_brief(params['truncate'])} must be true or false")
         kw["truncate"] = bool(params.get("truncate", True))  # null: falsy, no truncation, as transformers
     if rtype == "longrope":
         if kw["original_max_position_embeddings"] < 2 and kw["attention_factor"] is None and kw["factor"] > 1:
             raise ConfigError(f"{source}: longrope needs original_max_position_embeddings >= 2 (its log divides)")
         for k in ("short_factor", "long_factor"):
             v = got(k)
-            if not (isinstance(v, list) and v and all(0 < _finite(x, 0.0) for x in v)):
-                raise ConfigError(f"{source}: longrope needs {key(k)} to be a list of finite numbers > 0, got {_brief(v)}")
+            if not (isinstance(v, list) and v and all(_in_range(x) for x in v)):
+                raise ConfigError(f"{source}: longrope needs {key(k)} to be a list of finite numbers in "
+                                  f"[{FACTOR_RANGE[0]:g}, {FACTOR_RANGE[1]:g}], got {_brief(v)}")
             kw[k] = tuple(float(x) for x in v)
     r = RopeConfig(**kw)
     try:
@@ -320,7 +328,8 @@ def _rope_dict(raw: dict, source: str) -> tuple[str, dict]:
     params = raw.get(name) or {}
     nested = [k for k, v in params.items() if isinstance(v, dict)]
     if nested:  # Gemma 3 style, one dict per layer type: the family must pick the entry it means
-        raise ConfigError(f"{source}: {name} is nested per layer type ({', '.join(nested)}); not supported here")
+        raise ConfigError(f"{source}: {name} is nested per layer type ({', '.join(nested)[:200]}); "
+                          f"not supported here")
     return name, params
 
 
@@ -338,9 +347,15 @@ def _count(v, key: str, source: str) -> int:
     return v
 
 
-def _brief(v) -> str:
+def _brief(v, n: int = 80) -> str:
+    """repr(v) cut to n characters: a config value can be megabytes long, and error messages are one line."""
     s = repr(v)
-    return s if len(s) <= 80 else s[:77] + "..."
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+
+def _in_range(x) -> bool:
+    """x is a JSON number (not a bool) in FACTOR_RANGE."""
+    return FACTOR_RANGE[0] <= _finite(x, 0.0) <= FACTOR_RANGE[1]
 
 
 def _finite(x, otherwise: float) -> float:

@@ -86,6 +86,36 @@ REGISTERS_THEN_RAISES = """
         raise ValueError("second spec failed")
 """
 
+# A BaseException that is neither KeyboardInterrupt nor SystemExit, at import and in the hook (issue 17).
+ABORTS_AT_IMPORT = """
+    class PluginAbort(BaseException):
+        pass
+
+    raise PluginAbort("a BaseException at import")
+"""
+
+ABORTS_IN_HOOK = """
+    from core import hookimpl
+
+    class PluginAbort(BaseException):
+        pass
+
+    @hookimpl
+    def archkit_register_architectures(register):
+        raise PluginAbort("a BaseException in the hook")
+"""
+
+# A valid spec under a built-in family's name, registered from a hook asking to run last (issue 17).
+HIJACK = """
+    import attrs
+    from core import hookimpl
+    from plugins.llama import SPEC
+
+    @hookimpl(trylast=True)
+    def archkit_register_architectures(register):
+        register(attrs.evolve(SPEC, name="{name}", description="hijacked"))
+"""
+
 EXITS = """
     import sys
     sys.exit("a plugin that calls sys.exit at import")

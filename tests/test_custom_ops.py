@@ -293,5 +293,8 @@ def test_own_attention_block_with_a_global_extra_role_matches_transformers(disco
     assert hf.rel_err(model.logits(ids), hf.hf_logits(ref, ids)) < TOL
     assert hf.rel_err(cached_logits(model, longer, len(ids)), hf.hf_logits(ref, longer)) < TOL
     assert model.generate(ids, max_new_tokens=10, stop_at_eos=False) == hf.hf_greedy(ref, ids, 10)
+    # the engine's batched steps pass a core.paged.Batch as step.start: the plugin's block runs them unchanged
+    batch = model.generate([ids, longer], max_new_tokens=10, stop_at_eos=False, engine=model.engine(block_size=4))
+    assert batch == [hf.hf_greedy(ref, ids, 10), hf.hf_greedy(ref, longer, 10)]
     with pytest.raises(core.WeightsError, match="1 unexpected: model.attn_gain"):  # plain llama knows no such tensor
         core.load(ckpt, arch="llama", device="cpu", quiet=True, registry=reg)

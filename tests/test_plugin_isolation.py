@@ -35,6 +35,10 @@ BROKEN = {
     "claims-all": (fp.CLAIMS_ALL, {}, "a rule that matches anything would claim every checkpoint"),
     "duplicate-name": (fp.CLONE, {"spec_name": "llama"}, "duplicate architecture 'llama' (already registered by plugin 'llama')"),
     "no-hook": (fp.NO_HOOK, {}, "has no archkit_register_architectures hook"),
+    "aborts-at-import": (fp.ABORTS_AT_IMPORT, {}, "failed to load: PluginAbort: a BaseException at import"),
+    "aborts-in-hook": (fp.ABORTS_IN_HOOK, {}, "raised in archkit_register_architectures: PluginAbort: a BaseException in the hook"),
+    "trylast-hijack": (fp.HIJACK, {"spec_name": "llama"}, "duplicate architecture 'llama' (already registered by plugin "
+                                                          "'llama'); built-in family names are reserved"),
 }
 
 
@@ -78,18 +82,19 @@ def test_broken_plugin_is_reported_and_isolated(site, name, llama_ckpt, alien_ck
     assert BROKEN[name][2] in broken[name]
     assert "\n" not in broken[name]
     assert BUILTIN <= set(reg)
-    if name != "duplicate-name":
+    if name not in ("duplicate-name", "trylast-hijack"):
         assert name not in reg  # nothing half-registered under the plugin's name
     # The others keep working: the llama checkpoint is detected and loads as llama.
     model = core.load(llama_ckpt, device="cpu", quiet=True, registry=reg)
-    assert model.spec.name == "llama" and reg["llama"].plugin == "llama"
+    assert model.spec.name == "llama" and reg["llama"].plugin == "llama" and reg["llama"].spec.description != "hijacked"
     # A load that no family matches names the broken plugin and why.
     with pytest.raises(UnknownArchitectureError) as ei:
         core.load(alien_ckpt, device="cpu", quiet=True, registry=reg)
     assert f"{name} (" in str(ei.value) and BROKEN[name][2] in str(ei.value)
 
 
-@pytest.mark.parametrize("name", ["fails-at-import", "wrong-api", "claims-all"])
+@pytest.mark.parametrize("name", ["fails-at-import", "wrong-api", "claims-all", "aborts-at-import", "aborts-in-hook",
+                                  "trylast-hijack"])
 def test_cli_list_shows_broken_plugin(site, name, llama_ckpt):
     install(site, name)
     r = fp.cli("list", site=site)
@@ -132,17 +137,66 @@ def test_hook_that_registers_then_raises(site):
     assert "second spec failed" in {b.name: b.error for b in reg.broken}["half"]
 
 
-def test_duplicate_entry_point_name(site):
+def _twins(site):
+    """Two distributions (archkit-fake-twin, archkit-fake-twin2) that both provide entry point 'twin'."""
     fp.install(site, "twin", fp.CLONE)
-    other = site / "other"
-    fp.install(other, "twin", fp.CLONE, spec_name="twin2", module="twin2")
-    sys.path.insert(0, str(other))
+    fp.install(site / "other", "twin", fp.CLONE, spec_name="twin2", module="twin2")
+    sys.path.insert(0, str(site / "other"))
+
+
+def test_duplicate_entry_point_name_loads_neither(site):
+    """Two distributions with one entry-point name: whichever came first on sys.path used to load (issue 17).
+    Neither loads; the clash is reported once, naming both distributions and how to pick one."""
+    _twins(site)
     try:
         reg = core.Registry.discover()
     finally:
-        sys.path.remove(str(other))
-    assert sum(b.name == "twin" and "already taken" in b.error for b in reg.broken) == 1
-    assert ("twin" in reg) != ("twin2" in reg)  # exactly one of the two was loaded
+        sys.path.remove(str(site / "other"))
+    (b,) = [b for b in reg.broken if b.name == "twin"]
+    assert "provided by 2 distributions" in b.error and "archkit-fake-twin " in b.error and "archkit-fake-twin2 " in b.error
+    assert "ARCHKIT_PLUGINS='distribution:twin'" in b.error
+    assert "twin" not in reg and "twin2" not in reg and BUILTIN <= set(reg)
+
+
+@pytest.mark.parametrize("pick, family", [("archkit-fake-twin2:twin", "twin2"), ("Archkit_Fake.Twin:twin", "twin")])
+def test_allow_list_picks_a_distribution(site, monkeypatch, pick, family):
+    """`distribution:entry-point` in the allow-list (names compared as pip does) loads that one only."""
+    _twins(site)
+    monkeypatch.setenv("ARCHKIT_PLUGINS", f"llama,{pick}")
+    try:
+        reg = core.Registry.discover()
+    finally:
+        sys.path.remove(str(site / "other"))
+    assert set(reg) == {"llama", family} and not reg.broken
+    assert (reg[family].plugin, reg[family].distribution) == ("twin", f"archkit-fake-{family}")
+
+
+def test_allow_list_distribution_that_is_not_installed(site):
+    fp.install(site, "twin", fp.CLONE)
+    reg = core.Registry.discover(allow=["llama", "archkit-other:twin"])
+    assert set(reg) == {"llama"}
+    (b,) = reg.broken
+    assert b.name == "archkit-other:twin" and "no installed plugin" in b.error
+
+
+def test_allow_list_builtin_by_distribution(site):
+    assert set(core.Registry.discover(allow=["archkit:llama", "archkit:gpt2"])) == {"llama", "gpt2"}
+
+
+def test_entry_point_cannot_take_a_builtin_plugin_name(site, monkeypatch):
+    """An entry point named like a built-in is refused even when the allow-list leaves the built-in out."""
+    fp.install(site, "llama", fp.CLONE, spec_name="evil-llama")
+    for allow in (None, ["llama"]):
+        reg = core.Registry.discover(allow=allow)
+        (b,) = [b for b in reg.broken if b.name == "llama"]
+        assert "taken by the built-in plugin 'plugins.llama'" in b.error and "evil-llama" not in reg
+
+
+def test_cli_empty_allow_list_loads_no_outside_plugin(site):
+    install(site, "fails-at-import")
+    r = fp.cli("list", site=site, env={"ARCHKIT_PLUGINS": ""})
+    assert r.returncode == 0, r.stderr
+    assert "fails-at-import" not in r.stdout and "starcoder2" not in r.stdout and "llama " in r.stdout
 
 
 # -- allow-list ---------------------------------------------------------------------------------
@@ -176,3 +230,13 @@ def test_allow_list_cli(site, llama_ckpt):
     assert [line.split()[0] for line in r.stdout.splitlines()[1:]] == ["llama"]
     r = fp.cli("inspect", llama_ckpt, site=site, env={"ARCHKIT_PLUGINS": "gpt2"})
     fp.assert_one_line_error(r, "no registered architecture matches", "gpt2=0")
+
+
+def test_distribution_pick_beats_a_plain_name(site, monkeypatch):
+    _twins(site)
+    monkeypatch.setenv("ARCHKIT_PLUGINS", "llama, twin, archkit-fake-twin2:twin")
+    try:
+        reg = core.Registry.discover()
+    finally:
+        sys.path.remove(str(site / "other"))
+    assert set(reg) == {"llama", "twin2"} and not reg.broken

@@ -195,8 +195,85 @@ def test_allow_list_parameter_and_env(discover, monkeypatch):
     assert set(discover(extra, allow=["gpt2", "outside"])) == {"gpt2", "outside-family"}
     monkeypatch.setenv("ARCHKIT_PLUGINS", " qwen3 , gpt2,")
     assert set(Registry.discover(entry_points=True, extra=[extra])) == {"gpt2", "qwen3"}
-    monkeypatch.setenv("ARCHKIT_PLUGINS", "")  # empty means unset: everything
-    assert OUR_BUILTINS | {"outside-family"} <= set(Registry.discover(entry_points=False, extra=[extra]))
+
+
+
+@pytest.mark.parametrize("value", ["", " ", ",", " , "])
+def test_empty_allow_list_means_no_outside_plugin(monkeypatch, value):
+    """ARCHKIT_PLUGINS="" fails closed (issue 17): the built-ins load, no outside plugin does (it used to load all)."""
+    extra = registering("outside", llama_like(name="outside-family"))
+    monkeypatch.setenv("ARCHKIT_PLUGINS", value)
+    reg = Registry.discover(entry_points=True, extra=[extra])
+    assert OUR_BUILTINS <= set(reg) and not reg.broken
+    assert "outside-family" not in reg and "starcoder2" not in reg
+    assert set(Registry.discover(allow=[], entry_points=True, extra=[extra])) == set(reg)
+
+
+@pytest.mark.parametrize("order", [{"trylast": True}, {"tryfirst": True}, {}])
+@pytest.mark.parametrize("allow", [None, ["hijack"]])
+def test_builtin_family_names_are_reserved_whatever_the_hook_order(discover, order, allow):
+    """An outside plugin registering a built-in family's name is the broken one, never the built-in (issue 17):
+    with trylast its hook used to run first and take 'llama'; a built-in left out by the allow-list stays reserved."""
+    mod = types.ModuleType("hijack")
+    mod.archkit_register_architectures = core.hookimpl(**order)(
+        lambda register: register(llama_like(name="llama", description="not the real llama")))
+    reg = discover(mod, allow=allow)
+    (b,) = reg.broken
+    assert b.name == "hijack" and "'llama'" in b.error and "reserved" in b.error
+    if allow is None:
+        assert reg["llama"].plugin == "llama" and reg["llama"].spec.description != "not the real llama"
+    else:
+        assert "llama" not in reg
+
+
+def test_duplicate_between_outside_plugins_follows_discovery_not_hook_order(discover):
+    """tryfirst/trylast, which a plugin picks for itself, do not decide which of two outside plugins keeps a name."""
+    first = registering("first", llama_like(name="twin"))
+    second = types.ModuleType("second")
+    second.archkit_register_architectures = core.hookimpl(trylast=True)(lambda register: register(llama_like(name="twin")))
+    reg = discover(first, second)
+    assert reg["twin"].plugin == "first" and [b.name for b in reg.broken] == ["second"]
+
+
+class Abort(BaseException):
+    """Neither an Exception nor KeyboardInterrupt/SystemExit: `except Exception` used to let it through."""
+
+
+def aborting_hook(register):
+    raise Abort("from the hook")
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise Abort("from __str__")
+
+
+def unprintable_hook(register):
+    raise Unprintable()
+
+
+@pytest.mark.parametrize("hook, reason", [(aborting_hook, "raised in archkit_register_architectures: Abort: from the hook"),
+                                          (unprintable_hook, "Unprintable: <unprintable>")])
+def test_base_exception_in_a_hook_is_isolated(discover, hook, reason):
+    reg = discover(plugin("aborts", hook))
+    assert [b.name for b in reg.broken] == ["aborts"] and reason in reg.broken[0].error
+    assert OUR_BUILTINS <= set(reg)
+
+
+def test_keyboard_interrupt_in_a_hook_is_not_swallowed(discover):
+    def interrupted(register):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        discover(plugin("interrupted", interrupted))
+
+
+def test_huge_plugin_error_is_cut(discover):
+    def shouts(register):
+        raise ValueError("x" * 10_000_000)
+
+    (b,) = discover(plugin("shouts", shouts)).broken
+    assert len(b.error) < 500 and b.error.endswith("...")
 
 
 def test_allow_list_skips_a_broken_plugin_entirely(discover):

@@ -374,7 +374,7 @@ ERRORS = [
      r"rope type 'ntk' \(rope_scaling\.rope_type\) is not supported \(supported: \['default', 'linear', 'llama3', "
      r"'dynamic', 'yarn', 'longrope'\]\)"),
     ({"rope_scaling": {"type": 3}}, {}, r"rope type 3 .* is not supported"),
-    ({"rope_scaling": {"type": "linear"}}, {}, r"rope type 'linear' needs rope_scaling\.factor to be a finite number > 0, got None"),
+    ({"rope_scaling": {"type": "linear"}}, {}, r"rope type 'linear' needs rope_scaling\.factor to be a finite number in \[1e-06, 1e\+06\], got None"),
     ({"rope_parameters": {"rope_type": "linear", "factor": -2}}, {}, r"rope_parameters\.factor .* got -2"),
     ({"rope_parameters": {"rope_type": "linear", "factor": "2"}}, {}, r"rope_parameters\.factor .* got '2'"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": float("inf")}}, {}, r"rope_parameters\.factor .* got inf"),
@@ -390,21 +390,21 @@ ERRORS = [
     ({"original_max_position_embeddings": True, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, {},
      r"^config\.json: original_max_position_embeddings=True must be an integer"),
     ({"max_position_embeddings": 64, "rope_scaling": {"rope_type": "yarn", "factor": 2.0, "attention_factor": 0}}, {},
-     r"rope_scaling\.attention_factor to be a finite number > 0, got 0"),
+     r"rope_scaling\.attention_factor to be a finite number in \[1e-06, 1e\+06\], got 0"),
     ({"max_position_embeddings": 64, "rope_scaling": {"rope_type": "yarn", "factor": 2.0, "truncate": "yes"}}, {},
      r"rope_scaling\.truncate='yes' must be true or false"),
     ({"max_position_embeddings": 64, "rope_scaling": {"rope_type": "yarn", "factor": 2.0, "mscale": float("nan")}}, {},
-     r"rope_scaling\.mscale=nan must be a finite number"),
+     r"rope_scaling\.mscale=nan must be a finite number in \[-1e\+06, 1e\+06\]"),
     ({"max_position_embeddings": 64, "rope_scaling": {"rope_type": "yarn", "factor": math.e, "mscale": 1,
                                                       "mscale_all_dim": -10}}, {}, r"attention factor .* is nan"),
     ({"max_position_embeddings": 64, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "mscale": -20,
                                                       "mscale_all_dim": 1}}, {}, r"the yarn attention factor .* must be a finite number > 0"),
     ({"max_position_embeddings": 64, "rope_scaling": {"rope_type": "yarn", "beta_fast": "x"}}, {},
-     r"rope_scaling\.beta_fast to be a finite number > 0"),
+     r"rope_scaling\.beta_fast to be a finite number in \[1e-06, 1e\+06\]"),
     ({"max_position_embeddings": 64, "rope_scaling": {"type": "longrope", "long_factor": [1.0]}}, {},
-     r"longrope needs rope_scaling\.short_factor to be a list of finite numbers > 0, got None"),
+     r"longrope needs rope_scaling\.short_factor to be a list of finite numbers in \[1e-06, 1e\+06\], got None"),
     ({"max_position_embeddings": 64, "rope_scaling": {"type": "su", **LONG, "short_factor": [1.0, 0.0]}}, {},
-     r"rope_scaling\.short_factor to be a list of finite numbers > 0, got \[1\.0, 0\.0\]"),
+     r"rope_scaling\.short_factor to be a list of finite numbers in \[1e-06, 1e\+06\], got \[1\.0, 0\.0\]"),
     ({"max_position_embeddings": 64, "original_max_position_embeddings": 1, "rope_scaling": {"type": "su", **LONG}}, {},
      r"longrope needs original_max_position_embeddings >= 2"),
     ({"rope_scaling": {"type": "su", **LONG}}, {}, r"rope type 'longrope' needs max_position_embeddings"),
@@ -444,3 +444,53 @@ def test_rotary_dim_errors(raw, kwargs, head_dim, message):
     for call in (lambda: r.rotary_dims(head_dim, "m/config.json"), lambda: r.table(head_dim, 5)):
         with pytest.raises(ConfigError, match=message):
             call()
+
+
+# --- parse_rope: every number bounded (issue 17) ---------------------------------------------------------------
+
+BASES = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+             "mscale_all_dim": 1.0, "attention_factor": 1.1},
+    "longrope": {"rope_type": "longrope", "factor": 4.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                 "original_max_position_embeddings": 32},
+}
+EXTREME = [1e-320, 5e-324, 1e-7, 1e7, 1e300, 10 ** 30, 2 ** 63, 10 ** 400, -1e-320]
+
+
+@pytest.mark.parametrize("rtype,key", [(t, k) for t, d in BASES.items() for k, v in d.items() if k != "rope_type"])
+@pytest.mark.parametrize("value", EXTREME)
+def test_extreme_rope_numbers_are_config_errors(rtype, key, value):
+    """A factor of 1e-320 used to give NaN logits silently (issue 17): each number is refused naming its key and
+    range, or (mscale, 0 allowed) gives a finite table; never NaN, inf or an OverflowError."""
+    params = copy.deepcopy(BASES[rtype])
+    params[key] = [value] * 8 if isinstance(params[key], list) else value
+    raw = {"max_position_embeddings": 64, "rope_scaling": params}
+    try:
+        r = parse_rope(raw)
+    except ConfigError as e:
+        rule = "must be an integer in [1, 2147483648]" if key.endswith("position_embeddings") else "1e+06]"
+        assert f"rope_scaling.{key}" in str(e) and rule in str(e), str(e)
+        assert len(str(e)) < 400
+        return
+    # accepted: an mscale (any finite number up to 1e6, 0 included) or a whole position count up to 2**31
+    assert (key in ("mscale", "mscale_all_dim") and abs(value) <= 1e6) or \
+        (key.endswith("position_embeddings") and value == int(value) and 1 <= value <= 2 ** 31)
+    for seq in (None, 16, 200):
+        t = r.table(16, seq)
+        assert np.isfinite(t.inv_freq).all() and math.isfinite(t.scale) and t.scale > 0
+
+
+@pytest.mark.parametrize("theta", [1e16, 1e300, 10 ** 400, 1.0 + 1e-16])
+def test_extreme_rope_theta_is_a_config_error(theta):
+    with pytest.raises(ConfigError, match=r"rope_theta=.* must be a finite number > 1 and at most 1e\+15"):
+        parse_rope({"rope_theta": theta})
+
+
+def test_long_rope_values_are_cut_in_messages():
+    with pytest.raises(ConfigError) as ei:
+        parse_rope({"rope_scaling": {"rope_type": "x" * 10_000_000}})
+    assert len(str(ei.value)) < 400

@@ -230,8 +230,10 @@ def samples(model, device) -> dict:
 
 
 def save(model, family: str, out: Path) -> Path:
-    """float16 hub checkpoint + the demo tokenizer + generation_config.json with the EOS."""
+    """float16 hub checkpoint + the demo tokenizer (with core.demo's chat template) + generation_config.json."""
     import torch
+
+    from core.demo import TOKENIZER_CONFIG  # the one chat template of shipped and synthesized demos
 
     d = out / family
     shutil.rmtree(d, ignore_errors=True)
@@ -240,9 +242,8 @@ def save(model, family: str, out: Path) -> Path:
         if extra.name not in ("config.json", "model.safetensors"):
             extra.unlink()
     shutil.copy(TOKENIZER, d / "tokenizer.json")
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
-        "model_max_length": model.config.max_position_embeddings, "add_prefix_space": False}, indent=2) + "\n")
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        dict(TOKENIZER_CONFIG, model_max_length=model.config.max_position_embeddings), indent=2) + "\n")
     (d / "generation_config.json").write_text(json.dumps({
         "bos_token_id": EOS, "eos_token_id": EOS, "pad_token_id": EOS, "do_sample": False}, indent=2) + "\n")
     return d

@@ -1,0 +1,422 @@
+"""The engine: many requests on one model at once, batched step by step over a paged KV cache.
+
+Shared by `Model.generate` / `Model.stream` for a list of prompts and by `archkit serve`. Each `step()`:
+
+1. schedules: requests already running first (one decode token each, or the next chunk of a prompt), then
+   waiting requests in arrival order while the step's token budget, the running limit and free KV blocks
+   allow (iteration-level batching: requests join and leave between any two steps). A prompt longer than
+   the budget is prefilled in chunks, alongside other requests' decode tokens. A new request first looks its
+   prompt up in the prefix cache (core/paged.py) and computes only what is not there.
+2. runs one forward over every scheduled row (core.forward.forward with a core.paged.Batch);
+3. samples one token for each request whose tokens are all computed, with that request's own parameters
+   and random generator, so a request's tokens do not depend on what else ran beside it.
+
+When a running request needs a block and none is free, the newest running request is preempted: its
+blocks are released and it goes back to the head of the queue, to be recomputed (prompt and the tokens
+generated so far; the prefix cache usually still holds most of it). Requests are never dropped.
+
+Not thread-safe: one thread calls add/abort/step (core/serve.py runs it in its own thread).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from collections.abc import Callable
+
+import attrs
+import numpy as np
+
+from .errors import ContextOverflowError, GenerationError, NonFiniteLogitsError, QueueFullError
+from .forward import forward
+from .paged import Batch, BlockPool, Segment, block_hash
+from .sampling import SamplingParams, logprobs as token_logprobs, sample
+
+FINISH_REASONS = ("length", "stop", "abort", "error")
+
+
+@attrs.frozen
+class EngineConfig:
+    """Sizes of the engine: KV blocks (`num_blocks` of `block_size` positions; None = enough for
+    `kv_tokens` positions), the token budget of one step, how many requests run at once, and how many may
+    wait (add() raises QueueFullError beyond it)."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_tokens: int | None = None  # None: 4 x the model's context, at least 8,192 positions
+    max_batch_tokens: int = 512
+    max_running: int = 64
+    max_waiting: int = 1024
+    prefix_caching: bool = True
+
+    def blocks_for(self, context: int, backend_tokens: int | None = None) -> int:
+        """num_blocks, or the blocks that hold kv_tokens positions; by default what the backend offers
+        (`backend_tokens`: the CUDA backend sizes it to the free GPU memory), else 4 contexts, at least 8,192."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        tokens = self.kv_tokens
+        if tokens is None:
+            tokens = backend_tokens if backend_tokens is not None else max(4 * context, 8192)
+        return -(-tokens // self.block_size)
+
+    def validate(self) -> "EngineConfig":
+        """Return self, or raise GenerationError naming the field that is out of range."""
+        for name in ("block_size", "max_batch_tokens", "max_running", "max_waiting"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise GenerationError(f"engine {name}={v!r} must be an integer >= 1")
+        for name in ("num_blocks", "kv_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise GenerationError(f"engine {name}={v!r} must be an integer >= 1 (or None)")
+        return self
+
+
+@attrs.define(eq=False)
+class Request:
+    """One generation: its prompt ids, parameters, and — as the engine runs it — its tokens and state.
+
+    `output` is the generated ids; `logprobs` one core.sampling.TokenLogprob per output token when asked for.
+    `finish_reason` is None while it runs, then "length" (max_new_tokens), "stop" (EOS id or stop string),
+    "abort" (cancelled) or "error" (`error` holds the exception).
+    """
+
+    id: str
+    prompt: list
+    params: SamplingParams
+    max_new_tokens: int
+    stops: tuple = ()
+    stop_at_eos: bool = True
+    num_logprobs: int | None = None
+    callback: Callable | None = None  # called (on the engine's thread) with each StepOutput of this request
+    arrival: float = attrs.field(factory=time.monotonic)
+    output: list = attrs.field(factory=list)
+    logprobs: list = attrs.field(factory=list)
+    finish_reason: str | None = None
+    error: Exception | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (at the last admission)
+    preemptions: int = 0
+    # engine state
+    blocks: list = attrs.field(factory=list)
+    keys: list = attrs.field(factory=list)  # content keys of the leading full blocks
+    computed: int = 0  # tokens whose keys and values are in the cache
+    rng: np.random.Generator | None = None
+    text: str = ""
+    decoder: object = None
+    _first: bytes | None = attrs.field(default=None, alias="_first")  # cached key of the first prompt block
+
+    @property
+    def tokens(self) -> list:
+        """Prompt then output ids (what the cache holds, plus the last token, not yet computed)."""
+        return self.prompt + self.output
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@attrs.frozen
+class StepOutput:
+    """What one step produced for one request: a new token (None when it ended without one: abort, error)
+    and, on its last output, the finish reason."""
+
+    request: Request
+    token: int | None
+    logprob: object = None
+    finish_reason: str | None = None
+
+
+class Engine:
+    """Continuous batching of requests on a loaded Model (any backend with new_paged_cache: numpy, CUDA).
+
+    >>> eng = Engine(model)                                          # doctest: +SKIP
+    >>> r = eng.add([1, 2, 3], SamplingParams(), max_new_tokens=8)   # doctest: +SKIP
+    >>> while eng.has_work(): eng.step()                             # doctest: +SKIP
+    >>> r.output                                                     # doctest: +SKIP
+    """
+
+    def __init__(self, model, config: EngineConfig | None = None):
+        self.model, self.config = model, (config or EngineConfig()).validate()
+        be = model.backend
+        if not hasattr(be, "new_paged_cache"):
+            raise GenerationError(f"the {be.name} backend does not run batched generation (no paged KV cache); "
+                                  f"load the model with device='cpu' for it")
+        c = model.config
+        # With a length-dependent rope (dynamic NTK, longrope) a position's cached key depends on the length of
+        # the sequence when it was computed, so another request's blocks are not its own: no prefix caching.
+        # (A preempted request is recomputed with the table of its current length, as transformers' dynamic
+        # rope does on a fresh forward.)
+        self.length_dependent_rope = c.rope is not None and c.rope.dynamic
+        offer = getattr(be, "paged_kv_tokens", None)
+        offered = offer(c, self.config.block_size) if offer is not None and self.config.num_blocks is None \
+            and self.config.kv_tokens is None else None
+        self.pool = BlockPool(self.config.blocks_for(c.context_limit, offered), self.config.block_size,
+                              self.config.prefix_caching and not self.length_dependent_rope)
+        self.cache = be.new_paged_cache(c, self.pool.num_blocks, self.config.block_size)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self._ids = itertools.count()
+        self.steps = 0
+        self.tokens_generated = 0
+        self.prompt_tokens_computed = 0
+        self.preemptions = 0
+        self._failed: list[Request] = []  # requests whose callback raised: aborted at the end of the step
+
+    # -- requests ------------------------------------------------------------------------------------
+    def add(self, prompt, params: SamplingParams, max_new_tokens: int, stops=(), stop_at_eos: bool = True,
+            num_logprobs: int | None = None, callback=None, request_id: str | None = None,
+            arrival: float | None = None) -> Request:
+        """Queue a request (prompt: token ids; arrival: its time.monotonic() arrival, default now). Raises
+        GenerationError / ContextOverflowError for what can never run (bad ids, too long for the context or for
+        the whole KV pool) and QueueFullError when the queue is full.
+
+        `callback(StepOutput)` runs on the engine's thread; if it raises, the request is aborted (its error
+        kept in Request.error) and the engine goes on."""
+        m = self.model
+        ids = [int(t) for t in m._check_ids(prompt)]
+        params = params.validate()
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+        m._check_context(len(ids) + max_new_tokens,
+                         f"a prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens}")
+        need = -(-(len(ids) + max_new_tokens) // self.pool.block_size)
+        if need > self.pool.num_blocks:
+            raise ContextOverflowError(
+                f"a prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} needs {need} KV blocks of "
+                f"{self.pool.block_size} positions; the engine's pool has {self.pool.num_blocks}")
+        if num_logprobs is not None and (not isinstance(num_logprobs, int) or isinstance(num_logprobs, bool)
+                                         or not 0 <= num_logprobs <= 20):
+            raise GenerationError(f"logprobs={num_logprobs!r} must be an integer in [0, 20]")
+        stops = tuple(s for s in stops if s)
+        if stops and m.tokenizer is None:
+            raise GenerationError(f"{m.path}: stop strings need tokenizer.json, which this checkpoint lacks")
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"the engine's queue is full ({self.config.max_waiting} requests waiting)")
+        r = Request(request_id or f"req-{next(self._ids)}", ids, params, max_new_tokens, stops, stop_at_eos,
+                    num_logprobs, callback)
+        if arrival is not None:
+            r.arrival = arrival
+        r.rng = np.random.default_rng(params.seed)  # as a solo run: its own generator from its own seed
+        r.decoder = m.tokenizer.stream() if stops else None
+        if max_new_tokens == 0:
+            self._finish(r, "length")
+            return r
+        self.waiting.append(r)
+        return r
+
+    def abort(self, request: Request) -> None:
+        """Cancel a request (waiting or running): its blocks are freed; its callback gets finish_reason 'abort'."""
+        if request.finished:
+            return
+        if request in self.waiting:
+            self.waiting.remove(request)
+        if request in self.running:
+            self.running.remove(request)
+        self._finish(request, "abort")
+
+    def has_work(self) -> bool:
+        """True while a request waits or runs."""
+        return bool(self.waiting or self.running)
+
+    # -- one step ------------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """Schedule, run one batched forward, sample; returns what each request produced this step."""
+        scheduled = self._schedule()
+        if not scheduled:
+            return []
+        segments, ids, row = [], [], 0
+        for r, n in scheduled:
+            toks = r.tokens[r.computed:r.computed + n]
+            segments.append(Segment(row, n, r.computed, r.blocks, logits=r.computed + n == len(r.tokens)))
+            ids.extend(toks)
+            row += n
+        batch = Batch(segments, self.pool.block_size)
+        m = self.model
+        with m.backend.session():
+            logits = forward(m.backend, m.weights, m.config, np.asarray(ids, dtype=np.int64), self.cache, batch,
+                             m.config.rope, all_logits=False)
+        self.steps += 1
+        outputs, k = [], 0
+        for (r, n), seg in zip(scheduled, segments):
+            if r.computed < len(r.prompt):
+                self.prompt_tokens_computed += min(n, len(r.prompt) - r.computed)
+            r.computed += n
+            self._remember_full_blocks(r)
+            if seg.logits:
+                outputs.append(self._sample(r, logits[k]))
+                k += 1
+        failed, self._failed = self._failed, []
+        for r in failed:
+            r.callback = None  # it already failed once: the abort is not reported to it again
+            self.abort(r)
+        return outputs
+
+    def _sample(self, r: Request, logits: np.ndarray) -> StepOutput:
+        step = len(r.output)
+        try:
+            tok = sample(logits, r.params, r.rng, np.asarray(r.tokens), r.output, step=step)
+        except NonFiniteLogitsError as e:
+            r.error = e
+            self.running.remove(r)
+            return self._finish(r, "error")
+        lp = token_logprobs(logits, tok, r.num_logprobs) if r.num_logprobs is not None else None
+        r.output.append(tok)
+        if lp is not None:
+            r.logprobs.append(lp)
+        if r.first_token_time is None:
+            r.first_token_time = time.monotonic()
+        self.tokens_generated += 1
+        reason = None
+        if r.stop_at_eos and tok in self.model.eos_token_ids:
+            reason = "stop"
+        elif r.decoder is not None:
+            delta = r.decoder.push(tok)
+            r.text += delta
+            # as the solo loop: a new match ends inside the delta, however long the delta
+            if delta and any(s in r.text[-(len(s) - 1 + len(delta)):] for s in r.stops):
+                reason = "stop"
+        if reason is None and len(r.output) >= r.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            self.running.remove(r)
+            return self._finish(r, reason, tok, lp)
+        out = StepOutput(r, tok, lp)
+        self._emit(r, out)
+        return out
+
+    def _finish(self, r: Request, reason: str, tok=None, lp=None) -> StepOutput:
+        self.pool.release(r.blocks)
+        r.blocks, r.keys = [], []
+        r.finish_reason, r.finish_time = reason, time.monotonic()
+        out = StepOutput(r, tok, lp, reason)
+        self._emit(r, out)
+        return out
+
+    def _emit(self, r: Request, out: StepOutput) -> None:
+        """Hand `out` to the request's callback; a callback that raises aborts its request (after this step),
+        never the engine."""
+        if r.callback is None:
+            return
+        try:
+            r.callback(out)
+        except Exception as e:  # noqa: BLE001 - a consumer's bug must not stop every other request
+            r.error = r.error or e
+            if not r.finished:
+                self._failed.append(r)
+
+    # -- scheduling ----------------------------------------------------------------------------------
+    def _schedule(self) -> list[tuple[Request, int]]:
+        budget, out = self.config.max_batch_tokens, []
+        bs = self.pool.block_size
+        whole = self.length_dependent_rope
+        for r in list(self.running):
+            if r not in self.running:
+                continue  # preempted below for an older request
+            n = self._chunk(r, budget, whole, bool(out))
+            if n == 0:
+                continue
+            need = -(-(r.computed + n) // bs) - len(r.blocks)
+            while need > self.pool.num_free:
+                victim = next((v for v in reversed(self.running) if v is not r and all(v is not s for s, _ in out)), r)
+                self._preempt(victim)
+                if victim is r:
+                    break
+            if r.finished or r not in self.running:
+                continue
+            r.blocks += self.pool.allocate(need)
+            out.append((r, n))
+            budget -= n
+        # First-block keys of prompts being computed this step: a waiting request starting with the same block
+        # (the n choices of one prompt, many users of one system prompt) waits for those blocks to be cached
+        # instead of computing the same prefix again beside them.
+        filling = {self._first_key(q) for q in self.running if q.computed < len(q.prompt)} - {None}
+        skipped = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+            r = self.waiting[0]
+            key = self._first_key(r) if not r.blocks else None
+            if key is not None and key in filling:
+                skipped.append(self.waiting.popleft())
+                continue
+            if not r.blocks:
+                r.blocks, r.keys = self.pool.match(r.tokens)
+                r.computed = len(r.blocks) * bs
+                r.cached_tokens = min(r.computed, len(r.prompt))
+            n = self._chunk(r, budget, whole, bool(out))
+            need = -(-(r.computed + n) // bs) - len(r.blocks)
+            if n == 0 or need > self.pool.num_free:
+                # give the matched blocks back (they stay cached) rather than hold them while waiting
+                self.pool.release(r.blocks)
+                r.blocks, r.keys, r.computed = [], [], 0
+                break
+            self.waiting.popleft()
+            r.blocks += self.pool.allocate(need)
+            self.running.append(r)
+            out.append((r, n))
+            budget -= n
+            if r.computed < len(r.prompt):  # (r.computed is still the count before this step)
+                k = self._first_key(r)
+                if k is not None:
+                    filling.add(k)
+        self.waiting.extendleft(reversed(skipped))  # back at the head, in their order
+        return out
+
+    def _first_key(self, r: Request) -> bytes | None:
+        """Content key of r's first full block, when the prompt has one before its last token (else None)."""
+        bs = self.pool.block_size
+        if not self.pool.prefix_caching or len(r.prompt) - 1 < bs:
+            return None
+        if r.keys:
+            return r.keys[0]
+        if r._first is None:
+            r._first = block_hash(None, r.prompt[:bs])
+        return r._first
+
+    @staticmethod
+    def _chunk(r: Request, budget: int, whole: bool, others: bool) -> int:
+        """Tokens of r to compute this step: what is left, cut to the budget. With a length-dependent rope
+        (dynamic NTK) a prompt is never cut, so its table is the one a solo run uses; it then runs alone if it
+        exceeds the budget."""
+        left = len(r.tokens) - r.computed
+        if not whole or left <= budget:
+            return min(left, budget)
+        return 0 if others else left
+
+    def _preempt(self, r: Request) -> None:
+        self.running.remove(r)
+        self.pool.release(r.blocks)
+        r.blocks, r.keys, r.computed = [], [], 0
+        r.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(r)
+
+    def _remember_full_blocks(self, r: Request) -> None:
+        bs, toks = self.pool.block_size, None
+        while (len(r.keys) + 1) * bs <= r.computed:
+            j = len(r.keys)
+            toks = r.tokens if toks is None else toks
+            key = block_hash(r.keys[-1] if r.keys else None, toks[j * bs:(j + 1) * bs])
+            self.pool.remember(r.blocks[j], key)
+            r.keys.append(key)
+
+    # -- introspection -------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Counters for /metrics: queue depth, running, KV blocks, tokens, preemptions, prefix-cache hits."""
+        p = self.pool
+        return {"waiting": len(self.waiting), "running": len(self.running), "kv_blocks_total": p.num_blocks,
+                "kv_blocks_used": p.num_used, "kv_blocks_cached": p.num_cached, "steps": self.steps,
+                "tokens_generated": self.tokens_generated, "prompt_tokens_computed": self.prompt_tokens_computed,
+                "preemptions": self.preemptions, "prefix_cache_queries": p.queries, "prefix_cache_hits": p.hits}
+
+
+def run_to_completion(engine: Engine, requests) -> None:
+    """Step the engine until every one of `requests` has finished."""
+    pending = [r for r in requests if not r.finished]
+    while pending:
+        engine.step()
+        pending = [r for r in pending if not r.finished]
+
+
+__all__ = ["Engine", "EngineConfig", "Request", "StepOutput", "QueueFullError", "run_to_completion", "FINISH_REASONS"]
