@@ -9,7 +9,11 @@ product's input features, N its outputs. `Tensor` is whatever the backend holds 
 the GPU); activations are float32 and weights are stored in the backend's `dtype`. A new operation is one
 entry here (its signature and a one-line docstring), then its method in NumpyBackend and in a CUDA room.
 
-Optional, looked up with getattr by the model: decode_ids (decode steps whose ids are picked on the device).
+Optional, looked up with getattr: decode_ids (by the model: decode steps whose ids are picked on the device) and
+paged_kv_tokens(config, block_size) (by the engine: how many KV positions its default pool should hold).
+
+Every op that takes `start` (add_positions, rope, rope_cache_write, cache_write, attention) also takes a
+core.paged.Batch there: rows of several sequences, each at its own positions, over the paged cache.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ class Backend(Protocol):
 
     def new_cache(self, config, length: int) -> Cache:
         """A KV cache of `length` positions: per layer k and v, each [Hkv, length, Dh]."""
+
+    def new_paged_cache(self, config, num_blocks: int, block_size: int):
+        """Block pools of num_blocks x block_size positions per layer for k and v (core/paged.py's batched steps)."""
+
+    def rows(self, x: Tensor, idx) -> Tensor:
+        """x [T, N] rows at idx (int [R]) → [R, N] (a batched step's rows whose logits are returned)."""
 
     def to_host(self, x: Tensor):
         """x as a float32 numpy array of the same shape (waits for the device)."""

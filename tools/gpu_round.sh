@@ -2,6 +2,8 @@
 # One device call for the CUDA backend: kernel property tests, GPU parity, benchmark; logs under $OUT.
 #   bash tools/gpu_round.sh STEPS...   steps: kernels kernels2 cublas sampling parity ab prefill opdiff profile trace
 #                                      context bench benchhf loadcheck moe plugins
+# paged: the batched (engine) kernels' property tests and batched-vs-solo generation (tests/test_cuda_paged.py);
+# serve: `archkit bench --serve` (SERVE_CONFIGS: "--model NAME ...", SERVE_CONC: "--concurrency N ...").
 # moe: the MoE kernels' property tests and MoE model parity (tests/test_cuda_moe.py); plugins: the plugin-op
 # escape hatch on the GPU (tests/test_apertus.py, tests/test_custom_ops.py). BENCH_CONFIGS=qwen3-30b-a3b (any
 # card) or mixtral-8x7b (H200 only: 93 GB of fp16 weights) bench the MoE shapes.
@@ -42,6 +44,10 @@ for step in $steps; do
                2>&1 | tee "$OUT/loadcheck.log" | tail -30 ;;
     moe) timeout "${MOE_S:-200}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda_moe.py 2>&1 \
                | tee "$OUT/moe.log" | tail -25 ;;
+    paged) timeout "${PAGED_S:-150}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda_paged.py 2>&1 \
+               | tee "$OUT/paged.log" | tail -25 ;;
+    serve) timeout "${SERVE_S:-300}" python3 -m core bench --serve --device cuda ${SERVE_CONFIGS:---model tinyllama-1.1b} \
+               ${SERVE_CONC:-} --compare-hf --json "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" | tail -20 ;;
     plugins) timeout 120 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider tests/test_apertus.py \
                tests/test_custom_ops.py 2>&1 | tee "$OUT/plugins.log" | tail -15 ;;
     sampling) timeout 120 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda_sampling.py 2>&1 \

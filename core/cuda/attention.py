@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..backend import Cache
 from ..errors import DeviceError
+from ..paged import Batch
 from .geometry import PREFILL_BK, PREFILL_NQ, TC_FK, TC_FQ, TC_NW, decode_step_geometry
 from .tensors import DTensor, Lazy
 
@@ -21,7 +22,7 @@ class AttentionMixin:
     State (made on first use): _sms, the device's multiprocessor count; _counter_buf, attn_decode_step's block
     counters. Uses the backend's dtype, fused, attn, capture, drv and device; alloc() (memory.py), kernel() /
     launch() / start_dev() (launch.py), take_pending() / flush_pending() (deferred.py), check_room()
-    (kvcache.py)."""
+    (kvcache.py), paged_attention() (paged.py)."""
 
     @property
     def attn_tc_available(self) -> bool:
@@ -37,7 +38,10 @@ class AttentionMixin:
         """Causal GQA attention of q [T, H, Dh] over cache positions 0..start+T-1 → [T, H, Dh].
 
         window: a query at position p sees only keys p-window+1..p; softcap: scores s → softcap·tanh(s/softcap).
+        A core.paged.Batch as `start` (with a paged cache): each row over its own sequence's blocks (paged.py).
         """
+        if isinstance(start, Batch):
+            return self.paged_attention(q, cache, layer, start, scale, window, softcap, self._sm_count())
         win, cap = int(window or 0), float(softcap or 0.0)
         T, H, Dh = q.shape
         kc, vc = cache.k[layer], cache.v[layer]

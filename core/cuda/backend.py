@@ -20,6 +20,8 @@ CudaBackend is this file: its state, set up in __init__, and the rooms it is mad
     linear.py       linear, linears, linear_act, gated_linear: GEMV, our GEMM or cuBLAS (cublas.py)
     norm_rope.py    norm, add_norm, head_norm, rope, rope_cache_write (RopeTables: partial, interleaved, scaled)
     attention.py    attention: decode (one fused launch) and prefill (tensor-core or SIMT)
+    paged.py        batched steps (core.engine): new_paged_cache, rows, and the core.paged.Batch forms of
+                    add_positions / rope / rope_cache_write / cache_write / attention (paged.cu, paged_attn.cu)
     custom.py       custom: a plugin's own op (core/custom_ops.py), its .cu compiled and launched like ours
 
 A room's public methods are the ones other rooms and modules may call (each has a docstring); a name with a
@@ -53,6 +55,7 @@ from .memory import MemoryMixin
 from .modules import DTYPE_CODES
 from .moe import MoeMixin
 from .norm_rope import NormRopeMixin
+from .paged import PagedMixin
 from .options import Options
 from .tensors import DTensor, Lazy
 
@@ -60,7 +63,7 @@ __all__ = ["CudaBackend", "DTensor", "Lazy", "Options"]
 
 
 class CudaBackend(MemoryMixin, LaunchMixin, DeferredMixin, KVCacheMixin, LoadingMixin, DecodeMixin,
-                  ElementwiseMixin, LinearMixin, NormRopeMixin, AttentionMixin, CustomMixin, MoeMixin):
+                  ElementwiseMixin, LinearMixin, NormRopeMixin, AttentionMixin, CustomMixin, MoeMixin, PagedMixin):
     """PyCUDA backend: see the module docstring. `context`: KV-cache positions to preallocate at load;
     `poison`: NaN-fill fresh buffers (default: ARCHKIT_CUDA_POISON); `options`: the switches (default: read
     from the environment, Options.from_env).
@@ -113,6 +116,7 @@ class CudaBackend(MemoryMixin, LaunchMixin, DeferredMixin, KVCacheMixin, Loading
         self._cublas, self._cublas_handle = None, None                                   # linear.py
         self._freqs, self._table_freqs = {}, weakref.WeakKeyDictionary()                  # norm_rope.py
         self._rope_live = None                                                           # norm_rope.py
+        self._paged_step = None                                                          # paged.py
         if self.gemm == "cublas":
             self.cublas_lib()  # asked for by name: say now if it is missing
 

@@ -14,6 +14,7 @@ a plugin's own layer functions (they call the Backend protocol's ops) and custom
 from __future__ import annotations
 
 from .elementwise import ACT_CODES
+from .geometry import PAGED_MAX_DH
 
 
 def missing_capabilities(c) -> list[str]:
@@ -21,4 +22,18 @@ def missing_capabilities(c) -> list[str]:
     need = []
     if c.activation not in ACT_CODES:
         need.append(f"activation {c.activation!r}")
+    return need
+
+
+def missing_paged(c) -> list[str]:
+    """What batched steps over the paged KV cache (paged.py, paged_attn.cu) cannot run for `c`, as short phrases:
+    checked when an engine makes its cache (new_paged_cache), so such a model is refused before any step rather
+    than computed wrongly. Everything else a model may use is row-wise (norms, products, MoE, activations) or
+    has a batched kernel (RoPE of every table, q/k norms, learned positions, windows, soft-capping, GQA)."""
+    need = []
+    if c.head_dim > PAGED_MAX_DH:
+        need.append(f"heads of {c.head_dim} dims (the paged attention takes up to {PAGED_MAX_DH})")
+    # (up to PAGED_MAX_DH, every group size fits the shared memory of any sm_80+ card: geometry.PAGED_SMEM_LIMIT)
+    if c.num_kv_heads < 1 or c.num_heads % c.num_kv_heads:
+        need.append(f"{c.num_heads} query heads over {c.num_kv_heads} key/value heads (not a whole group each)")
     return need

@@ -124,3 +124,11 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     __syncthreads();
     return v;
 }
+
+// The paged KV pools of batched steps (core/cuda/paged.py): per layer wt [num_blocks, Hkv, block_size, Dh], so
+// that one kv head's block_size keys are one contiguous run. Offset (in elements) of the row of cache slot
+// `slot` (= block * bs + position % bs) and kv head hk; used by paged.cu and paged_attn.cu.
+__device__ __forceinline__ size_t paged_row(int slot, int hk, int Hkv, int bs, int Dh) {
+    const int block = slot / bs;
+    return (((size_t)block * Hkv + hk) * bs + (slot - block * bs)) * (size_t)Dh;
+}

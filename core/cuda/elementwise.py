@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DeviceError
+from ..paged import Batch
 from .geometry import grid1
 from .tensors import DTensor, Lazy
 
@@ -22,7 +23,7 @@ class ElementwiseMixin:
     """CudaBackend's elementwise and embedding ops (see the module docstring).
 
     Uses the backend's capture; alloc() / from_host() (memory.py), kernel() / launch() / start_dev()
-    (launch.py), gemv_rows() (linear.py)."""
+    (launch.py), gemv_rows() (linear.py), paged_add_positions() (paged.py)."""
 
     def _embed(self, op, table, ids_dev, x, scale, start, T) -> DTensor:
         D = table.shape[1]
@@ -40,7 +41,10 @@ class ElementwiseMixin:
         return self._embed("embed", table, ids_dev, None, scale, 0, ids_dev.shape[0])
 
     def add_positions(self, x: DTensor, table: DTensor, start: int) -> DTensor:
-        """x [T, D] + table[start:start+T] (learned absolute positions)."""
+        """x [T, D] + table[start:start+T] (learned absolute positions); a core.paged.Batch as `start`: each row's
+        own position (paged.py)."""
+        if isinstance(start, Batch):
+            return self.paged_add_positions(x, table, start)
         return self._embed("add_positions", table, None, x, None, start, x.shape[0])
 
     def add(self, a: DTensor, b: DTensor) -> DTensor:

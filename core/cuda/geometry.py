@@ -16,6 +16,11 @@ NORM_VPT = 2          # norm.cu norm_reg: float4 values per thread kept in regis
 PREFILL_NQ, PREFILL_BK = 16, 32  # attention.cu: queries per block, keys per tile
 TC_FQ, TC_FK, TC_NW = 64, 64, 4  # attention_tc.cu: queries per block, keys per tile, warps (TC_SMEM_BYTES there)
 MOE_ROWS, MOE_THREADS, ROUTE_WARPS = 4, 128, 4  # moe.cu: rows and threads per GEMV block; tokens per route block
+PAGED_NQ = 16          # paged_attn.cu PP_NQ: queries per prefill block (the backend cuts segments into such tiles)
+PAGED_MAX_GROUP = 16   # paged_attn.cu GROUP bound: query heads per decode block
+PAGED_MAX_DH = 256     # paged_attn.cu HEAD_DIM bound (shared memory); capabilities.py refuses larger heads
+PAGED_SPLIT_KEYS = 64  # fewest keys a decode slice takes (two 32-key tiles: below that the merge costs more)
+PAGED_SMEM_LIMIT = 99 * 1024  # dynamic shared memory every sm_80+ card grants a block (sm_86 / sm_89: 99 KB)
 
 
 def grid1(n: int, block: int = 256) -> tuple:
@@ -66,3 +71,29 @@ def gemv_geometry(K: int, M: int, dtype: str, qkv: bool = False, gated: bool = F
         if 2 < unroll <= 4 and (2 if gated else 1) * GEMV_ROWS * unroll <= 16:
             return GEMV_ROWS, dict(geo, GEMV_UNROLL=unroll)
     return GEMV_ROWS, geo
+
+
+def paged_decode_geometry(Dh: int, g: int) -> tuple[int, int, int, int]:
+    """(query heads per block GROUP, blocks per kv head, threads, dynamic shared memory in bytes) of
+    paged_attn_decode for head size Dh and GQA group g, mirroring its PD_* macros. A group of up to 16 heads is
+    one block (each staged key tile serves all of them); a larger one is cut into equal chunks."""
+    chunks = -(-g // PAGED_MAX_GROUP)
+    group = -(-g // chunks)
+    threads = 256 if group * Dh >= 1024 else 128
+    tk = 32 if Dh <= 128 else 16
+    kst = Dh + 2 if Dh % 2 else Dh + 1
+    return group, chunks, threads, 4 * (group * Dh + tk * kst + tk * Dh + group * tk + 3 * group)
+
+
+def paged_prefill_smem(Dh: int) -> int:
+    """Dynamic shared memory in bytes of paged_attn_prefill (its PP_SMEM_FLOATS) for head size Dh."""
+    kst = Dh + 2 if Dh % 2 else Dh + 1
+    return 4 * (PAGED_NQ * Dh + 32 * kst + 32 * Dh)
+
+
+def paged_splits(blocks: int, keys: int, sms: int) -> int:
+    """Slices of the keys per decode (row, kv head) block: enough for ~4 blocks per multiprocessor (a block's
+    tile loads are not double-buffered, so other resident blocks hide their latency), each slice at least
+    PAGED_SPLIT_KEYS keys, at most 64. `blocks` is the grid without splitting, `keys` the longest row's keys."""
+    want = -(-4 * sms // max(blocks, 1))
+    return max(1, min(64, want, -(-keys // PAGED_SPLIT_KEYS)))

@@ -12,6 +12,7 @@ import weakref
 
 from ..backend import Cache
 from ..errors import ContextOverflowError
+from ..paged import Batch
 from .tensors import ITEMSIZE, DTensor, Lazy
 
 WORKSPACE_RESERVE = 512 << 20    # bytes left free beside the default KV cache for activations
@@ -23,7 +24,7 @@ class KVCacheMixin:
     State (the facade gives it its first value): _kv, the preallocated cache as (key, capacity, allocation,
     k views, v views) or None; _lent, a weakref to the Cache using its buffers. Uses the backend's context,
     dtype, poison, drv, stream and fused; mem_info() / mem_alloc() (memory.py), kernel() / launch() /
-    start_dev() (launch.py), defer() / flush_pending() (deferred.py)."""
+    start_dev() (launch.py), defer() / flush_pending() (deferred.py), paged_cache_write() (paged.py)."""
 
     def _bytes_per_position(self, config) -> int:
         return 2 * config.num_layers * config.num_kv_heads * config.head_dim * ITEMSIZE[self.dtype]
@@ -94,7 +95,11 @@ class KVCacheMixin:
 
     def cache_write(self, cache: Cache, layer: int, k: DTensor, v: DTensor, start: int) -> None:
         """Store k, v [T, Hkv, Dh] at positions start..start+T-1. At one token (fused kernels) the write is
-        deferred to the attention() that follows, whose kernel does it; any other launch first writes it."""
+        deferred to the attention() that follows, whose kernel does it; any other launch first writes it.
+        A core.paged.Batch as `start` (with a paged cache): each row at its own slot (paged.py)."""
+        if isinstance(start, Batch):
+            self.paged_cache_write(cache, layer, k, v, start)
+            return
         T, Hkv, Dh = k.shape
         self.check_room(cache, layer, start, T, "cache_write")
         kc, vc = cache.k[layer], cache.v[layer]

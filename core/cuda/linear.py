@@ -34,6 +34,8 @@ class LinearMixin:
         if w.shape[1] != K:
             raise DeviceError(f"linear: x has {K} features but the weight is {list(w.shape)}")
         M = x.size // K if K else 0
+        if M == 0:  # a batched step whose rows all continue a prompt returns no logits rows (paged.py rows)
+            return self.alloc(x.shape[:-1] + (N,))
         if M <= GEMV_MAX_T and self.fused:
             if self.fold and M == 1 and w.shape[0]:  # add_norm may fold the residual add into it
                 return Lazy(x.shape[:-1] + (N,), "linear", (x, w, b), lambda: self.linears(x, [(w, b)])[0])

@@ -41,6 +41,11 @@ def variants(name: str) -> list[dict[str, int]]:
     if name == "attention.cu":  # compiled per head size; these are the common ones plus an odd one
         return ([dict(d, HEAD_DIM=h) for d in dtypes for h in (64, 128, 80, 37)]
                 + [dict(d, HEAD_DIM=h, GROUP=g) for d in dtypes for h, g in ((64, 8), (128, 4), (128, 2), (64, 1))])  # decode
+    if name == "paged_attn.cu":  # per head size and query heads per decode block (geometry.paged_decode_geometry):
+        # TinyLlama (64, 8), Llama-3-8B / Qwen3-8B (128, 4), Qwen3-0.6B (128, 2), the demos (32, 2), Gemma 2
+        # (256, 2), MHA (128, 1), the largest block (64, 16), and an odd head size
+        return [dict(d, HEAD_DIM=h, GROUP=g) for d in dtypes
+                for h, g in ((64, 8), (128, 4), (128, 2), (32, 2), (256, 2), (128, 1), (64, 16), (37, 3))]
     return dtypes
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..backend import Cache
 from ..errors import DeviceError
+from ..paged import Batch
 from ..rope import RopeTable
 from .geometry import NORM_VPT
 from .tensors import DTensor, Lazy
@@ -55,7 +56,8 @@ class NormRopeMixin:
     Uses the backend's fused, capture, drv and stream; alloc() / from_host() / mem_alloc() (memory.py), kernel() /
     launch() / start_dev() / check() / synchronize() (launch.py), foldable() / lazy_norm() / defer() /
     discard_pending() / flush_pending() (deferred.py), gemv_rows() (linear.py), check_room() / cache_write()
-    (kvcache.py), step_attention_ok() (attention.py), clear_graphs() (decode.py)."""
+    (kvcache.py), step_attention_ok() (attention.py), clear_graphs() (decode.py), paged_rope() /
+    paged_rope_cache_write() (paged.py)."""
 
     def norm(self, x: DTensor, w, b, eps, kind, offset=0.0) -> DTensor:
         if isinstance(x, Lazy):
@@ -180,7 +182,10 @@ class NormRopeMixin:
 
     def rope(self, x: DTensor, start: int, table) -> DTensor:
         """RoPE with `table` (a core.rope.RopeTable, or a bare inv_freq array: rotate-half, scale 1) on [T, H, Dh]
-        at positions start..start+T-1: the first table.rotary_dim dims rotate, the rest pass through."""
+        at positions start..start+T-1: the first table.rotary_dim dims rotate, the rest pass through. A
+        core.paged.Batch as `start`: each row at its own position, with its sequence's table if batch.tables."""
+        if isinstance(start, Batch):
+            return self.paged_rope(x, start, table, None if start.tables is not None else self._freq(table))
         T, H, Dh = x.shape
         R, inter, scale = rope_layout(table, Dh)
         if R % 2:
@@ -197,7 +202,12 @@ class NormRopeMixin:
                          qk_norm=None) -> DTensor:
         """RoPE on q and k, k and v stored in the cache, the rotated q returned; qk_norm = (q weight, k weight,
         eps, offset) applies per-head RMSNorm to q and k first. One kernel (rope_kv) when fused and the table is
-        plain (plain_rope); otherwise head_norm, rope and cache_write (whose one-token write attention() folds in)."""
+        plain (plain_rope); otherwise head_norm, rope and cache_write (whose one-token write attention() folds in).
+        A core.paged.Batch as `start` (with a paged cache): one kernel for any table, each row at its own position
+        and cache slot (paged.py)."""
+        if isinstance(start, Batch):
+            freq = None if start.tables is not None else self._freq(table)
+            return self.paged_rope_cache_write(q, k, v, cache, layer, start, table, freq, qk_norm)
         T, H, Dh = q.shape
         Hkv = k.shape[1]
         if not self.fused or Dh % 2 or T > 65535 or not plain_rope(table, Dh):
