@@ -11,7 +11,7 @@ from .backend import DTYPES, NumpyBackend, Weights
 from .checkpoint import Checkpoint
 from .config import ModelConfig, _ids
 from .detect import detect
-from .errors import ConfigError, DeviceError
+from .errors import CheckpointError, ConfigError, DeviceError, UnknownArchitectureError
 from .genconfig import GenerationDefaults
 from .hub import resolve
 from .log import logger, warn_once
@@ -38,11 +38,12 @@ def cuda_available() -> tuple[bool, str]:
 
 
 def make_backend(device: str, dtype: str | None, ckpt: Checkpoint | None = None, quiet: bool = False,
-                 context: int | None = None):
+                 context: int | None = None, tensor_parallel: int = 1):
     """The backend for `device` ("auto" picks cuda when usable, else numpy, and logs which unless `quiet`).
 
     context: positions of KV cache to preallocate on the GPU (default: the model's context, capped by free
     memory); the numpy backend sizes its cache per call and ignores it.
+    tensor_parallel: ranks to split the model over (core/tp_numpy.py; on the numpy backend only, for now).
     """
     if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context < 1):
         raise DeviceError(f"context={context!r} must be a positive number of positions")
@@ -50,6 +51,9 @@ def make_backend(device: str, dtype: str | None, ckpt: Checkpoint | None = None,
         raise DeviceError(f"device {device!r} is not one of {list(DEVICES)}")
     if dtype is not None and dtype not in DTYPES:
         raise DeviceError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
+    if tensor_parallel != 1:
+        from .tp_numpy import make_backend as tensor_parallel_backend
+        return tensor_parallel_backend(device, dtype, tensor_parallel, quiet)
     if device == "auto":
         ok, why = cuda_available()
         device = "cuda" if ok else "cpu"
@@ -84,7 +88,7 @@ def eos_ids(config: ModelConfig, generation: dict, source: str) -> tuple[int, ..
 def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = None, device: str = "auto",
          registry: Registry | None = None, quiet: bool = False,
          progress: Callable[[int, int, int, int], None] | None = None, context: int | None = None,
-         revision: str | None = None) -> Model:
+         revision: str | None = None, tensor_parallel: int = 1) -> Model:
     """Load a Hugging Face-style checkpoint directory, or a hub id ("Qwen/Qwen3-0.6B") through huggingface_hub.
 
     path: a directory (always wins when it exists), else a hub id looked up in the Hugging Face cache and, unless
@@ -96,10 +100,16 @@ def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = N
     context: KV-cache positions to preallocate on the GPU (default: max_position_embeddings capped by free memory).
     progress: called as progress(done_bytes, total_bytes, file_number, num_files) before the first tensor
     and after each tensor is read (file_number is the 1-based safetensors file it came from).
+    tensor_parallel: split the model over this many ranks (core/tp.py's plan; each rank reads only its slices).
+    For now on the CPU only: N in-process ranks on the numpy backend (core/tp_numpy.py), same logits as unsplit.
 
     >>> model = core.load("ckpt/")  # doctest: +SKIP
     >>> model.generate_text("Once upon a time", max_new_tokens=20)  # doctest: +SKIP
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"path={path!r:.80} must be a checkpoint directory or a hub id (str or os.PathLike)")
+    if arch is not None and not isinstance(arch, str):
+        raise UnknownArchitectureError(f"arch={arch!r:.80} must be a family name (str) or None to detect it")
     reg = registry if registry is not None else default_registry()
     path = resolve(path, revision)
     ckpt = Checkpoint(path)
@@ -117,12 +127,13 @@ def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = N
     defaults = GenerationDefaults.from_hf(ckpt.generation_config, gen_source)
     p = plan(entry.spec, config, ckpt)  # every name and shape checked before any data is read
     tokenizer = ckpt.tokenizer  # read (and checked) with the checkpoint
-    backend = make_backend(device, dtype, ckpt, quiet, context)
+    backend = make_backend(device, dtype, ckpt, quiet, context, tensor_parallel)
     weights = Weights(layers=[{} for _ in range(config.num_layers)])
     try:
         backend.begin_loading(config, sum(src.info.numel for src in p.sources))
         report = _progress_reporter(p, ckpt, progress)
-        for role, layer, t in p.load(backend.convert):
+        sharded = getattr(backend, "load_weights", None)  # a tensor-parallel backend reads each rank's slices itself
+        for role, layer, t in (sharded(entry.spec, p) if sharded is not None else p.load(backend.convert)):
             (weights.globals if layer is None else weights.layers[layer])[role] = t
             report(role, layer)
         backend.finish_loading(weights)

@@ -175,8 +175,13 @@ class Model:
         try:
             for step in range(max_new_tokens):
                 if step:
-                    tok = next(picks) if picks is not None else (
-                        nxt if nxt is not None else sample(logits, params, rng, np.asarray(seen), out, step=step))
+                    try:
+                        tok = next(picks) if picks is not None else (
+                            nxt if nxt is not None else sample(logits, params, rng, np.asarray(seen), out, step=step))
+                    except NonFiniteLogitsError as e:
+                        if "step" in str(e):
+                            raise
+                        raise NonFiniteLogitsError(f"{e} (at generation step {step})") from None
                 lp = token_logprobs(logits, tok, r.logprobs) if r.logprobs is not None else None
                 seen.append(tok)
                 out.append(tok)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 import attrs
+import numpy as np
 import pytest
 
 import core
@@ -121,3 +122,27 @@ def test_load_refuses_before_any_upload(tmp_path, monkeypatch):
     with pytest.raises(DeviceError, match=r"its kernels lack mixture of experts \(device='cpu' runs it\)"):
         core.load(path, device="cuda", quiet=True)
     assert fake.converted == [] and fake.released
+
+
+def _argmax_key(x) -> np.ndarray:
+    """sample.cu's argmax_key computed on the host: max over i of orderable(x[i]) << 32 | (0xffffffff - i)."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = np.where(u & 0x80000000, ~u & 0xFFFFFFFF, u | 0x80000000)
+    keys = (u << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - np.arange(len(x), dtype=np.uint64))
+    return np.asarray([keys.max()], np.uint64).view(np.int32)  # as read back: int32 [2], low word first
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_greedy_gpu_token_carries_the_non_finite_flag(bad):
+    """The greedy decode graph copies back only the argmax key; its high word is the largest logit, so NaN (which
+    orders above +inf) or inf is caught from those 8 bytes: NonFiniteLogitsError instead of a silent token."""
+    from core.cuda.decode import DecodeMixin
+    from core.errors import NonFiniteLogitsError
+
+    x = np.random.default_rng(0).standard_normal(1000).astype(np.float32) * 5
+    assert DecodeMixin.key_to_id(_argmax_key(x)) == int(np.argmax(x))
+    x[-3:] = -np.inf  # -inf among finite values is a masked logit, not an error
+    assert DecodeMixin.key_to_id(_argmax_key(x)) == int(np.argmax(x))
+    x[417] = bad
+    with pytest.raises(NonFiniteLogitsError, match="NaN or inf"):
+        DecodeMixin.key_to_id(_argmax_key(x))

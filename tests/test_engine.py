@@ -442,3 +442,13 @@ def test_chat_turns_reuse_the_previous_turns_from_the_prefix_cache():
     computed = eng.stats()["prompt_tokens_computed"] - before
     assert computed < len(ids) // 2, (computed, len(ids))
     assert reply == "".join(m.stream_text_ids(ids, max_new_tokens=12))
+
+
+@pytest.mark.parametrize("kw, err", [
+    (dict(path=None), core.CheckpointError), (dict(path=3), core.CheckpointError),
+    (dict(arch=["llama"]), core.UnknownArchitectureError), (dict(arch=3), core.UnknownArchitectureError),
+])
+def test_load_argument_types_are_typed_errors(kw, err):
+    kw.setdefault("path", demo_checkpoint("llama"))
+    with pytest.raises(err, match="must be"):
+        core.load(kw.pop("path"), device="cpu", **kw)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import Cache
+from ..errors import NonFiniteLogitsError
 from .gpu_sampling import GpuSampler
 from .graph import GraphCache
 from .tensors import DTensor
@@ -87,5 +88,12 @@ class DecodeMixin:
 
     @staticmethod
     def key_to_id(key: np.ndarray) -> int:
-        """The id in an argmax key read back as int32 [2] (little-endian: low word first)."""
-        return 0xFFFFFFFF - int(np.asarray(key).view(np.uint32)[0])
+        """The id in an argmax key read back as int32 [2] (little-endian: low word first). The high word is the
+        largest logit itself (sample.cu's order-preserving map), so a NaN or inf there — NaN orders above +inf —
+        is caught from the same 8 bytes, with no extra copy or sync: NonFiniteLogitsError, not a silent token."""
+        lo, hi = (int(w) for w in np.asarray(key).view(np.uint32)[:2])
+        bits = (hi & 0x7FFFFFFF) if hi & 0x80000000 else (~hi & 0xFFFFFFFF)  # undo the map onto unsigned ints
+        if bits & 0x7F800000 == 0x7F800000:  # exponent all ones: inf or NaN
+            raise NonFiniteLogitsError("non-finite logits: the step's largest logit is NaN or inf; the weights or "
+                                       "the activations overflowed")
+        return 0xFFFFFFFF - lo
