@@ -9,8 +9,9 @@ product's input features, N its outputs. `Tensor` is whatever the backend holds 
 the GPU); activations are float32 and weights are stored in the backend's `dtype`. A new operation is one
 entry here (its signature and a one-line docstring), then its method in NumpyBackend and in a CUDA room.
 
-Optional, looked up with getattr: decode_ids (by the model: decode steps whose ids are picked on the device) and
-paged_kv_tokens(config, block_size) (by the engine: how many KV positions its default pool should hold).
+Optional, looked up with getattr: decode_ids (by the model: decode steps whose ids are picked on the device),
+paged_kv_tokens(config, block_size) (by the engine: how many KV positions its default pool should hold) and
+load_weights(spec, plan) (by core.load: a backend that reads its own slices of the checkpoint, core/tp_numpy.py).
 
 Every op that takes `start` (add_positions, rope, rope_cache_write, cache_write, attention) also takes a
 core.paged.Batch there: rows of several sequences, each at its own positions, over the paged cache.

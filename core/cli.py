@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import serve  # the serve command's options; starlette and uvicorn are imported only when it runs
 from .cli_chat import cmd_chat
+from .quant import quantize as quantize_cmd  # `archkit quantize`'s options and command
 from .cli_common import (CHAT_COMMANDS, _check_sampling, _checkpoint, _count, _load, _positive_int,  # noqa: F401
                          _sampling, _table, _unescape, _warn_if_greedy)
 from .errors import ArchkitError
@@ -55,7 +56,8 @@ EPILOG_INSPECT = """examples:
 Prints the files, tensor count and dtypes, the detected family with every plugin's detection score,
 the config as the plugin reads it, the generation defaults of generation_config.json, and whether every
 tensor the spec expects is present with the right shape (if not: the missing, unexpected and mismatched
-tensor names). Reads headers only.
+tensor names). Reads headers only. With --tp N: which rank holds which slice of every role, and the bytes each
+rank reads (a shape that N does not divide is an error naming it).
 """
 
 # Flags that only matter when sampling: given with greedy decoding they change nothing, and we say so.
@@ -76,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("path", help="checkpoint directory (config.json, *.safetensors, ...) or hub id (owner/name)")
     ins.add_argument("--arch", help="family name (skip detection)")
     ins.add_argument("--revision", help="branch, tag or commit of a hub id (default: main)")
+    ins.add_argument("--tp", type=_positive_int, metavar="N",
+                     help="also print the tensor-parallel plan over N ranks: each role's slice per rank, bytes per rank")
     gen = p.subcommands["generate"] = sub.add_parser(
         "generate", help="generate text, streamed to stdout", epilog=EPILOG_GENERATE,
         description="Continue a prompt with a model, streaming the text as it is generated.",
@@ -120,6 +124,14 @@ def _parser() -> argparse.ArgumentParser:
         "serve", help="OpenAI-compatible HTTP server (continuous batching)",
         description="Serve a model over OpenAI's HTTP API (/v1/completions, /v1/chat/completions, streaming).")
     serve.add_arguments(srv)
+    qz = p.subcommands["quantize"] = sub.add_parser(
+        "quantize", help="write a weight-quantized (compressed-tensors) copy of a checkpoint",
+        description="Quantize a checkpoint's linear weights by round-to-nearest into a new compressed-tensors "
+                    "checkpoint (transformers with the compressed-tensors package, and archkit, load it).",
+        epilog="examples:\n  archkit quantize ./Qwen3-0.6B ./Qwen3-0.6B-W4A16 --scheme w4a16\n"
+               "  archkit quantize ./ckpt ./ckpt-fp8 --scheme fp8",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    quantize_cmd.add_arguments(qz)
     return p
 
 
@@ -216,7 +228,8 @@ def _run(args) -> int:
             _parser().print_help()
             return 2
         return {"list": cmd_list, "inspect": cmd_inspect, "generate": cmd_generate, "chat": cmd_chat,
-                "bench": cmd_bench, "serve": serve.cmd_serve}[args.cmd](args)
+                "bench": cmd_bench, "serve": serve.cmd_serve,
+                "quantize": quantize_cmd.cmd_quantize}[args.cmd](args)
     except ArchkitError as e:
         print(f"archkit: error: {e}", file=sys.stderr)
         return 1
@@ -261,6 +274,8 @@ def cmd_inspect(args) -> int:
         dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel
     print(f"tensors      {len(ckpt.tensors)}, {sum(dtypes.values()):,} parameters, "
           + ", ".join(f"{k}: {v:,}" for k, v in sorted(dtypes.items())))
+    for i, line in enumerate(ckpt.quantization.describe() if ckpt.quantization else ()):
+        print(("quantization " if i == 0 else "             ") + line)  # scheme, bits, group size, bytes
     if args.arch:
         name, how = args.arch, "given with --arch"
         reg[name]
@@ -299,6 +314,9 @@ def cmd_inspect(args) -> int:
     except WeightsError as e:
         print(f"weights      {e}")
         return 1
+    if args.tp:
+        from .tp import TensorParallelPlan
+        print("\n".join(TensorParallelPlan.for_weights(spec, p, args.tp).describe(p)))
     return 0
 
 

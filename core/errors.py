@@ -99,3 +99,23 @@ class ChatBusyError(ArchkitError, RuntimeError):
 
 class QueueFullError(GenerationError):
     """The engine's waiting queue is full: try again later (the server answers 503)."""
+
+
+class TensorParallelError(ArchkitError, ValueError):
+    """A model cannot be split over the ranks asked for: a size not divisible by the rank count (heads, kv heads,
+    intermediate size, experts), or a capability the sharding plan cannot split; names the size and the count."""
+
+
+class LauncherEnvError(TensorParallelError):
+    """The environment a launcher (torchrun, srun, mpirun, Ray) gave a rank is missing or contradicts itself;
+    names the variable and the rule."""
+
+
+class RendezvousError(ArchkitError, RuntimeError):
+    """The ranks of a tensor-parallel launch could not meet at the rendezvous address (a rank missing past the
+    timeout, two ranks claiming one number, ranks disagreeing on the world size); names the address and the ranks."""
+
+
+class QuantizationError(CheckpointError):
+    """A quantized checkpoint (GPTQ, AWQ, FP8, compressed-tensors) is malformed or uses what archkit does not read:
+    the message names the tensor (or the quantization_config key) and the rule it breaks."""

@@ -87,27 +87,44 @@ def moe(x: np.ndarray, router_w: np.ndarray, router_b: np.ndarray | None, gate: 
     token → weights (renormalised to sum 1 if asked, times routed_scale) → sum of weight · expert(x), where
     expert e is down[e] @ (act(gate[e] @ x) * (up[e] @ x)) (gated) or down[e] @ act(up[e] @ x) (gate None).
     gate, up [E, I, D]; down [E, D, I]; biases (gate [E, I], up [E, I], down [E, D]) or None. Returns [T, D]."""
+    top, w = moe_route(x, router_w, router_b, top_k, scoring, renormalize, routed_scale)
+    return moe_experts(x, top, w, gate, up, down, activation, biases)
+
+
+def moe_route(x: np.ndarray, router_w: np.ndarray, router_b: np.ndarray | None, top_k: int, scoring: str = "softmax",
+              renormalize: bool = False, routed_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """moe()'s router: each token's top_k experts [T, k] (ties go to the lower expert id) and their weights [T, k]."""
     logits = linear(x, router_w, router_b)
     if scoring == "softmax":
         e = np.exp(logits - logits.max(-1, keepdims=True))
         scores = e / e.sum(-1, keepdims=True)
     else:
         scores = sigmoid(logits)
-    top = np.argsort(-scores, axis=-1, kind="stable")[:, :top_k]  # [T, k]: ties go to the lower expert id
+    top = np.argsort(-scores, axis=-1, kind="stable")[:, :top_k]  # [T, k]
     w = np.take_along_axis(scores, top, -1)
     if renormalize:
         w = w / w.sum(-1, keepdims=True)
-    w = w * np.float32(routed_scale)
+    return top, w * np.float32(routed_scale)
+
+
+def moe_experts(x: np.ndarray, top: np.ndarray, w: np.ndarray, gate: np.ndarray | None, up: np.ndarray,
+                down: np.ndarray, activation: str = "silu", biases: tuple = (None, None, None),
+                first: int = 0) -> np.ndarray:
+    """moe()'s experts: sum over each token's routed experts of weight · expert(x) → [T, D]. The stacked experts
+    are ids first..first+len(up)-1 (an expert-parallel rank's share); routes to any other expert add nothing."""
     bg, bu, bd = biases
     out = np.zeros_like(x)
     for ex in np.unique(top):
+        if not first <= ex < first + len(up):
+            continue
         rows, slot = np.nonzero(top == ex)
-        u = linear(x[rows], up[ex], None if bu is None else bu[ex])
+        e = ex - first
+        u = linear(x[rows], up[e], None if bu is None else bu[e])
         if gate is not None:
-            a = ACT[activation](linear(x[rows], gate[ex], None if bg is None else bg[ex])) * u
+            a = ACT[activation](linear(x[rows], gate[e], None if bg is None else bg[e])) * u
         else:
             a = ACT[activation](u)
-        y = linear(a, down[ex], None if bd is None else bd[ex])
+        y = linear(a, down[e], None if bd is None else bd[e])
         out[rows] += w[rows, slot][:, None] * y
     return out
 

@@ -17,6 +17,7 @@ import numpy as np
 from .checkpoint import Checkpoint, TensorInfo, read_tensor, to_float32
 from .config import ModelConfig
 from .errors import WeightsError
+from .quant import QuantizedTensor
 from .spec import FLAGS, LAYER_PREDICATES, REQUIRED, Derived, ModelSpec, WeightRule
 
 
@@ -228,6 +229,8 @@ def plan(spec: ModelSpec, config: ModelConfig, ckpt: Checkpoint) -> Plan:
             else:
                 infos = (hits[0][1],)
                 unexpected += [h.name for _, h, _ in hits[1:]]  # the same tensor under two alternative names
+            if rule.transpose:  # a quantized weight is stored [out, in]; this family's plain one [in, out]
+                infos = tuple(i.as_transposed() if isinstance(i, QuantizedTensor) else i for i in infos)
             bad = _shape_problem(rule, infos, config, spec)
             if bad:
                 mismatched.append(bad)

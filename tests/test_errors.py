@@ -621,7 +621,8 @@ def test_every_row_is_documented():
     """docs/bad-input.md has a row for every case tested here (by its test id), and no stale ones."""
     doc = (Path(__file__).resolve().parents[1] / "docs" / "bad-input.md").read_text()
     ids = {line.split("`")[1] for line in doc.splitlines() if line.startswith("| `")}
-    assert set(ROWS) | {"unreadable"} == ids
+    from test_quant_errors import ROWS as QUANTIZED  # the "Quantized checkpoints" section's rows are tested there
+    assert set(ROWS) | {"unreadable"} | set(QUANTIZED) == ids
 
 
 # -- unreadable: chmod does not stop root -------------------------------------------------------
