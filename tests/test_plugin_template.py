@@ -4,6 +4,7 @@ The walk-through itself (python3 -m venv, pip install -e ../.., pip install -e .
 (~15 s, from the package index CI installs from); the static checks say what broke when it fails: a requirement that
 only PyPI could meet, an unpinned torch, steps in the wrong order.
 """
+
 from __future__ import annotations
 
 import re
