@@ -28,7 +28,7 @@ from collections.abc import Callable
 import attrs
 import numpy as np
 
-from .errors import ContextOverflowError, GenerationError, NonFiniteLogitsError, QueueFullError
+from .errors import ContextOverflowError, GenerationError, NonFiniteLogitsError, QueueFullError, TokenizerError
 from .forward import forward
 from .paged import Batch, BlockPool, Segment, block_hash
 from .sampling import SamplingParams, logprobs as token_logprobs, sample
@@ -106,7 +106,6 @@ class Request:
     rng: np.random.Generator | None = None
     text: str = ""
     decoder: object = None
-    _first: bytes | None = attrs.field(default=None, alias="_first")  # cached key of the first prompt block
 
     @property
     def tokens(self) -> list:
@@ -180,19 +179,16 @@ class Engine:
         params = params.validate()
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
-        m._check_context(len(ids) + max_new_tokens,
-                         f"a prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens}")
-        need = -(-(len(ids) + max_new_tokens) // self.pool.block_size)
-        if need > self.pool.num_blocks:
-            raise ContextOverflowError(
-                f"a prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} needs {need} KV blocks of "
-                f"{self.pool.block_size} positions; the engine's pool has {self.pool.num_blocks}")
+        self.check(ids, max_new_tokens)
         if num_logprobs is not None and (not isinstance(num_logprobs, int) or isinstance(num_logprobs, bool)
                                          or not 0 <= num_logprobs <= 20):
             raise GenerationError(f"logprobs={num_logprobs!r} must be an integer in [0, 20]")
+        stops = (stops,) if isinstance(stops, str) else tuple(stops or ())  # a str is one stop string
+        if any(not isinstance(s, str) for s in stops):
+            raise GenerationError(f"stop strings must be str, got {stops!r:.80}")
         stops = tuple(s for s in stops if s)
         if stops and m.tokenizer is None:
-            raise GenerationError(f"{m.path}: stop strings need tokenizer.json, which this checkpoint lacks")
+            raise TokenizerError(f"{m.path}: stop strings need tokenizer.json, which this checkpoint lacks")
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"the engine's queue is full ({self.config.max_waiting} requests waiting)")
         r = Request(request_id or f"req-{next(self._ids)}", ids, params, max_new_tokens, stops, stop_at_eos,
@@ -206,6 +202,17 @@ class Engine:
             return r
         self.waiting.append(r)
         return r
+
+    def check(self, ids, max_new_tokens: int, what: str = "") -> None:
+        """ContextOverflowError when a prompt of len(ids) plus max_new_tokens exceeds the model's context or the
+        whole KV pool (so it could never run); `what` prefixes the message (which prompt)."""
+        self.model._check_context(len(ids) + max_new_tokens,
+                                  f"{what}a prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens}")
+        need = -(-(len(ids) + max_new_tokens) // self.pool.block_size)
+        if max_new_tokens and need > self.pool.num_blocks:
+            raise ContextOverflowError(
+                f"{what}a prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} needs {need} KV blocks of "
+                f"{self.pool.block_size} positions; the engine's pool has {self.pool.num_blocks}")
 
     def abort(self, request: Request) -> None:
         """Cancel a request (waiting or running): its blocks are freed; its callback gets finish_reason 'abort'."""
@@ -227,25 +234,29 @@ class Engine:
         scheduled = self._schedule()
         if not scheduled:
             return []
-        segments, ids, row = [], [], 0
+        groups, ids, row = [], [], 0
         for r, n in scheduled:
-            toks = r.tokens[r.computed:r.computed + n]
-            segments.append(Segment(row, n, r.computed, r.blocks, logits=r.computed + n == len(r.tokens)))
-            ids.extend(toks)
+            segs = self._segments(r, n, row)
+            groups.append(segs)
+            ids.extend(r.tokens[r.computed:r.computed + n])
             row += n
-        batch = Batch(segments, self.pool.block_size)
+        batch = Batch([g for segs in groups for g in segs], self.pool.block_size)
         m = self.model
         with m.backend.session():
             logits = forward(m.backend, m.weights, m.config, np.asarray(ids, dtype=np.int64), self.cache, batch,
                              m.config.rope, all_logits=False)
         self.steps += 1
         outputs, k = [], 0
-        for (r, n), seg in zip(scheduled, segments):
+        for (r, n), segs in zip(scheduled, groups):
+            wants = segs[-1].logits
+            if r.finished:  # aborted during this step (by another request's callback): nothing of it is kept
+                k += wants
+                continue
             if r.computed < len(r.prompt):
                 self.prompt_tokens_computed += min(n, len(r.prompt) - r.computed)
             r.computed += n
             self._remember_full_blocks(r)
-            if seg.logits:
+            if wants:
                 outputs.append(self._sample(r, logits[k]))
                 k += 1
         failed, self._failed = self._failed, []
@@ -253,6 +264,22 @@ class Engine:
             r.callback = None  # it already failed once: the abort is not reported to it again
             self.abort(r)
         return outputs
+
+    def _segments(self, r: Request, n: int, row: int) -> list[Segment]:
+        """The batch segments of r's n tokens this step (logits on the last, if it completes r's tokens).
+
+        One segment, except when a request with a length-dependent rope is recomputed after preemption: its
+        solo run computed the prompt with the prompt-length table and each generated position with the table of
+        its own length, so the recompute is cut the same way (a segment for the prompt, one per generated
+        token; each segment's table follows its own end) and gives the solo run's keys and logits back."""
+        done = r.computed + n == len(r.tokens)
+        if not self.length_dependent_rope or r.computed >= len(r.prompt) or n <= len(r.prompt) - r.computed:
+            return [Segment(row, n, r.computed, r.blocks, logits=done)]
+        head = len(r.prompt) - r.computed
+        segs = [Segment(row, head, r.computed, r.blocks, logits=False)]
+        segs += [Segment(row + head + j, 1, len(r.prompt) + j, r.blocks, logits=False) for j in range(n - head)]
+        segs[-1].logits = done
+        return segs
 
     def _sample(self, r: Request, logits: np.ndarray) -> StepOutput:
         step = len(r.output)
@@ -312,7 +339,7 @@ class Engine:
         budget, out = self.config.max_batch_tokens, []
         bs = self.pool.block_size
         whole = self.length_dependent_rope
-        for r in list(self.running):
+        for r in sorted(self.running, key=lambda q: q.arrival):  # oldest first; the newest is preempted first
             if r not in self.running:
                 continue  # preempted below for an older request
             n = self._chunk(r, budget, whole, bool(out))
@@ -320,7 +347,8 @@ class Engine:
                 continue
             need = -(-(r.computed + n) // bs) - len(r.blocks)
             while need > self.pool.num_free:
-                victim = next((v for v in reversed(self.running) if v is not r and all(v is not s for s, _ in out)), r)
+                others = [v for v in self.running if v is not r and all(v is not s for s, _ in out)]
+                victim = max(others, key=lambda v: v.arrival) if others else r
                 self._preempt(victim)
                 if victim is r:
                     break
@@ -329,50 +357,50 @@ class Engine:
             r.blocks += self.pool.allocate(need)
             out.append((r, n))
             budget -= n
-        # First-block keys of prompts being computed this step: a waiting request starting with the same block
-        # (the n choices of one prompt, many users of one system prompt) waits for those blocks to be cached
-        # instead of computing the same prefix again beside them.
-        filling = {self._first_key(q) for q in self.running if q.computed < len(q.prompt)} - {None}
+        # Keys of the next block each prompt in prefill is computing: a waiting request whose first uncached block
+        # is one of them (the n choices of one prompt, many users of one system prompt arriving together) waits
+        # for it to be cached instead of computing the same block again beside it.
+        filling = {self._next_key(q) for q in self.running if q.computed < len(q.prompt)} - {None}
         skipped = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             r = self.waiting[0]
-            key = self._first_key(r) if not r.blocks else None
+            if not r.blocks:
+                r.blocks, r.keys = self.pool.match(r.tokens, count=False)
+                r.computed = len(r.blocks) * bs
+            key = self._next_key(r)
             if key is not None and key in filling:
+                self._unmatch(r)
                 skipped.append(self.waiting.popleft())
                 continue
-            if not r.blocks:
-                r.blocks, r.keys = self.pool.match(r.tokens)
-                r.computed = len(r.blocks) * bs
-                r.cached_tokens = min(r.computed, len(r.prompt))
             n = self._chunk(r, budget, whole, bool(out))
             need = -(-(r.computed + n) // bs) - len(r.blocks)
             if n == 0 or need > self.pool.num_free:
-                # give the matched blocks back (they stay cached) rather than hold them while waiting
-                self.pool.release(r.blocks)
-                r.blocks, r.keys, r.computed = [], [], 0
+                self._unmatch(r)  # give the matched blocks back (they stay cached) rather than hold them waiting
                 break
             self.waiting.popleft()
+            r.cached_tokens = min(r.computed, len(r.prompt))
+            self.pool.queries += (len(r.tokens) - 1) // bs if self.pool.prefix_caching else 0
+            self.pool.hits += len(r.blocks)
             r.blocks += self.pool.allocate(need)
             self.running.append(r)
             out.append((r, n))
             budget -= n
-            if r.computed < len(r.prompt):  # (r.computed is still the count before this step)
-                k = self._first_key(r)
-                if k is not None:
-                    filling.add(k)
+            if key is not None and r.computed < len(r.prompt):
+                filling.add(key)
         self.waiting.extendleft(reversed(skipped))  # back at the head, in their order
         return out
 
-    def _first_key(self, r: Request) -> bytes | None:
-        """Content key of r's first full block, when the prompt has one before its last token (else None)."""
-        bs = self.pool.block_size
-        if not self.pool.prefix_caching or len(r.prompt) - 1 < bs:
+    def _unmatch(self, r: Request) -> None:
+        """Give back the prefix-cache blocks a waiting request had matched (they stay cached)."""
+        self.pool.release(r.blocks)
+        r.blocks, r.keys, r.computed = [], [], 0
+
+    def _next_key(self, r: Request) -> bytes | None:
+        """Content key of r's next full block not yet in the cache (None when none lies before its last token)."""
+        bs, j = self.pool.block_size, len(r.keys)
+        if not self.pool.prefix_caching or (j + 1) * bs > len(r.tokens) - 1:
             return None
-        if r.keys:
-            return r.keys[0]
-        if r._first is None:
-            r._first = block_hash(None, r.prompt[:bs])
-        return r._first
+        return block_hash(r.keys[-1] if r.keys else None, r.tokens[j * bs:(j + 1) * bs])
 
     @staticmethod
     def _chunk(r: Request, budget: int, whole: bool, others: bool) -> int:

@@ -238,7 +238,7 @@ class Model:
             for i, t in self._stream_many(prompts, kw, engine):
                 outs[i].append(t)
             return outs
-        return list(self.stream(ids, **kw))
+        return list(self.stream(ids, engine=engine, **kw))
 
     # -- many prompts ---------------------------------------------------------------------------------
     def engine(self, **config):
@@ -262,16 +262,25 @@ class Model:
                 for t in self._stream(ids, r):
                     yield i, t
             return
+        from .engine import Engine
+        if engine is not None and not isinstance(engine, Engine):
+            raise GenerationError(f"engine={engine!r:.80} must be a core.engine.Engine (model.engine(...))")
         eng = engine if engine is not None else self.engine()
         if eng.model is not self:
             raise GenerationError("engine= belongs to another model")
+        for i, (ids, r) in enumerate(zip(checked, settings)):  # what could never run fails before anything runs
+            eng.check(ids, r.max_new_tokens, f"prompt {i}: ")
         events = []
         reqs = []
+        todo = list(enumerate(zip(checked, settings)))[::-1]
         try:
-            for i, (ids, r) in enumerate(zip(checked, settings)):
-                cb = (lambda out, i=i: events.append((i, out)))
-                reqs.append(eng.add(ids, r.params, r.max_new_tokens, r.stops, r.stop_at_eos, r.logprobs, callback=cb))
-            while any(not q.finished for q in reqs):
+            while todo or any(not q.finished for q in reqs):
+                # prompts join as the queue has room: a list longer than max_waiting is fed, not refused
+                while todo and len(eng.waiting) < eng.config.max_waiting:
+                    i, (ids, r) = todo.pop()
+                    cb = (lambda out, i=i: events.append((i, out)))
+                    reqs.append(eng.add(ids, r.params, r.max_new_tokens, r.stops, r.stop_at_eos, r.logprobs,
+                                        callback=cb))
                 eng.step()
                 for i, out in events:
                     if out.request.error is not None:
@@ -369,9 +378,9 @@ def _is_batch(ids) -> bool:
 
 def _per_prompt(name: str, value, n: int) -> list:
     """A keyword's value for each of n prompts: a list of n values (stop: a list of n lists/str/None), or one for all."""
-    if name == "stop":
+    if name == "stop":  # per prompt: n entries, each None or a list (a list of str is one list for all prompts)
         per = isinstance(value, (list, tuple)) and len(value) == n and n > 0 and \
-            all(v is None or isinstance(v, (list, tuple)) for v in value) and any(isinstance(v, (list, tuple)) for v in value)
+            all(v is None or isinstance(v, (list, tuple)) for v in value)
     else:
         per = isinstance(value, (list, tuple))
     if not per:

@@ -99,15 +99,15 @@ class BlockPool:
             if self.refs[b] == 0:
                 self._free[b] = None
 
-    def match(self, tokens) -> tuple[list[int], list[bytes]]:
+    def match(self, tokens, count: bool = True) -> tuple[list[int], list[bytes]]:
         """The longest run of cached full blocks that `tokens` begins with: (blocks, their keys), each block
         taken (one more reference). Only blocks that end before the last token count, so that at least one
-        token is always left to compute (its logits pick the next token)."""
+        token is always left to compute (its logits pick the next token). `count`: add the lookup to the
+        hits / queries counters (the engine counts a lookup once, when the request is admitted)."""
         if not self.prefix_caching:
             return [], []
         bs, blocks, keys, parent = self.block_size, [], [], None
         full = (len(tokens) - 1) // bs
-        self.queries += full
         for j in range(full):
             key = block_hash(parent, tokens[j * bs:(j + 1) * bs])
             b = self._by_hash.get(key)
@@ -120,7 +120,9 @@ class BlockPool:
             if self.refs[b] == 0:
                 del self._free[b]
             self.refs[b] += 1
-        self.hits += len(blocks)
+        if count:
+            self.queries += full
+            self.hits += len(blocks)
         return blocks, keys
 
     def remember(self, block: int, key: bytes) -> None:

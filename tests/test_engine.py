@@ -452,3 +452,80 @@ def test_load_argument_types_are_typed_errors(kw, err):
     kw.setdefault("path", demo_checkpoint("llama"))
     with pytest.raises(err, match="must be"):
         core.load(kw.pop("path"), device="cpu", **kw)
+
+
+# -- found in review -------------------------------------------------------------------------------------
+def test_siblings_wait_one_step_then_join_together(demo, prompts):
+    """8 copies of a prompt: the first computes it, the 7 others wait for its blocks (one step) and then all
+    join at once with a cache hit, instead of one per step; a prefix already cached holds nobody back."""
+    p = (prompts[5] + prompts[3] + prompts[4])[:40]
+    eng = demo.engine(block_size=16)
+    reqs = [eng.add(p, SamplingParams(), 3) for _ in range(8)]
+    eng.step()
+    assert len(eng.running) == 1
+    eng.step()
+    assert len(eng.running) == 8 and [r.cached_tokens for r in reqs[1:]] == [32] * 7
+    while eng.has_work():
+        eng.step()
+    more = [eng.add(p[:36] + [7, 8, i], SamplingParams(), 2) for i in range(8)]  # 2 cached blocks, new tails
+    eng.step()
+    assert all(r in eng.running or r.finished for r in more)
+    while eng.has_work():
+        eng.step()
+    assert eng.stats()["kv_blocks_used"] == 0
+
+
+def test_waiting_does_not_inflate_the_prefix_cache_counters(demo, prompts):
+    eng = demo.engine(block_size=4, num_blocks=12, max_running=1)
+    eng.add(prompts[5], SamplingParams(), 20)
+    late = eng.add(prompts[5], SamplingParams(), 2)
+    for _ in range(5):
+        eng.step()
+    assert not late.finished and late in eng.waiting
+    assert eng.stats()["prefix_cache_queries"] == (len(prompts[5]) - 1) // 4  # the first request's lookup only
+
+
+def test_a_callback_aborting_another_request_mid_step(demo, prompts):
+    eng = demo.engine()
+    victim = eng.add(prompts[1], SamplingParams(), 5)
+    killer = eng.add(prompts[0], SamplingParams(), 5, callback=lambda out: eng.abort(victim))
+    while eng.has_work():
+        eng.step()
+    assert victim.finish_reason == "abort" and killer.output == demo.generate(prompts[0], max_new_tokens=5)
+    assert eng.stats()["kv_blocks_used"] == 0
+
+
+def test_more_prompts_than_the_queue_holds_are_fed_not_refused(demo, prompts):
+    eng = demo.engine(max_waiting=2, max_running=2)
+    many = [prompts[i % len(prompts)] for i in range(7)]
+    assert demo.generate(many, max_new_tokens=3, engine=eng) == solo(demo, many, max_new_tokens=3)
+
+
+def test_one_prompt_with_an_engine_runs_through_it(demo, prompts):
+    eng = demo.engine()
+    assert demo.generate(prompts[2], max_new_tokens=4, engine=eng) == demo.generate(prompts[2], max_new_tokens=4)
+    assert eng.steps > 0
+    with pytest.raises(GenerationError, match="must be a core.engine.Engine"):
+        demo.generate(prompts[2], max_new_tokens=4, engine="x")
+    assert demo.generate([prompts[0], prompts[1]], stop=[None, None], max_new_tokens=3) == \
+        solo(demo, prompts[:2], max_new_tokens=3)
+
+
+def test_preempted_dynamic_rope_request_is_recomputed_as_it_was_computed():
+    """Dynamic NTK: a preempted request's prompt and each generated position are recomputed with the tables
+    they had (a segment each), so a pool small enough to preempt requests mid-decode still gives every prompt its
+    solo tokens and log-probabilities (recomputing it as one segment, with one table, changed both)."""
+    import attrs
+
+    m = core.load(demo_checkpoint("llama"), device="cpu")
+    rope = attrs.evolve(m.config.rope, type="dynamic", factor=4.0, max_position_embeddings=16)
+    m.config = attrs.evolve(m.config, rope=rope, max_position_embeddings=16)  # grows from position 16 on
+    rng = np.random.default_rng(3)
+    ps = [rng.integers(5, 4000, n).tolist() for n in (14, 15, 13, 12, 14, 10)]
+    eng = m.engine(block_size=4, num_blocks=14, max_batch_tokens=64)
+    got = m.generate(ps, max_new_tokens=20, stop_at_eos=False, engine=eng, logprobs=0)
+    assert eng.stats()["preemptions"] > 0
+    for p, g in zip(ps, got):
+        ref = m.generate(p, max_new_tokens=20, stop_at_eos=False, logprobs=0)
+        assert [t.token for t in g] == [t.token for t in ref]
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(g, ref)) < 1e-3
