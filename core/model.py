@@ -247,6 +247,11 @@ class Model:
         return Engine(self, EngineConfig(**config))
 
     def _stream_many(self, prompts: list, kw: dict, engine):
+        """(prompt index, token) pairs of many prompts; every argument is checked now, before the first token."""
+        plan = self._prepare_many(prompts, kw, engine)
+        return self._run_many(*plan)
+
+    def _prepare_many(self, prompts: list, kw: dict, engine):
         if not prompts:
             raise GenerationError("an empty list of prompts: give at least one prompt")
         n = len(prompts)
@@ -254,14 +259,11 @@ class Model:
         checked = [self._check_ids(p) for p in prompts]  # every prompt is checked before anything runs
         settings = [self.resolve_request({k: v[i] for k, v in per.items()}, len(checked[i])) for i in range(n)]
         if engine is None and not hasattr(self.backend, "new_paged_cache"):
-            # no batched path on this backend yet: the same results, one prompt after another
+            # no batched path on this backend: the same results, one prompt after another
             for i, (ids, r) in enumerate(zip(checked, settings)):
                 self._check_context(len(ids) + r.max_new_tokens,
                                     f"prompt {i}: {len(ids)} tokens plus max_new_tokens={r.max_new_tokens}")
-            for i, (ids, r) in enumerate(zip(checked, settings)):
-                for t in self._stream(ids, r):
-                    yield i, t
-            return
+            return None, checked, settings
         from .engine import Engine
         if engine is not None and not isinstance(engine, Engine):
             raise GenerationError(f"engine={engine!r:.80} must be a core.engine.Engine (model.engine(...))")
@@ -270,6 +272,14 @@ class Model:
             raise GenerationError("engine= belongs to another model")
         for i, (ids, r) in enumerate(zip(checked, settings)):  # what could never run fails before anything runs
             eng.check(ids, r.max_new_tokens, f"prompt {i}: ")
+        return eng, checked, settings
+
+    def _run_many(self, eng, checked, settings):
+        if eng is None:
+            for i, (ids, r) in enumerate(zip(checked, settings)):
+                for t in self._stream(ids, r):
+                    yield i, t
+            return
         events = []
         reqs = []
         todo = list(enumerate(zip(checked, settings)))[::-1]

@@ -529,3 +529,8 @@ def test_preempted_dynamic_rope_request_is_recomputed_as_it_was_computed():
         ref = m.generate(p, max_new_tokens=20, stop_at_eos=False, logprobs=0)
         assert [t.token for t in g] == [t.token for t in ref]
         assert max(abs(a.logprob - b.logprob) for a, b in zip(g, ref)) < 1e-3
+
+
+def test_stream_of_many_prompts_checks_its_arguments_at_the_call(demo, prompts):
+    with pytest.raises(GenerationError, match="temperature"):
+        demo.stream(prompts[:2], temperature=-1)  # not at the first next()
