@@ -1,4 +1,5 @@
-"""The `archkit` command: list | inspect PATH | generate [PATH] | chat [PATH] | bench. Errors print one line."""
+"""The `archkit` command: list | inspect PATH | generate [PATH] | chat [PATH] | bench | serve | quantize. Errors print
+one line."""
 
 from __future__ import annotations
 
