@@ -35,7 +35,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .config import read_bounded, read_json
-from .errors import ChatBusyError, ChatTemplateError
+from .errors import ChatBusyError, ChatTemplateError, brief as _brief
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 JINJA_HINT = "pip install 'archkit[chat]' (or jinja2>=3.1)"
@@ -213,11 +213,6 @@ def _describe(e: Exception) -> str:
     except Exception:  # noqa: BLE001
         text = ""
     return text if isinstance(e, jinja2.TemplateError) and text else f"{type(e).__name__}: {text}".rstrip(": ")
-
-
-def _brief(v, n: int = 80) -> str:
-    s = repr(v)
-    return s if len(s) <= n else s[:n - 3] + "..."
 
 
 def _check_format(fmt: str, args, style: str) -> None:

@@ -10,10 +10,9 @@ from typing import Any
 
 import attrs
 
-from .errors import ConfigError
+from .errors import ConfigError, brief as _brief
 from .log import warn_once
 from .rope import ROPE_TYPES, RopeConfig, parse_rope  # noqa: F401  (re-exported: older imports name core.config)
-from .rope import _brief
 from .spec import ACTIVATIONS, FLAGS, REQUIRED, ROUTER_SCORINGS, Derived, ModelSpec
 
 LAYER_TYPES = ("full_attention", "sliding_attention")  # values of config.json's layer_types

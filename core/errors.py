@@ -6,6 +6,12 @@ Messages name the offender (file, tensor, key, plugin, token id) and the rule th
 from __future__ import annotations
 
 
+def brief(v, n: int = 80) -> str:
+    """repr(v) cut to n characters: a value from a file or a request can be megabytes long, and an error is one line."""
+    r = repr(v)
+    return r if len(r) <= n else r[:n - 3] + "..."
+
+
 class ArchkitError(Exception):
     """Base of every archkit error; the CLI prints these as one line."""
 

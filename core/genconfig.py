@@ -21,7 +21,7 @@ from pathlib import Path
 import attrs
 
 from .config import read_json
-from .errors import ConfigError
+from .errors import ConfigError, brief
 
 # The keys a caller's None defers to the checkpoint, besides max_new_tokens (which max_length can also give).
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -102,19 +102,19 @@ def _check(name: str, v, source: str):
         return None
     if name == "do_sample":
         if not isinstance(v, bool):
-            raise ConfigError(f"{source}: do_sample={_brief(v)} must be true or false")
+            raise ConfigError(f"{source}: do_sample={brief(v, 40)} must be true or false")
         return v
     is_int = isinstance(v, int) and not isinstance(v, bool)
     if name in ("top_k", "max_new_tokens", "max_length"):
         if not is_int or v < 0:
-            raise ConfigError(f"{source}: {name}={_brief(v)} must be an integer >= 0")
+            raise ConfigError(f"{source}: {name}={brief(v, 40)} must be an integer >= 0")
         return v
     try:  # an integer too large for a float (10**400) is as bad as inf
         finite = (is_int or isinstance(v, float)) and math.isfinite(float(v))
     except OverflowError:
         finite = False
     if not finite:
-        raise ConfigError(f"{source}: {name}={_brief(v)} must be a finite number")
+        raise ConfigError(f"{source}: {name}={brief(v, 40)} must be a finite number")
     ok, rule = {"temperature": (v >= 0, ">= 0 (0 = greedy)"), "top_p": (0 < v <= 1, "in (0, 1]"),
                 "min_p": (0 <= v <= 1, "in [0, 1]"), "repetition_penalty": (v > 0, "> 0 (1 = off)")}[name]
     if not ok:
@@ -122,7 +122,3 @@ def _check(name: str, v, source: str):
     return float(v)
 
 
-def _brief(v) -> str:
-    """repr(v), cut short: a hostile file's value must not make the one-line error a megabyte long."""
-    r = repr(v)
-    return r if len(r) <= 40 else r[:37] + "..."

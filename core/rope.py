@@ -15,7 +15,7 @@ import math
 import attrs
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, brief as _brief
 
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
 _MAX_POSITIONS = 2 ** 31  # bound on the *_position_embeddings counts, so that arithmetic on them stays in float range
@@ -346,11 +346,6 @@ def _count(v, key: str, source: str) -> int:
         raise ConfigError(f"{source}: {key}={_brief(v)} must be an integer in [1, {_MAX_POSITIONS}]")
     return v
 
-
-def _brief(v, n: int = 80) -> str:
-    """repr(v) cut to n characters: a config value can be megabytes long, and error messages are one line."""
-    s = repr(v)
-    return s if len(s) <= n else s[:n - 3] + "..."
 
 
 def _in_range(x) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from .errors import CheckpointError, UnsupportedDtypeError
+from .errors import CheckpointError, UnsupportedDtypeError, brief
 
 # safetensors dtype → (numpy dtype of the stored bits, bytes per element). BF16 is kept as uint16 bits.
 DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
@@ -164,12 +164,6 @@ def _tensor_info(path: Path, name: str, meta, base: int, data_len: int) -> Tenso
     return TensorInfo(name, path, dtype, tuple(shape), base + begin, end - begin)
 
 
-def _short(x, n: int = 200) -> str:
-    """repr(x), cut to n characters: forged headers can hold megabytes in one value."""
-    r = repr(x)
-    return r if len(r) <= n else r[:n - 3] + "..."
-
-
 def read_tensor(info: TensorInfo) -> np.ndarray:
     """The stored bits of one tensor as a fresh numpy array (BF16 as uint16); a quantized weight (core.quant) comes
     back dequantized, in its `dtype`."""
@@ -227,3 +221,8 @@ def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
     return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+
+
+def _short(x, n: int = 200) -> str:
+    """repr(x) cut to n characters (200: forged headers can hold megabytes in one value)."""
+    return brief(x, n)

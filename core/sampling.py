@@ -11,7 +11,7 @@ import math
 import attrs
 import numpy as np
 
-from .errors import GenerationError, NonFiniteLogitsError
+from .errors import GenerationError, NonFiniteLogitsError, brief
 
 
 # Bounds that keep every division and exponent finite in float64 (a temperature of 1e-320 divides logits into
@@ -42,22 +42,22 @@ class SamplingParams:
         t, k, p, r = self.temperature, self.top_k, self.top_p, self.repetition_penalty
         lo, hi = TEMPERATURE_RANGE
         if not _num(t) or not (t == 0 or lo <= _float(t) <= hi):
-            raise GenerationError(f"temperature={_brief(t)} must be 0 (greedy) or a number in [{lo:g}, {hi:g}]")
+            raise GenerationError(f"temperature={brief(t, 40)} must be 0 (greedy) or a number in [{lo:g}, {hi:g}]")
         if k is not None and (not _int(k) or k < 0):
-            raise GenerationError(f"top_k={_brief(k)} must be an integer >= 0 (0 or None = off)")
+            raise GenerationError(f"top_k={brief(k, 40)} must be an integer >= 0 (0 or None = off)")
         if p is not None and (not _num(p) or not 0 < _float(p) <= 1):
-            raise GenerationError(f"top_p={_brief(p)} must be in (0, 1]")
+            raise GenerationError(f"top_p={brief(p, 40)} must be in (0, 1]")
         if self.min_p is not None and (not _num(self.min_p) or not 0 <= _float(self.min_p) <= 1):
-            raise GenerationError(f"min_p={_brief(self.min_p)} must be in [0, 1] (0 or None = off)")
+            raise GenerationError(f"min_p={brief(self.min_p, 40)} must be in [0, 1] (0 or None = off)")
         lo, hi = PENALTY_RANGE
         if not _num(r) or not lo <= _float(r) <= hi:
-            raise GenerationError(f"repetition_penalty={_brief(r)} must be a number in [{lo:g}, {hi:g}] (1 = off)")
+            raise GenerationError(f"repetition_penalty={brief(r, 40)} must be a number in [{lo:g}, {hi:g}] (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _num(v) or not -2 <= _float(v) <= 2:
-                raise GenerationError(f"{name}={_brief(v)} must be a number in [-2, 2] (0 = off), as in OpenAI's API")
+                raise GenerationError(f"{name}={brief(v, 40)} must be a number in [-2, 2] (0 = off), as in OpenAI's API")
         if self.seed is not None and (not _int(self.seed) or not 0 <= self.seed < 2 ** 64):
-            raise GenerationError(f"seed={_brief(self.seed)} must be an integer in [0, 2**64)")
+            raise GenerationError(f"seed={brief(self.seed, 40)} must be an integer in [0, 2**64)")
         return self
 
     @property
@@ -96,11 +96,6 @@ def _float(x) -> float:
         return float(x)
     except OverflowError:
         return math.inf if x > 0 else -math.inf
-
-
-def _brief(x) -> str:
-    r = repr(x)
-    return r if len(r) <= 40 else r[:37] + "..."
 
 
 def check_finite(logits: np.ndarray, step: int | None = None) -> None:

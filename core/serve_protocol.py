@@ -18,7 +18,7 @@ import re
 import attrs
 
 from .engine import QueueFullError
-from .errors import ChatTemplateError, ContextOverflowError, GenerationError, ServeError, TokenizerError
+from .errors import ChatTemplateError, ContextOverflowError, GenerationError, ServeError, TokenizerError, brief
 from .sampling import SamplingParams
 
 MAX_CHOICES = 128  # prompts x n in one request: each is an engine request
@@ -128,7 +128,7 @@ class _Fields:
         if v is None:
             return default
         if not ok(v):
-            raise APIError(400, f"'{name}' must be {what}, got {_brief(v)} ({_json_type(v)})", param=name)
+            raise APIError(400, f"'{name}' must be {what}, got {brief(v, 60)} ({_json_type(v)})", param=name)
         return v
 
     def integer(self, name: str, default=None, lo: int | None = None, hi: int | None = None):
@@ -156,7 +156,7 @@ class _Fields:
             return None
         items = [v] if isinstance(v, str) else v
         if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise APIError(400, f"'stop' must be a string or a list of strings, got {_brief(v)}", param="stop")
+            raise APIError(400, f"'stop' must be a string or a list of strings, got {brief(v, 60)}", param="stop")
         if len(items) > MAX_STOPS:
             raise APIError(400, f"'stop' holds {len(items)} strings; at most {MAX_STOPS} are allowed", param="stop")
         return items
@@ -164,7 +164,7 @@ class _Fields:
     def unsupported(self, name: str, allowed=lambda v: False, why: str = "") -> None:
         v = self.body.get(name)
         if v is not None and not allowed(v):
-            raise APIError(400, f"'{name}'={_brief(v)} is not supported by archkit serve{why}", param=name)
+            raise APIError(400, f"'{name}'={brief(v, 60)} is not supported by archkit serve{why}", param=name)
 
 
 def parse_completion(body, served: ServedModel) -> Job:
@@ -237,7 +237,7 @@ def _stream(f: _Fields) -> tuple[bool, bool]:
         raise APIError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
     usage = (opts or {}).get("include_usage", False)
     if not isinstance(usage, bool):
-        raise APIError(400, f"'stream_options.include_usage' must be true or false, got {_brief(usage)}",
+        raise APIError(400, f"'stream_options.include_usage' must be true or false, got {brief(usage, 60)}",
                        param="stream_options")
     return stream, usage
 
@@ -253,13 +253,13 @@ def _completion_prompts(value, served: ServedModel) -> list[list[int]]:
         if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in value):
             return [_check_ids(p, served, f"prompt[{i}]") for i, p in enumerate(value)]
     raise APIError(400, f"'prompt' must be a string, a list of strings, a list of token ids or a list of lists of "
-                        f"token ids, got {_brief(value)}", param="prompt")
+                        f"token ids, got {brief(value, 60)}", param="prompt")
 
 
 def _encode(text: str, served: ServedModel, where: str) -> list[int]:
     ids = served.tokenizer.encode(text)  # with the tokenizer's own BOS, as model.generate_text encodes
     if not ids:
-        raise APIError(400, f"{where}={_brief(text)} encodes to no tokens; generation needs at least one", param="prompt")
+        raise APIError(400, f"{where}={brief(text, 60)} encodes to no tokens; generation needs at least one", param="prompt")
     return ids
 
 
@@ -273,7 +273,7 @@ def _check_ids(ids: list, served: ServedModel, where: str) -> list[int]:
 
 def _chat_prompt(messages, served: ServedModel) -> list[int]:
     if not isinstance(messages, list) or not messages:
-        raise APIError(400, f"'messages' must be a non-empty list of messages, got {_brief(messages)}", param="messages")
+        raise APIError(400, f"'messages' must be a non-empty list of messages, got {brief(messages, 60)}", param="messages")
     msgs = [_message(m, i) for i, m in enumerate(messages)]
     try:
         text = served.template.render(msgs, add_generation_prompt=True)
@@ -288,21 +288,21 @@ def _chat_prompt(messages, served: ServedModel) -> list[int]:
 def _message(m, i: int) -> dict:
     where = f"messages[{i}]"
     if not isinstance(m, dict):
-        raise APIError(400, f"{where} must be an object with 'role' and 'content', got {_brief(m)}", param=where)
+        raise APIError(400, f"{where} must be an object with 'role' and 'content', got {brief(m, 60)}", param=where)
     role = m.get("role")
     if role not in ROLES:
-        raise APIError(400, f"{where}.role={_brief(role)} must be one of {list(ROLES)}", param=f"{where}.role")
+        raise APIError(400, f"{where}.role={brief(role, 60)} must be one of {list(ROLES)}", param=f"{where}.role")
     content = m.get("content")
     if isinstance(content, list):  # content parts: only text has a meaning to a text model
         parts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise APIError(400, f"{where}.content[{j}] must be a text part ({{'type': 'text', 'text': ...}}); "
-                                    f"got {_brief(part)}", param=f"{where}.content")
+                                    f"got {brief(part, 60)}", param=f"{where}.content")
             parts.append(part["text"])
         content = "".join(parts)
     elif content is not None and not isinstance(content, str):
-        raise APIError(400, f"{where}.content must be a string or a list of text parts, got {_brief(content)}",
+        raise APIError(400, f"{where}.content must be a string or a list of text parts, got {brief(content, 60)}",
                        param=f"{where}.content")
     # Chat templates know "system"; OpenAI's newer "developer" role means the same to them.
     return {**m, "role": "system" if role == "developer" else role, "content": content}
@@ -500,6 +500,3 @@ def _json_type(v) -> str:
             type(None): "null"}.get(type(v), type(v).__name__)
 
 
-def _brief(v) -> str:
-    r = repr(v)
-    return r if len(r) <= 60 else r[:57] + "..."
