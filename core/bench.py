@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_shapes import bytes_per_token, named_config, named_configs, pick_spec, resolve
+from .bench_shapes import bytes_per_token, hf_generate_seconds, named_config, named_configs, pick_spec, resolve
 from .errors import ConfigError
 from .synth import write_checkpoint
 
 # the named shapes and bytes_per_token live in core/bench_shapes.py, shared with core/cuda/bench.py; kept
 # importable from here
 __all__ = ["run_bench", "named_configs", "named_config", "resolve", "pick_spec", "bytes_per_token",
-           "host_copy_bandwidth", "time_ours", "time_hf"]
+           "host_copy_bandwidth", "time_ours", "time_hf", "hf_generate_seconds"]
 
 
 def host_copy_bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> float:
@@ -58,20 +58,8 @@ def time_hf(path: Path, prompt: np.ndarray, tokens: int, device: str) -> dict:
     dtype = torch.float32 if dev == "cpu" else torch.float16
     m = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(dev).eval()
     ids = torch.as_tensor(prompt)[None].to(dev)
-
-    def run(n):
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.no_grad():
-            m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                       pad_token_id=0)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    run(2)  # warm-up
-    t1, tn = run(1), run(tokens)
+    hf_generate_seconds(m, ids, 2)  # warm-up
+    t1, tn = hf_generate_seconds(m, ids, 1), hf_generate_seconds(m, ids, tokens)
     return {"prefill_s": t1, "decode_tok_s": (tokens - 1) / (tn - t1)}
 
 

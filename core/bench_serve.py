@@ -76,23 +76,11 @@ def hf_batched_tok_s(m, prompts, new_tokens: int) -> float:
     prompts have equal lengths, so the batch needs no padding and no row waits for another."""
     import torch
 
-    dev = m.device.type
-    ids = torch.as_tensor(np.asarray(prompts)).to(dev)
+    from .bench_shapes import hf_generate_seconds
 
-    def run(n):
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.no_grad():
-            m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                       pad_token_id=0)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    run(2)  # warm-up
-    t = run(new_tokens)
-    return len(prompts) * new_tokens / t
+    ids = torch.as_tensor(np.asarray(prompts)).to(m.device)
+    hf_generate_seconds(m, ids, 2)  # warm-up
+    return len(prompts) * new_tokens / hf_generate_seconds(m, ids, new_tokens)
 
 
 def run_prefix(model, engine, system_tokens: int, question_tokens: int, requests: int, rng) -> dict:

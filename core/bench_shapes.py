@@ -1,5 +1,6 @@
 """Named model shapes for benchmarks (data/bench_configs.json), the plugin detection picks for each, and the
-bytes a decode step of a loaded model reads (the decode roofline is copy bandwidth / those bytes).
+bytes a decode step of a loaded model reads (the decode roofline is copy bandwidth / those bytes), and the timing of
+one transformers generate() that every comparison uses.
 
 Shared by the CPU bench (core/bench.py, `archkit bench`) and the GPU bench (core/cuda/bench.py); it imports
 neither, so neither imports the other's module to reach these.
@@ -8,6 +9,7 @@ neither, so neither imports the other's module to reach these.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from .config import ModelConfig
@@ -73,3 +75,20 @@ def bytes_per_token(model) -> int:
     if "lm_head" not in W.globals:
         n += W.globals["embed"].size  # tied: the embedding is read whole as lm_head
     return int(n) * per
+
+
+def hf_generate_seconds(model, ids, n: int) -> float:
+    """Seconds of one greedy transformers generate() of exactly n new tokens for `ids` [B, T] (no padding)."""
+    import torch
+
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+    if cuda:
+        torch.cuda.synchronize()
+    assert out.shape[1] == ids.shape[1] + n
+    return time.perf_counter() - t

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from ..bench_shapes import DECODE_TOKENS, PREFILL_LENGTHS, PROMPT_TOKENS
+from ..bench_shapes import DECODE_TOKENS, PREFILL_LENGTHS, PROMPT_TOKENS, hf_generate_seconds
 
 def hf_model(raw: dict | None, path: str | None, dtype: str):
     """transformers' model of a checkpoint `path` or of config.json contents `raw` (random weights), on the GPU."""
@@ -32,29 +32,16 @@ def bench_hf(raw: dict | None, path: str | None, dtype: str, max_pos: int) -> di
     try:
         with torch.no_grad():
             ids = torch.randint(0, V, (1, PROMPT_TOKENS), device="cuda")
-            kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
-            model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
+            hf_generate_seconds(model, ids, 8)  # warm-up
             # as time_decode: the prompt's pass and the first token (a one-token generate) are not counted
-            first = _hf_generate_s(model, ids, 1, kw)
-            res["decode_tok_s"] = DECODE_TOKENS / (_hf_generate_s(model, ids, DECODE_TOKENS + 1, kw) - first)
+            first = hf_generate_seconds(model, ids, 1)
+            res["decode_tok_s"] = DECODE_TOKENS / (hf_generate_seconds(model, ids, DECODE_TOKENS + 1) - first)
             for T in PREFILL_LENGTHS:
                 res[f"prefill{T}_tok_s"] = hf_prefill(model, V, T) if T <= max_pos else None
     finally:
         del model
         torch.cuda.empty_cache()
     return res
-
-
-def _hf_generate_s(model, ids, n: int, kw: dict) -> float:
-    """Seconds of one transformers generate() of exactly n new tokens."""
-    import torch
-
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-    torch.cuda.synchronize()
-    assert out.shape[1] == ids.shape[1] + n
-    return time.perf_counter() - t
 
 
 def hf_prefill(model, V: int, T: int, reps: int = 3) -> float:
