@@ -439,12 +439,4 @@ class Engine:
                 "preemptions": self.preemptions, "prefix_cache_queries": p.queries, "prefix_cache_hits": p.hits}
 
 
-def run_to_completion(engine: Engine, requests) -> None:
-    """Step the engine until every one of `requests` has finished."""
-    pending = [r for r in requests if not r.finished]
-    while pending:
-        engine.step()
-        pending = [r for r in pending if not r.finished]
-
-
-__all__ = ["Engine", "EngineConfig", "Request", "StepOutput", "QueueFullError", "run_to_completion", "FINISH_REASONS"]
+__all__ = ["Engine", "EngineConfig", "Request", "StepOutput", "QueueFullError", "FINISH_REASONS"]
