@@ -91,7 +91,16 @@ class DeviceMemoryError(DeviceError, MemoryError):
 
 
 class NonFiniteLogitsError(GenerationError):
-    """The model produced NaN or infinite logits (corrupt or overflowing weights)."""
+    """The model produced NaN or infinite logits (corrupt or overflowing weights); `step` is the generation step
+    (None where the raiser does not know it: a backend's decode, whose caller then names it with at_step)."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+    def at_step(self, step: int) -> "NonFiniteLogitsError":
+        """This error naming `step`, if it does not name one yet."""
+        return self if self.step is not None else NonFiniteLogitsError(f"{self} (at generation step {step})", step)
 
 
 class ServeError(ArchkitError, RuntimeError):

@@ -179,9 +179,7 @@ class Model:
                         tok = next(picks) if picks is not None else (
                             nxt if nxt is not None else sample(logits, params, rng, np.asarray(seen), out, step=step))
                     except NonFiniteLogitsError as e:
-                        if "step" in str(e):
-                            raise
-                        raise NonFiniteLogitsError(f"{e} (at generation step {step})") from None
+                        raise e.at_step(step) from None
                 lp = token_logprobs(logits, tok, r.logprobs) if r.logprobs is not None else None
                 seen.append(tok)
                 out.append(tok)
@@ -200,7 +198,7 @@ class Model:
                         o = self.backend.decode(forward, self.weights, self.config, tok, cache, pos, self.config.rope,
                                                 greedy)
                     except NonFiniteLogitsError as e:
-                        raise NonFiniteLogitsError(f"{e} (at generation step {step + 1})") from None
+                        raise e.at_step(step + 1) from None
                     nxt, logits = (o, None) if greedy else (None, o)
         finally:
             if picks is not None:

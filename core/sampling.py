@@ -106,7 +106,7 @@ def check_finite(logits: np.ndarray, step: int | None = None) -> None:
         nan = int(np.isnan(logits).sum())
         where = f" at generation step {step}" if step is not None else ""
         raise NonFiniteLogitsError(f"non-finite logits{where}: {bad} of {logits.size} entries are NaN or inf "
-                                   f"({nan} NaN); the weights or the activations overflowed")
+                                   f"({nan} NaN); the weights or the activations overflowed", step)
 
 
 def logprobs(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
