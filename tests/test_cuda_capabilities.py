@@ -125,17 +125,21 @@ def test_load_refuses_before_any_upload(tmp_path, monkeypatch):
 
 
 def _argmax_key(x) -> np.ndarray:
-    """sample.cu's argmax_key computed on the host: max over i of orderable(x[i]) << 32 | (0xffffffff - i)."""
-    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    """sample.cu's argmax_key computed on the host: max over i of orderable(x[i]) << 32 | (0xffffffff - i), where
+    orderable maps every NaN to the top, 0xffffffff."""
+    x = np.asarray(x, np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
     u = np.where(u & 0x80000000, ~u & 0xFFFFFFFF, u | 0x80000000)
+    u = np.where(np.isnan(x), np.uint64(0xFFFFFFFF), u)
     keys = (u << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - np.arange(len(x), dtype=np.uint64))
     return np.asarray([keys.max()], np.uint64).view(np.int32)  # as read back: int32 [2], low word first
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("bad", [np.nan, -np.float32(np.nan), np.inf, "all -inf"])
 def test_greedy_gpu_token_carries_the_non_finite_flag(bad):
-    """The greedy decode graph copies back only the argmax key; its high word is the largest logit, so NaN (which
-    orders above +inf) or inf is caught from those 8 bytes: NonFiniteLogitsError instead of a silent token."""
+    """The greedy decode graph copies back only the argmax key; its high word is the largest logit, so NaN (of
+    either sign: every NaN orders on top), +inf or an all -inf row is caught from those 8 bytes:
+    NonFiniteLogitsError instead of a silent token."""
     from core.cuda.decode import DecodeMixin
     from core.errors import NonFiniteLogitsError
 
@@ -143,6 +147,9 @@ def test_greedy_gpu_token_carries_the_non_finite_flag(bad):
     assert DecodeMixin.key_to_id(_argmax_key(x)) == int(np.argmax(x))
     x[-3:] = -np.inf  # -inf among finite values is a masked logit, not an error
     assert DecodeMixin.key_to_id(_argmax_key(x)) == int(np.argmax(x))
-    x[417] = bad
-    with pytest.raises(NonFiniteLogitsError, match="NaN or inf"):
+    if isinstance(bad, str):
+        x[:] = -np.inf
+    else:
+        x[417] = bad
+    with pytest.raises(NonFiniteLogitsError, match="non-finite logits"):
         DecodeMixin.key_to_id(_argmax_key(x))

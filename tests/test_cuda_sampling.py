@@ -361,6 +361,56 @@ def test_graph_replays_match_eager():
         _cuda().cuGraphDestroy(graph)
 
 
+@settings(max_examples=30, deadline=None)
+@given(V=st.one_of(st.sampled_from([1, 2, 1000, 151936]), st.integers(1, 5000)),
+       bad=st.sampled_from(["nan", "-nan", "inf", "all -inf"]), greedy=st.booleans(),
+       penalty=st.sampled_from([1.0, 1.3]), seed=st.integers(0, 2**32 - 1))
+def test_non_finite_logits_set_the_flag_and_leave_a_valid_id(V, bad, greedy, penalty, seed):
+    """Issue 17: a NaN (either sign) or +inf anywhere, or every logit -inf, sets out[1]; read_id raises; the id
+    left for the graph's next step is in [0, V) and is not marked seen. The next call on finite logits is clean
+    (the state's flag was cleared)."""
+    from core.errors import NonFiniteLogitsError
+
+    r = np.random.default_rng(seed)
+    x = make_logits(r, V, "normal", 0.0)
+    if bad == "all -inf":
+        x[:] = -np.inf
+    else:
+        x[r.integers(V)] = {"nan": np.nan, "-nan": -np.float32(np.nan), "inf": np.inf}[bad]
+    params = SamplingParams(temperature=0.0 if greedy else 0.9, top_k=None if greedy else 20, repetition_penalty=penalty)
+    be, gs = backend(), sampler(V)
+    gs.set_params(params, seed)
+    gs.set_seen([])
+    gs.sample(be.from_host(x))
+    with pytest.raises(NonFiniteLogitsError, match="non-finite logits"):
+        gs.read_id()
+    raw = np.empty(2, np.int32)
+    be.drv.memcpy_dtoh(raw, gs.out.ptr)
+    assert 0 <= raw[0] < V and raw[1] == 1
+    assert not gs.seen_mask().any(), "a pick from non-finite logits was marked seen"
+    clean = make_logits(r, V, "normal", 0.01)
+    gs.set_params(SamplingParams(), 0)
+    gs.sample(be.from_host(clean))
+    assert gs.read_id() == int(np.argmax(clean))
+
+
+def test_the_argmax_key_puts_every_nan_on_top():
+    """argmax_key: the lowest-index NaN wins whatever its sign (numpy's argmax returns the first NaN), and its
+    key decodes to NonFiniteLogitsError."""
+    from core.errors import NonFiniteLogitsError
+
+    x = np.random.default_rng(1).standard_normal(5000).astype(np.float32)
+    x[[4000, 900, 2500]] = [np.nan, -np.float32(np.nan), np.inf]
+    be = backend()
+    key = be.argmax_key(be.from_host(x))
+    raw = np.empty(2, np.int32)
+    be.synchronize()
+    be.drv.memcpy_dtoh(raw, key.ptr)
+    assert 0xFFFFFFFF - int(raw.view(np.uint32)[0]) == int(np.argmax(x)) == 900
+    with pytest.raises(NonFiniteLogitsError):
+        be.key_to_id(raw)
+
+
 def test_rejects_bad_input():
     from core.errors import DeviceError, GenerationError
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import Cache
-from ..errors import NonFiniteLogitsError
-from .gpu_sampling import GpuSampler
+from .gpu_sampling import GpuSampler, nonfinite_error, pick
 from .graph import GraphCache
 from .tensors import DTensor
 
@@ -39,9 +38,9 @@ class DecodeMixin:
                 self.bind_rope(rope.table(c.head_dim, start + 1))  # the table forward takes at T = 1
             on_gpu = greedy and self.fused
             out = self._graph_cache.step(forward, W, c, token, cache, start, rope, on_gpu)
-            return int(np.argmax(out)) if greedy and not on_gpu else out
+            return pick(out) if greedy and not on_gpu else out
         logits = forward(self, W, c, np.asarray([token]), cache, start, rope, all_logits=False)[-1]
-        return int(np.argmax(logits)) if greedy else logits
+        return pick(logits) if greedy else logits
 
     def decode_ids(self, forward, W, c, token: int, cache: Cache, start: int, rope, count: int, params,
                    seen=(), seed=0):
@@ -89,11 +88,10 @@ class DecodeMixin:
     @staticmethod
     def key_to_id(key: np.ndarray) -> int:
         """The id in an argmax key read back as int32 [2] (little-endian: low word first). The high word is the
-        largest logit itself (sample.cu's order-preserving map), so a NaN or inf there — NaN orders above +inf —
-        is caught from the same 8 bytes, with no extra copy or sync: NonFiniteLogitsError, not a silent token."""
+        largest logit itself (sample.cu's order-preserving map, every NaN on top), so a NaN, +inf or an all -inf
+        row is caught from the same 8 bytes, with no extra copy or sync: NonFiniteLogitsError, not a silent token."""
         lo, hi = (int(w) for w in np.asarray(key).view(np.uint32)[:2])
         bits = (hi & 0x7FFFFFFF) if hi & 0x80000000 else (~hi & 0xFFFFFFFF)  # undo the map onto unsigned ints
         if bits & 0x7F800000 == 0x7F800000:  # exponent all ones: inf or NaN
-            raise NonFiniteLogitsError("non-finite logits: the step's largest logit is NaN or inf; the weights or "
-                                       "the activations overflowed")
+            raise nonfinite_error()
         return 0xFFFFFFFF - lo

@@ -12,14 +12,19 @@ Use (the order matters only as shown):
     gs = GpuSampler(be, V)
     gs.set_params(params, seed)       # host -> device, on be's stream; not while capturing
     gs.set_seen(prompt_ids)           # likewise
-    out = gs.sample(logits)           # DTensor int32 [1] (always the same buffer), ready when the stream is
+    out = gs.sample(logits)           # DTensor int32 [2] (always the same buffer): (id, non-finite flag)
+
+Non-finite logits (a NaN or +inf anywhere, or every logit -inf) set the flag: read_id() and graph.py, which gets
+the flag through step.cu's ring, raise NonFiniteLogitsError (issue 17); `pick()` applies the same rule to logits
+on the host, for the eager steps, so one rule holds whichever path picks. -inf among finite values is a masked
+logit, not an error.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import DeviceError, GenerationError
+from ..errors import DeviceError, GenerationError, NonFiniteLogitsError
 from ..sampling import SamplingParams
 from .tensors import DTensor
 
@@ -48,6 +53,21 @@ def pack_params(params: SamplingParams, seed: int) -> np.ndarray:
     return rec.view(np.uint8)
 
 
+def nonfinite_error() -> NonFiniteLogitsError:
+    """The error a GPU pick's non-finite flag becomes (the generation loop adds the step)."""
+    return NonFiniteLogitsError("non-finite logits: NaN or +inf among them, or all of them -inf; the weights or the "
+                                "activations overflowed")
+
+
+def pick(logits: np.ndarray) -> int:
+    """numpy's argmax of host logits under the GPU's rule for non-finite ones (see the module docstring)."""
+    x = np.asarray(logits).reshape(-1)
+    top = x.max(initial=-np.inf)
+    if np.isnan(x).any() or top == np.inf or top == -np.inf:
+        raise nonfinite_error()
+    return int(np.argmax(x))
+
+
 class GpuSampler:
     """Per-backend sampling state on the GPU for a vocabulary of V."""
 
@@ -61,13 +81,13 @@ class GpuSampler:
         self._state = be.mem_alloc(STATE_BYTES, "sampling state")
         self._keys = be.mem_alloc(4 * V, "sampling keys")
         self._seen = be.mem_alloc(V, "the seen-token mask")
-        self._out = be.mem_alloc(4, "the sampled id")
-        self.out = DTensor(self._out, int(self._out), (1,), "int32")
+        self._out = be.mem_alloc(8, "the sampled id")
+        self.out = DTensor(self._out, int(self._out), (2,), "int32")
         self._warped = None
         self._host = {}  # host copies kept alive until their asynchronous uploads have run
         be.check(lambda: drv.memset_d8_async(int(self._state), 0, STATE_BYTES, be.stream), "sampling state")
         be.check(lambda: drv.memset_d8_async(int(self._seen), 0, V, be.stream), "sampling state")
-        be.check(lambda: drv.memset_d8_async(int(self._out), 0, 4, be.stream), "sampling state")
+        be.check(lambda: drv.memset_d8_async(int(self._out), 0, 8, be.stream), "sampling state")
         self.fn = be.kernel("sample.cu", "sample_pass", "PPPPPPPPiiii")  # compiled now, never under capture
         sms = be.device.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
         self.grid = (max(1, min(-(-V // (THREADS * ELEMS_PER_THREAD)), sms)), 1, 1)
@@ -94,7 +114,7 @@ class GpuSampler:
         return mask.astype(bool)
 
     def sample(self, logits, counter_ptr: int | None = None, counter: int = 0) -> DTensor:
-        """Launch the passes on be's stream (capturable): the chosen id lands in the returned int32 [1]."""
+        """Launch the passes on be's stream (capturable): the returned int32 [2] gets (chosen id, non-finite flag)."""
         self._run(logits, counter_ptr, counter, None, 1)
         return self.out
 
@@ -110,10 +130,13 @@ class GpuSampler:
         return out
 
     def read_id(self) -> int:
-        """The last sampled id (waits for the stream; for tests and eager use)."""
+        """The last sampled id (waits for the stream; for tests and eager use); NonFiniteLogitsError when the
+        logits it was drawn from were not finite."""
         self.be.synchronize("sampled id")
-        out = np.empty(1, np.int32)
+        out = np.empty(2, np.int32)
         self.be.check(lambda: self.be.drv.memcpy_dtoh(out, int(self._out)), "sampled id")
+        if out[1]:
+            raise nonfinite_error()
         return int(out[0])
 
     # -- internals ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import attrs
 import numpy as np
 
 from ..errors import ContextOverflowError, DeviceError
+from .gpu_sampling import nonfinite_error, pick
 from .tensors import DTensor
 
 CAPTURE_MODE_RELAXED = 2  # CUstreamCaptureMode: allows the memory pool to cuMemAlloc during capture
@@ -126,6 +127,8 @@ class Graph:
         drv.memcpy_dtoh_async(self.logits, self.out.ptr, be.stream)
         be.synchronize("graph replay")
         if self.picks:
+            if not self.greedy and self.logits[1]:
+                raise nonfinite_error()
             return be.key_to_id(self.logits) if self.greedy else int(self.logits[0])
         return self.logits[-1].copy()
 
@@ -163,7 +166,10 @@ class Graph:
                     events.popleft().synchronize()
                 except drv.Error as e:
                     raise DeviceError(f"CUDA error in a decode step graph (position {start + i}): {e}") from None
-                yield int(self.ring[(start + i) % RING])
+                got = int(self.ring[(start + i) % RING])
+                if got < 0:  # step.cu: -1 - id where the step's logits were not finite
+                    raise nonfinite_error()
+                yield got
         finally:
             be.synchronize("graph run-ahead")
 
@@ -205,7 +211,7 @@ class GraphCache:
             if key not in self.eager:  # first step: compile kernels and upload constants outside the graph
                 self.eager.add(key)
                 logits = forward(self.be, W, c, np.asarray([token]), cache, start, rope, all_logits=False)[-1]
-                return int(np.argmax(logits)) if greedy else logits
+                return pick(logits) if greedy else logits
             if len(self.graphs) >= MAX_GRAPHS:
                 self.clear()
             g = self.graphs[key] = Graph(self.be, forward, W, c, cache, start, rope, greedy)
@@ -222,7 +228,7 @@ class GraphCache:
                 self.eager.add(key)
                 logits = forward(self.be, W, c, np.asarray([token]), cache, start, rope, all_logits=False)[-1]
                 if sampler is None:
-                    token = int(np.argmax(logits))
+                    token = pick(logits)
                 else:  # the graph's draw, eagerly: same kernels, same counter (the position)
                     sampler.sample(self.be.from_host(logits), counter=start)
                     token = sampler.read_id()

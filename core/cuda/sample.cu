@@ -1,13 +1,15 @@
 // Greedy sampling on the GPU, so that a decode step's graph hands only the token id to the host:
 //   argmax_key: *key = max over i of (orderable(x[i]) << 32 | (0xffffffff - i)), i.e. the index of the largest
 //   value, the lowest such index on ties (numpy's argmax), as key; the host reads i = 0xffffffff - low word.
-//   *key must be 0 before the launch (a memset node in the graph). NaN orders above +inf (numpy also
-//   returns a NaN's index; among NaNs this picks the lowest index of the largest bit pattern).
+//   *key must be 0 before the launch (a memset node in the graph). Every NaN, whatever its sign and payload,
+//   maps to the top key 0xffffffff, above +inf: the key is the lowest-index NaN's, as numpy's argmax returns, and
+//   its high word still decodes to a NaN, so the host (decode.py key_to_id) and step_advance flag the step.
 #include "common.cuh"
 
 __device__ __forceinline__ unsigned long long argmax_pack(float v, int i) {
     unsigned int u = __float_as_uint(v + 0.f);           // -0 -> +0: equal values compare equal
     u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);      // monotone map of floats onto unsigned ints
+    if (v != v) u = 0xffffffffu;                         // a negative NaN would otherwise order below -inf
     return ((unsigned long long)u << 32) | (0xffffffffu - (unsigned int)i);
 }
 
@@ -52,6 +54,10 @@ extern "C" __global__ void argmax_key(unsigned long long* __restrict__ key,  // 
 // What is kept is described by Tk and one 64-bit threshold: token i is kept iff key_i >= Tk and
 // (key_i << 32 | ~i) >= thr, the order of the stable descending sort (top-p's cut may be a bin's lower bound,
 // which can lie below Tk). temperature == 0: pass 8 returns the argmax of pass 0 (numpy's rule).
+// Non-finite logits (issue 17): pass 0 notes a NaN or +inf anywhere, pass 8 also a largest logit of -inf (all
+// masked); out[1] = 1 then, the id is still a valid index (0 if the draw found none) and is not marked seen, so
+// the graph's next step reads a sane token while the host raises NonFiniteLogitsError. -inf among finite values
+// is a masked logit, not an error.
 #define SAMPLE_THREADS 512   // blockDim.x of every launch (gpu_sampling.py)
 #define SBINS 2048           // histogram bins (11-bit digits)
 #define SAMPLE_PASSES 9
@@ -73,6 +79,7 @@ struct SampleState {         // zeroed by the host once; every call leaves it re
     double tp_P;                 // top_p * Z (Z: mass of the top-k survivors)
     double tp_A;                 // mass strictly above the current top-p prefix
     unsigned done;               // blocks finished in the current pass
+    unsigned bad;                // pass 0: a NaN or +inf logit was seen (pass 8 reports it and clears it)
     int tk_on, tp_on, tie_on;    // selection still running
     unsigned tk_prefix, tk_rank, Tk;
     unsigned tp_prefix, tie_prefix, tie_rank, vp;
@@ -211,11 +218,24 @@ __device__ void s_pick(SampleState* st, bool by_mass, unsigned rank, double targ
     __syncthreads();
 }
 
+// The one thread that ends a call: the id from its packed key, the non-finite flag, the seen mark; then the state
+// is left ready for the next call. maxkey's high word is the largest penalised logit (NaN on top, as argmax_pack).
+__device__ void s_finish(SampleState* st, int* out, unsigned char* seen, unsigned long long packed, int V, int mark) {
+    int id = (int)(0xffffffffu - (unsigned)packed);
+    float top = s_val((unsigned)(st->maxkey >> 32));
+    bool bad = st->bad || !(top > -INFINITY && top < INFINITY) || !packed || id < 0 || id >= V;
+    if (id < 0 || id >= V) id = 0;  // (no token survived: only with non-finite logits) a valid next input
+    out[0] = id;
+    out[1] = bad ? 1 : 0;
+    if (mark && !bad) seen[id] = 1;
+    st->best = 0; st->maxkey = 0; st->done = 0; st->bad = 0;
+}
+
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_pass(const SampleParams* __restrict__ prm, SampleState* __restrict__ st, unsigned* __restrict__ keys,
             unsigned char* __restrict__ seen,      // uint8 [V]: 1 = seen (penalised); pass 8 marks the pick
             const float* __restrict__ logits,      // float32 [V]
-            int* __restrict__ out,                 // int32 [1]: the chosen id
+            int* __restrict__ out,                 // int32 [2]: the chosen id, 1 if the logits were not finite
             float* __restrict__ warped,            // float32 [V] or null: the warped logits (tests)
             const int* __restrict__ counter_dev,   // int32 [1] or null: the RNG counter (step), else `counter`
             int counter, int V, int pass, int mark) {
@@ -248,12 +268,7 @@ sample_pass(const SampleParams* __restrict__ prm, SampleState* __restrict__ st, 
         if (greedy) {
             if (warped)
                 for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < V; i += stride) warped[i] = s_val(keys[i]);
-            if (blockIdx.x == 0 && threadIdx.x == 0) {
-                int id = (int)(0xffffffffu - (unsigned)st->maxkey);
-                out[0] = id;
-                if (mark) seen[id] = 1;
-                st->maxkey = 0;
-            }
+            if (blockIdx.x == 0 && threadIdx.x == 0) s_finish(st, out, seen, st->maxkey, V, mark);
             return;
         }
         const unsigned long long thr = st->thr;  // top-p's cut, within the top-k survivors (key >= Tk)
@@ -284,10 +299,7 @@ sample_pass(const SampleParams* __restrict__ prm, SampleState* __restrict__ st, 
         __syncthreads();
         if (!last || threadIdx.x != 0) return;
         __threadfence();
-        int id = (int)(0xffffffffu - (unsigned)atomicAdd(&st->best, 0ull));
-        out[0] = id;
-        if (mark) seen[id] = 1;
-        st->best = 0; st->maxkey = 0; st->done = 0;
+        s_finish(st, out, seen, atomicAdd(&st->best, 0ull), V, mark);
         return;
     }
 
@@ -310,6 +322,7 @@ sample_pass(const SampleParams* __restrict__ prm, SampleState* __restrict__ st, 
     }
     const float pen = prm->penalty;
     unsigned long long best = 0;
+    bool bad = false;
     for (int base = blockIdx.x * blockDim.x; base < V; base += stride) {  // uniform trip count: warp shuffles
         int i = base + threadIdx.x;
         int bin = -1;
@@ -318,6 +331,7 @@ sample_pass(const SampleParams* __restrict__ prm, SampleState* __restrict__ st, 
             unsigned key;
             if (pass == 0) {
                 float x = logits[i];
+                bad |= x != x || x == INFINITY;
                 if (seen[i]) x = x > 0.f ? x / pen : x * pen;
                 key = s_key(x);
                 keys[i] = key;
@@ -343,6 +357,7 @@ sample_pass(const SampleParams* __restrict__ prm, SampleState* __restrict__ st, 
             best = other > best ? other : best;
         }
         if (lane == 0 && best) atomicMax(&st->maxkey, best);
+        if (__any_sync(0xffffffffu, bad) && lane == 0) atomicOr(&st->bad, 1u);
     }
     __syncthreads();
     if (counting)
