@@ -155,7 +155,7 @@ def test_run_ahead_decode_matches_stepwise_and_stops_cleanly(family_ckpt, dtype)
 
 def test_sampling_on_the_gpu(family_ckpt):
     """Non-greedy decode picks on the GPU inside the step graph (GpuSampler): a seed reproduces the run;
-    a repetition penalty at temperature 0 gives the host path's tokens; top_k=1 and a vanishing temperature
+    a repetition penalty at temperature 0 gives the host path's tokens; top_k=1 and the smallest temperature (1e-4)
     give the greedy tokens (so the sampled graph sees the right logits)."""
     family, path = family_ckpt[:2]
     prompt = np.random.default_rng(8).integers(0, COMMON["vocab"], 19).tolist()
@@ -167,7 +167,7 @@ def test_sampling_on_the_gpu(family_ckpt):
         a, b = gen(temperature=0.9, top_k=40, top_p=0.9, seed=3), gen(temperature=0.9, top_k=40, top_p=0.9, seed=3)
         c = gen(temperature=5.0, seed=4)
         d = gen(temperature=5.0, seed=5)
-        top1, cold = gen(temperature=1.0, top_k=1, seed=1), gen(temperature=1e-6, seed=2)
+        top1, cold = gen(temperature=1.0, top_k=1, seed=1), gen(temperature=1e-4, seed=2)
         pen_gpu = gen(repetition_penalty=1.5)
         be.decode_ids = lambda *a, **k: None  # the host path: logits copied back, numpy's sampler
         pen_host = gen(repetition_penalty=1.5)

@@ -282,7 +282,7 @@ def test_penalty_follows_generated_tokens():
     V = 64
     x = np.linspace(10, 1, V).astype(np.float32)  # descending, all positive
     be, gs = backend(), sampler(V)
-    gs.set_params(SamplingParams(temperature=0.0, repetition_penalty=1000.0), 0)
+    gs.set_params(SamplingParams(temperature=0.0, repetition_penalty=100.0), 0)
     gs.set_seen([])
     d = be.from_host(x)
     ids = []

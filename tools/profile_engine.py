@@ -1,0 +1,100 @@
+"""Where a batched engine step's time goes on CUDA (TinyLlama shape, random fp16 weights): per-step wall time of
+decode-only steps at several concurrencies, kernel launches per step, and a cProfile of the host side.
+
+    python tools/profile_engine.py [--model tinyllama-1.1b] [--concurrency 1 16 64] [--new 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import numpy as np
+
+from core.bench_shapes import resolve
+from core.cuda.bench import random_model
+from core.sampling import SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tinyllama-1.1b")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=64)
+    a = ap.parse_args()
+    _, raw = resolve(a.model)
+    model = random_model(raw, "float16", context=a.prompt + a.new + 64)
+    be = model.backend
+    launches = [0]
+    real = be.launch
+
+    def counting(*args, **kw):
+        launches[0] += 1
+        return real(*args, **kw)
+
+    be.launch = counting
+    engine = model.engine(max_running=max(a.concurrency), max_batch_tokens=2048,
+                          kv_tokens=max(a.concurrency) * (a.prompt + a.new) + 4096)
+    rng = np.random.default_rng(0)
+    V = model.config.vocab_size
+    for C in [2] + a.concurrency:
+        engine.pool.forget_all()
+        reqs = [engine.add(rng.integers(0, V, a.prompt).tolist(), SamplingParams(), a.new, stop_at_eos=False)
+                for _ in range(C)]
+        rows = []
+        prof = cProfile.Profile() if C == max(a.concurrency) else None
+        while engine.has_work():
+            decode_only = all(r.computed >= len(r.prompt) for r in engine.running) and not engine.waiting
+            l0, t0 = launches[0], time.perf_counter()
+            if prof is not None and decode_only:
+                prof.enable()
+            engine.step()
+            if prof is not None:
+                prof.disable()
+            be.synchronize("profile")
+            rows.append((decode_only, time.perf_counter() - t0, launches[0] - l0))
+        dec = [(t, n) for d, t, n in rows if d]
+        pre = [(t, n) for d, t, n in rows if not d]
+        if dec:
+            ts = np.array([t for t, _ in dec]) * 1e3
+            print(f"C={C}: {len(dec)} decode-only steps: median {np.median(ts):.2f} ms (p90 {np.percentile(ts, 90):.2f}), "
+                  f"{dec[len(dec) // 2][1]} launches/step -> {C / np.median(ts) * 1e3:,.0f} tok/s; "
+                  f"{len(pre)} steps with prefill: {sum(t for t, _ in pre) * 1e3:.0f} ms total", flush=True)
+        if prof is not None:
+            st = pstats.Stats(prof)
+            st.sort_stats("tottime").print_stats(30)
+    # how long each part of one decode-only step takes at the largest C, timed with syncs around the forward
+    from core import engine as eng_mod
+
+    C = max(a.concurrency)
+    reqs = [engine.add(rng.integers(0, V, a.prompt).tolist(), SamplingParams(), 40, stop_at_eos=False)
+            for _ in range(C)]
+    while any(r.computed < len(r.prompt) for r in reqs):
+        engine.step()
+    real_forward = eng_mod.forward
+    spent = {"forward": 0.0}
+
+    def timed_forward(*args, **kw):
+        be.synchronize("profile")
+        t = time.perf_counter()
+        out = real_forward(*args, **kw)
+        be.synchronize("profile")
+        spent["forward"] += time.perf_counter() - t
+        return out
+
+    eng_mod.forward = timed_forward
+    t0, n = time.perf_counter(), 0
+    while engine.has_work() and n < 20:
+        engine.step()
+        n += 1
+    total = time.perf_counter() - t0
+    print(f"C={C}, {n} decode steps: {total / n * 1e3:.2f} ms/step, forward (synced) {spent['forward'] / n * 1e3:.2f} "
+          f"ms, the rest (schedule, logits to host, sampling, bookkeeping) {(total - spent['forward']) / n * 1e3:.2f} ms")
+    eng_mod.forward = real_forward
+
+
+if __name__ == "__main__":
+    main()
