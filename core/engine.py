@@ -31,7 +31,7 @@ import numpy as np
 from .errors import ContextOverflowError, GenerationError, NonFiniteLogitsError, QueueFullError, TokenizerError
 from .forward import forward
 from .paged import Batch, BlockPool, Segment, block_hash
-from .sampling import SamplingParams, logprobs as token_logprobs, sample
+from .sampling import SamplingParams, check_finite, logprobs as token_logprobs, sample
 
 FINISH_REASONS = ("length", "stop", "abort", "error")
 
@@ -126,6 +126,24 @@ class StepOutput:
     token: int | None
     logprob: object = None
     finish_reason: str | None = None
+
+
+def _plain_greedy(r: Request) -> bool:
+    """Whether r's next token is the argmax of its raw logits (nothing else read from them)."""
+    p = r.params
+    return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+            and r.num_logprobs is None)
+
+
+def _finite_error(row: np.ndarray | None, step: int) -> NonFiniteLogitsError:
+    """The NonFiniteLogitsError of a row found non-finite (check_finite's, with counts, where the row is here)."""
+    if row is not None:
+        try:
+            check_finite(row, step)
+        except NonFiniteLogitsError as e:
+            return e
+    return NonFiniteLogitsError(f"non-finite logits at generation step {step}: NaN or +inf among them, or all of them "
+                                f"-inf; the weights or the activations overflowed", step)
 
 
 class Engine:
@@ -244,7 +262,10 @@ class Engine:
         m = self.model
         with m.backend.session():
             logits = forward(m.backend, m.weights, m.config, np.asarray(ids, dtype=np.int64), self.cache, batch,
-                             m.config.rope, all_logits=False)
+                             m.config.rope, all_logits=False, host=False)
+            picks = self._greedy_picks(logits, scheduled, groups)
+            if picks is None:
+                logits = m.backend.to_host(logits)
         self.steps += 1
         outputs, k = [], 0
         for (r, n), segs in zip(scheduled, groups):
@@ -257,7 +278,8 @@ class Engine:
             r.computed += n
             self._remember_full_blocks(r)
             if wants:
-                outputs.append(self._sample(r, logits[k]))
+                outputs.append(self._sample(r, logits[k]) if picks is None else self._picked(
+                    r, *picks[k], logits[k] if isinstance(logits, np.ndarray) else None))
                 k += 1
         failed, self._failed = self._failed, []
         for r in failed:
@@ -281,14 +303,40 @@ class Engine:
         segs[-1].logits = done
         return segs
 
-    def _sample(self, r: Request, logits: np.ndarray) -> StepOutput:
-        step = len(r.output)
-        try:
-            tok = sample(logits, r.params, r.rng, np.asarray(r.tokens), r.output, step=step)
-        except NonFiniteLogitsError as e:
-            r.error = e
+    def _greedy_picks(self, logits, scheduled, groups):
+        """When every row that wants a token this step is plain greedy (temperature 0, no penalty, no logprobs):
+        [(id, non-finite?)] per row, found where the logits are (backend.argmax_rows: on the GPU only 8 bytes a row
+        come back) or by one vectorised argmax on the host. None otherwise: the rows are sampled one by one."""
+        rows = [r for (r, _), segs in zip(scheduled, groups) if segs[-1].logits]
+        if not rows or not all(_plain_greedy(r) for r in rows):
+            return None
+        be = self.model.backend
+        if hasattr(be, "argmax_rows"):
+            ids, bad = be.argmax_rows(logits)
+        else:
+            x = np.asarray(logits)
+            ids, bad = x.argmax(axis=1), ~np.isfinite(x).all(axis=1)
+        return list(zip(ids.tolist(), bad.tolist()))
+
+    def _picked(self, r: Request, tok: int, bad: bool, row: np.ndarray | None) -> StepOutput:
+        """_sample for a row whose greedy id was found with the others (_greedy_picks); `row`: its logits when
+        they are on the host (for the error's counts)."""
+        if bad:
+            step = len(r.output)
+            r.error = _finite_error(row, step)
             self.running.remove(r)
             return self._finish(r, "error")
+        return self._sample(r, None, tok)
+
+    def _sample(self, r: Request, logits: np.ndarray | None, tok: int | None = None) -> StepOutput:
+        step = len(r.output)
+        if tok is None:
+            try:
+                tok = sample(logits, r.params, r.rng, np.asarray(r.tokens), r.output, step=step)
+            except NonFiniteLogitsError as e:
+                r.error = e
+                self.running.remove(r)
+                return self._finish(r, "error")
         lp = token_logprobs(logits, tok, r.num_logprobs) if r.num_logprobs is not None else None
         r.output.append(tok)
         if lp is not None:

@@ -36,12 +36,14 @@ class Step:
     rope: RopeTable | None
 
 
-def forward(be, W, c: ModelConfig, ids: np.ndarray, cache, start, rope: RopeConfig | None, all_logits: bool):
+def forward(be, W, c: ModelConfig, ids: np.ndarray, cache, start, rope: RopeConfig | None, all_logits: bool,
+            host: bool = True):
     """Run tokens `ids` [T] at positions start..start+T-1 through the model, filling `cache`.
 
     `start` is an int for one sequence, or a core.paged.Batch for rows of many sequences (then `cache` is the
     backend's paged cache, and without all_logits the rows returned are the batch's logit_rows).
-    Returns float32 logits [T, V] (all_logits) or [1, V] for the last position, on the host.
+    Returns float32 logits [T, V] (all_logits) or [1, V] for the last position, on the host; with host=False the
+    backend's tensor (the engine then picks greedy rows where the logits are, backend.argmax_rows).
     """
     T = len(ids)
     batch = start if isinstance(start, Batch) else None
@@ -65,7 +67,7 @@ def forward(be, W, c: ModelConfig, ids: np.ndarray, cache, start, rope: RopeConf
         logits = be.scale(logits, c.logit_multiplier)
     if c.logit_softcap is not None:
         logits = be.soft_cap(logits, c.logit_softcap)
-    return be.to_host(logits)
+    return be.to_host(logits) if host else logits
 
 
 def _layers(s: Step, x):

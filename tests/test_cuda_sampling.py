@@ -411,6 +411,36 @@ def test_the_argmax_key_puts_every_nan_on_top():
         be.key_to_id(raw)
 
 
+@settings(max_examples=40, deadline=None)
+@given(R=st.integers(1, 70), V=st.one_of(st.integers(1, 5000), st.sampled_from([32000, 151936])),
+       levels=st.sampled_from([0, 2]), bad=st.sampled_from(["none", "nan", "-nan", "inf", "all -inf"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_argmax_rows_is_numpys_argmax_per_row(R, V, levels, bad, seed):
+    """backend.argmax_rows (the engine's greedy rows): numpy's argmax of each row (first index of the largest,
+    ties common with levels > 0), and the non-finite flag of gpu_sampling.pick's rule, row by row."""
+    from core.cuda.gpu_sampling import pick
+    from core.errors import NonFiniteLogitsError
+
+    r = np.random.default_rng(seed)
+    x = (r.integers(-levels, levels + 1, (R, V)) * 0.5 if levels else r.normal(0, 5, (R, V))).astype(np.float32)
+    hit = r.random(R) < 0.3
+    for i in np.flatnonzero(hit) if bad != "none" else ():
+        if bad == "all -inf":
+            x[i] = -np.inf
+        else:
+            x[i, r.integers(V)] = {"nan": np.nan, "-nan": -np.float32(np.nan), "inf": np.inf}[bad]
+    be = backend()
+    ids, flags = be.argmax_rows(be.from_host(x))
+    for i in range(R):
+        try:
+            want, want_bad = pick(x[i]), False
+        except NonFiniteLogitsError:
+            want, want_bad = None, True
+        assert bool(flags[i]) == want_bad, f"row {i}"
+        if not want_bad:
+            assert ids[i] == want, f"row {i}"
+
+
 def test_rejects_bad_input():
     from core.errors import DeviceError, GenerationError
 

@@ -30,6 +30,37 @@ extern "C" __global__ void argmax_key(unsigned long long* __restrict__ key,  // 
     if ((threadIdx.x & 31) == 0 && best) atomicMax(key, best);
 }
 
+// One argmax key per row (the engine's greedy rows, core/cuda/decode.py argmax_rows): block r reduces row r of
+// x [R, V] and writes keys[r] = argmax_pack's max over the row, so no memset and no atomics. blockDim.x: a
+// multiple of 32, at most 1024.
+extern "C" __global__ void argmax_rows(unsigned long long* __restrict__ keys,  // uint64 [R]
+                                       const float* __restrict__ x,           // float32 [R, V]
+                                       int V) {
+    __shared__ unsigned long long warp_best[32];
+    const float* row = x + (size_t)blockIdx.x * V;
+    unsigned long long best = 0;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        unsigned long long k = argmax_pack(row[i], i);
+        best = k > best ? k : best;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
+        best = other > best ? other : best;
+    }
+    if ((threadIdx.x & 31) == 0) warp_best[threadIdx.x >> 5] = best;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        best = threadIdx.x < (blockDim.x >> 5) ? warp_best[threadIdx.x] : 0ull;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
+            best = other > best ? other : best;
+        }
+        if (threadIdx.x == 0) keys[blockIdx.x] = best;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Sampling on the GPU (core/cuda/gpu_sampling.py drives it; core/sampling.py is the reference): repetition
 // penalty -> temperature -> top-k -> top-p -> one draw from the softmax of what is kept, seeded.
