@@ -134,8 +134,10 @@ def bench_serve(name: str, device: str = "cpu", concurrency=CONCURRENCY, prompt_
         kw.update(engine_kw or {})
         kw.setdefault("kv_tokens", max(concurrency) * ctx + 4 * max(ctx, system_tokens + 64))
         engine = model.engine(**kw)
-        # warm-up: compiles, captures, first-touch of the KV pool
-        run_level(model, engine, [rng.integers(0, V, prompt_tokens).tolist() for _ in range(2)], 4)
+        # warm-up: compiles, captures, first-touch of the KV pool; one request alone first, since a one-row step
+        # takes other kernels (the GEMV with the residual add or the norm folded in) than a step of several rows
+        for n in (1, 2):
+            run_level(model, engine, [rng.integers(0, V, prompt_tokens).tolist() for _ in range(n)], 4)
         levels, level_prompts = [], []
         for C in concurrency:
             prompts = [rng.integers(0, V, prompt_tokens).tolist() for _ in range(C)]
