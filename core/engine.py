@@ -261,8 +261,12 @@ class Engine:
         batch = Batch([g for segs in groups for g in segs], self.pool.block_size)
         m = self.model
         with m.backend.session():
-            logits = forward(m.backend, m.weights, m.config, np.asarray(ids, dtype=np.int64), self.cache, batch,
-                             m.config.rope, all_logits=False, host=False)
+            ids = np.asarray(ids, dtype=np.int64)
+            replay = getattr(m.backend, "batch_step", None)  # a backend's graphs of decode-only steps (CUDA)
+            logits = replay(forward, m.weights, m.config, ids, self.cache, batch, m.config.rope) if replay else None
+            if logits is None:
+                logits = forward(m.backend, m.weights, m.config, ids, self.cache, batch, m.config.rope,
+                                 all_logits=False, host=False)
             picks = self._greedy_picks(logits, scheduled, groups)
             if picks is None:
                 logits = m.backend.to_host(logits)

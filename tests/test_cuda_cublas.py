@@ -184,5 +184,5 @@ def test_cublas_argument_mapping(dtype, M, N, K, seed):
     w = r.normal(size=(N, K)).astype(npd)
     y = np.full((M, N), np.nan, np.float32)
     lib = Cublas(FakeCublasLib(), "fake")
-    lib.linear(lib.create(0), y.ctypes.data, x.ctypes.data, w.ctypes.data, M, N, K, dtype)
+    lib.linear(lib.create(0)[0], y.ctypes.data, x.ctypes.data, w.ctypes.data, M, N, K, dtype)
     np.testing.assert_allclose(y, x.astype(np.float64) @ w.astype(np.float64).T, rtol=1e-5, atol=1e-5)

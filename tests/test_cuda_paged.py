@@ -348,8 +348,11 @@ def test_engine_greedy_equals_solo(e2e_ckpt, dtype, block_size):
         runs = [model.generate(prompts, max_new_tokens=NEW, stop_at_eos=False, engine=eng) for _ in range(2)]
         assert eng.pool.num_used == 0
         hits = eng.stats()["prefix_cache_hits"]
+        stats = model.backend.batch_graph_stats()
     finally:
         model.backend.release(model.weights)
+    if model.config.rope is None or not model.config.rope.dynamic:  # (a length-dependent rope steps eagerly)
+        assert stats["replays"] > 0 and stats["failed"] == 0, f"decode steps did not replay graphs: {stats}"
     compared = [first_difference(s, b, m) for run in runs for s, b, m in zip(solo, run, margins)]
     assert sum(compared) >= 0.5 * NEW * len(compared), f"{name} {dtype}: only {compared} of {NEW} compared per prompt"
     rope = model.config.rope

@@ -20,6 +20,7 @@ CudaBackend is this file: its state, set up in __init__, and the rooms it is mad
     linear.py       linear, linears, linear_act, gated_linear: GEMV, our GEMM or cuBLAS (cublas.py)
     norm_rope.py    norm, add_norm, head_norm, rope, rope_cache_write (RopeTables: partial, interleaved, scaled)
     attention.py    attention: decode (one fused launch) and prefill (tensor-core or SIMT)
+    batch_step.py   decode-only batched steps replayed as CUDA graphs (batch_graph.py), one per bucket
     paged.py        batched steps (core.engine): new_paged_cache, rows, and the core.paged.Batch forms of
                     add_positions / rope / rope_cache_write / cache_write / attention (paged.cu, paged_attn.cu)
     custom.py       custom: a plugin's own op (core/custom_ops.py), its .cu compiled and launched like ours
@@ -53,6 +54,7 @@ from .linear import LinearMixin
 from .loading import LoadingMixin
 from .memory import MemoryMixin
 from .modules import DTYPE_CODES
+from .batch_step import BatchGraphMixin
 from .moe import MoeMixin
 from .norm_rope import NormRopeMixin
 from .paged import PagedMixin
@@ -63,7 +65,8 @@ __all__ = ["CudaBackend", "DTensor", "Lazy", "Options"]
 
 
 class CudaBackend(MemoryMixin, LaunchMixin, DeferredMixin, KVCacheMixin, LoadingMixin, DecodeMixin,
-                  ElementwiseMixin, LinearMixin, NormRopeMixin, AttentionMixin, CustomMixin, MoeMixin, PagedMixin):
+                  ElementwiseMixin, LinearMixin, NormRopeMixin, AttentionMixin, CustomMixin, MoeMixin, PagedMixin,
+                  BatchGraphMixin):
     """PyCUDA backend: see the module docstring. `context`: KV-cache positions to preallocate at load;
     `poison`: NaN-fill fresh buffers (default: ARCHKIT_CUDA_POISON); `options`: the switches (default: read
     from the environment, Options.from_env).
@@ -113,10 +116,11 @@ class CudaBackend(MemoryMixin, LaunchMixin, DeferredMixin, KVCacheMixin, Loading
         self._kv, self._lent = None, None                                                # kvcache.py
         self._owned, self._config = [], None                                             # loading.py
         self._graph_cache = None                                                         # decode.py
-        self._cublas, self._cublas_handle = None, None                                   # linear.py
+        self._cublas, self._cublas_handle, self._cublas_ws = None, None, None            # linear.py
         self._freqs, self._table_freqs = {}, weakref.WeakKeyDictionary()                  # norm_rope.py
         self._rope_live = None                                                           # norm_rope.py
         self._paged_step = None                                                          # paged.py
+        self._batch_graphs = None                                                        # batch_step.py
         if self.gemm == "cublas":
             self.cublas_lib()  # asked for by name: say now if it is missing
 

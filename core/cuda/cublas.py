@@ -9,6 +9,9 @@ kernels. Where it is looked for, in order:
 - $CUDA_HOME / $CUDA_PATH / /usr/local/cuda (lib64, targets/*/lib),
 - the loader's own search (libcublas.so.13, .12, libcublas.so).
 
+The handle is given a workspace the backend owns (cublasSetWorkspace), so that batched decode steps can be
+captured as CUDA graphs with their cuBLAS products in them (batch_graph.py).
+
 The runtime-API handle uses the calling thread's current context, which is PyCUDA's primary context
 (pycuda.autoprimaryctx), so cuBLAS and our kernels share memory and the backend's stream.
 """
@@ -89,6 +92,11 @@ class Cublas:
         self._set_stream.argtypes, self._set_stream.restype = [vp, vp], i
         self._set_math = lib.cublasSetMathMode
         self._set_math.argtypes, self._set_math.restype = [vp, i], i
+        try:  # cuBLAS 11.4+: a workspace the caller owns, so that graph capture finds nothing to allocate
+            self._set_ws = lib.cublasSetWorkspace_v2
+            self._set_ws.argtypes, self._set_ws.restype = [vp, vp, ctypes.c_size_t], i
+        except AttributeError:
+            self._set_ws = None
         self._version = lib.cublasGetVersion_v2
         self._version.argtypes, self._version.restype = [vp, ctypes.POINTER(i)], i
         # cublasGemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc,
@@ -103,17 +111,23 @@ class Cublas:
         if status != 0:
             raise DeviceError(f"cuBLAS {what} failed: CUBLAS_STATUS_{STATUS.get(status, status)}")
 
-    def create(self, stream_handle: int) -> int:
-        """A handle whose work goes on `stream_handle` (a CUstream, e.g. pycuda Stream.handle)."""
+    def create(self, stream_handle: int, workspace: int = 0, workspace_bytes: int = 0) -> tuple[int, bool]:
+        """(handle, whether it took the workspace): a handle whose work goes on `stream_handle` (a CUstream, e.g.
+        pycuda Stream.handle), given `workspace` (a device pointer of workspace_bytes) when the library can take
+        one: with it cuBLAS allocates nothing per call, which a CUDA graph capture needs."""
         h = ctypes.c_void_p()
         self.check(self._create(ctypes.byref(h)), "cublasCreate")
+        fixed = False
         try:
             self.check(self._set_stream(h, ctypes.c_void_p(stream_handle)), "cublasSetStream")
             self.check(self._set_math(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode")  # no TF32 for fp32
+            if workspace and self._set_ws is not None:
+                self.check(self._set_ws(h, ctypes.c_void_p(workspace), workspace_bytes), "cublasSetWorkspace")
+                fixed = True
         except BaseException:
             self._destroy(h)
             raise
-        return h.value
+        return h.value, fixed
 
     def destroy(self, handle: int) -> None:
         self.check(self._destroy(ctypes.c_void_p(handle)), "cublasDestroy")

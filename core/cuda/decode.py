@@ -77,6 +77,7 @@ class DecodeMixin:
         freeing a buffer a graph uses."""
         if self._graph_cache is not None:
             self._graph_cache.clear()
+        self.clear_batch_graphs()
 
     def argmax_key(self, x: DTensor) -> DTensor:
         """uint64 key of x's argmax (sample.cu; the id is 0xffffffff - the low word): stays on the GPU."""

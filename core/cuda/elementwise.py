@@ -36,7 +36,7 @@ class ElementwiseMixin:
     def embed(self, table: DTensor, ids, scale: float | None = None) -> DTensor:
         """table[ids] (* scale) → float32 [T, D]."""
         if self.capture is not None:  # the token id lives in the graph's input buffer
-            return self._embed("embed", table, self.capture.ids, None, scale, 0, 1)
+            return self._embed("embed", table, self.capture.ids, None, scale, 0, self.capture.ids.shape[0])
         ids_dev = self.from_host(np.asarray(ids, dtype=np.int32))
         return self._embed("embed", table, ids_dev, None, scale, 0, ids_dev.shape[0])
 

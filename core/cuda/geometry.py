@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .tensors import ITEMSIZE
 
+CUBLAS_WORKSPACE = 32 << 20  # bytes of the cuBLAS handle's fixed workspace (NVIDIA's advice for Hopper: 32 MiB)
 GEMV_MAX_T = 4        # gemv.cu handles up to this many tokens per weight read; more go to the GEMM
 GEMV_ROWS, GEMV_THREADS = 4, 128  # gemv.cu gemv_rows / gemv_gated: output rows and threads per block
 NORM_VPT = 2          # norm.cu norm_reg: float4 values per thread kept in registers

@@ -5,7 +5,7 @@ WMMA GEMM (gemm.cu; gemm_f32.cu for float32 weights).
 At one decode token (fused kernels, fold on) linear() returns a Lazy "linear": add_norm (norm_rope.py) runs it
 with the residual add in its epilogue; any other use computes it then. A norm left pending by deferred.py is
 folded into the GEMV's reduction (folded_norm). `gemm` ("auto", "own", "cublas") may be switched between
-operations; a graph capture never uses cuBLAS.
+operations; a graph capture (batched decode steps) uses cuBLAS only once its handle has its fixed workspace.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..errors import DeviceError
 from . import cublas
 from .elementwise import GEMV_ACT_MAX
-from .geometry import GEMV_MAX_T, GEMV_THREADS, gemv_geometry, grid1
+from .geometry import CUBLAS_WORKSPACE, GEMV_MAX_T, GEMV_THREADS, gemv_geometry, grid1
 from .tensors import DTensor, Lazy
 
 
@@ -21,7 +21,8 @@ class LinearMixin:
     """CudaBackend's matrix products (see the module docstring).
 
     State (the facade gives it its first value): _cublas, the loaded library; _cublas_handle, made on first
-    use, destroyed by close_cublas(). Uses the backend's dtype, fused, fold, gemm, capture and stream;
+    use, destroyed by close_cublas(); _cublas_ws, its fixed workspace (freed with it). Uses the backend's dtype,
+    fused, fold, gemm, capture and stream;
     alloc() (memory.py), kernel() / launch() / after_op() (launch.py), folded_norm() (deferred.py),
     act() / gated_act() / act_code() (elementwise.py)."""
 
@@ -127,10 +128,12 @@ class LinearMixin:
         return self._cublas
 
     def _use_cublas(self, M: int, K: int) -> bool:
-        """Whether a product of M > GEMV_MAX_T rows goes to cuBLAS (never inside a graph capture, whose
-        buffers and launches are ours alone)."""
-        return (self.gemm in ("auto", "cublas") and self.capture is None and M > 0 and K > 0
-                and self.cublas_lib() is not None)
+        """Whether a product of M > GEMV_MAX_T rows goes to cuBLAS. Inside a graph capture (batched decode steps,
+        batch_graph.py) only once the handle exists with its fixed workspace: cuBLAS then allocates nothing, so
+        the captured call replays with the buffers it was captured with."""
+        if self.capture is not None and self._cublas_ws is None:
+            return False
+        return self.gemm in ("auto", "cublas") and M > 0 and K > 0 and self.cublas_lib() is not None
 
     def cublas_op(self, op: str, call) -> None:
         """Run one cuBLAS call (an op on the backend's stream, like launch(): named for errors, synced under
@@ -144,7 +147,16 @@ class LinearMixin:
         K = x.shape[-1]
         M = x.size // K
         if self._cublas_handle is None:
-            self._cublas_handle = self.cublas_lib().create(self.stream.handle)
+            ws = self.mem_alloc(CUBLAS_WORKSPACE, "the cuBLAS workspace")
+            try:
+                self._cublas_handle, fixed = self.cublas_lib().create(self.stream.handle, int(ws), CUBLAS_WORKSPACE)
+            except BaseException:
+                ws.free()
+                raise
+            if fixed:
+                self._cublas_ws = ws
+            else:  # (a cuBLAS without cublasSetWorkspace: it keeps its own, and no capture includes it)
+                ws.free()
         h = self._cublas_handle
         if self.dtype == "float32":
             xa = x
@@ -175,3 +187,6 @@ class LinearMixin:
                 self._cublas.destroy(handle)
             except DeviceError:
                 pass
+        if self._cublas_ws is not None:
+            ws, self._cublas_ws = self._cublas_ws, None
+            ws.free()

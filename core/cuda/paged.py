@@ -51,6 +51,7 @@ class DevicePagedCache:
     block_size: int
     num_blocks: int
     alloc: object = attrs.field(repr=False)  # the DeviceAllocation (freed when the cache is collected)
+    spare: int | None = None  # a block past num_blocks that no sequence owns: batch_graph.py's padding rows write there
 
 
 @attrs.define(eq=False)
@@ -119,11 +120,12 @@ class PagedMixin:
         if missing:
             raise DeviceError(f"the CUDA backend cannot run batched steps of this model: its kernels lack "
                               f"{', '.join(missing)} (device='cpu' runs it)")
-        if num_blocks < 1 or block_size < 1 or num_blocks * block_size >= 2**31:
+        if num_blocks < 1 or block_size < 1 or (num_blocks + 1) * block_size >= 2**31:
             raise DeviceError(f"a paged KV cache of {num_blocks} blocks of {block_size} positions: the kernels take "
                               f"1 to 2**31 - 1 slots")
         L, Hkv, Dh = config.num_layers, config.num_kv_heads, config.head_dim
-        one = num_blocks * Hkv * block_size * Dh * ITEMSIZE[self.dtype]  # bytes of one layer's k (or v)
+        # bytes of one layer's k (or v), with one spare block for the padding rows of batched graphs (batch_graph.py)
+        one = (num_blocks + 1) * Hkv * block_size * Dh * ITEMSIZE[self.dtype]
         # An engine may be made on a thread without the CUDA context (the server's): hold the session for the
         # allocation, unless this thread holds it already.
         with self._on_this_thread():
@@ -140,7 +142,7 @@ class PagedMixin:
         shape = (num_blocks, Hkv, block_size, Dh)
         k = [DTensor(alloc, int(alloc) + 2 * i * one, shape, self.dtype) for i in range(L)]
         v = [DTensor(alloc, int(alloc) + (2 * i + 1) * one, shape, self.dtype) for i in range(L)]
-        return DevicePagedCache(k, v, block_size, num_blocks, alloc)
+        return DevicePagedCache(k, v, block_size, num_blocks, alloc, spare=num_blocks)
 
     def paged_kv_tokens(self, config, block_size: int) -> int:
         """How many KV positions an engine's default pool holds on this card: 80% of the free memory after the
@@ -151,6 +153,11 @@ class PagedMixin:
             free, _ = self.mem_info()
         fit = int(0.8 * max(free - WORKSPACE_RESERVE, 0)) // per_position
         return max(block_size, min(fit, 64 * config.context_limit))
+
+    def bind_step(self, batch, st: StepArrays | None) -> None:
+        """Make `st` (its `dev` filled) the arrays of `batch`'s step, instead of an upload (batch_graph.py binds
+        its persistent buffer while capturing); (None, None) forgets the binding."""
+        self._paged_step = None if batch is None else (weakref.ref(batch), st)
 
     def _on_this_thread(self):
         """The session around work outside any (engine construction), or nothing if this thread holds it."""
@@ -176,7 +183,7 @@ class PagedMixin:
         """(k, v) pools of `layer`, after checking that the cache is a paged one the batch's tables fit."""
         if not isinstance(cache, DevicePagedCache):
             raise DeviceError(f"a batched step needs the cache new_paged_cache made, got {type(cache).__name__}")
-        if cache.block_size != batch.block_size or st.max_block >= cache.num_blocks:
+        if cache.block_size != batch.block_size or st.max_block >= cache.num_blocks + (cache.spare is not None):
             raise DeviceError(f"batched step: block size {batch.block_size} and block {st.max_block} do not fit the "
                               f"paged cache ({cache.num_blocks} blocks of {cache.block_size})")
         return cache.k[layer], cache.v[layer]
