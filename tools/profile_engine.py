@@ -63,9 +63,11 @@ def main() -> None:
             print(f"C={C}: {len(dec)} decode-only steps: median {np.median(ts):.2f} ms (p90 {np.percentile(ts, 90):.2f}), "
                   f"{dec[len(dec) // 2][1]} launches/step -> {C / np.median(ts) * 1e3:,.0f} tok/s; "
                   f"{len(pre)} steps with prefill: {sum(t for t, _ in pre) * 1e3:.0f} ms total", flush=True)
+        stats = getattr(be, "batch_graph_stats", lambda: {})()
+        print(f"  batch graphs: {stats}", flush=True)
         if prof is not None:
             st = pstats.Stats(prof)
-            st.sort_stats("tottime").print_stats(30)
+            st.sort_stats("tottime").print_stats(22)
     # how long each part of one decode-only step takes at the largest C, timed with syncs around the forward
     from core import engine as eng_mod
 
