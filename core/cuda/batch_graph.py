@@ -80,6 +80,7 @@ class BatchGraph:
             self.offsets[name] = (off, sizes[name])
             off += sizes[name]
         self.host = drv.pagelocked_empty(off, np.int32)
+        self.copied = None  # an event after the last copy of `host` to the device: host is not rewritten before it
         self.dev = be.mem_alloc(4 * off, f"a batched step graph's inputs ({B} rows)")
         self.graph, self.exec = ctypes.c_void_p(), ctypes.c_void_p()
         self.keep, self.out = [], None
@@ -134,6 +135,8 @@ class BatchGraph:
     def _fill(self, batch: Batch, cache: DevicePagedCache, ids) -> StepArrays:
         """Write the padded batch's arrays (and token ids) into the page-locked host copy; returns them."""
         st = step_arrays(batch)
+        if self.copied is not None:
+            self.copied.synchronize()
         if st.tables.size > self.width:
             raise DeviceError(f"batched step graph: {st.tables.size} block-table entries exceed the {self.width} "
                               f"it was captured for")
@@ -152,6 +155,9 @@ class BatchGraph:
         padded = self._padded_batch(cache, self.B, batch.segments)
         self._fill(padded, cache, list(ids) + [0] * (self.B - C))
         be.check(lambda: be.drv.memcpy_htod_async(int(self.dev), self.host, be.stream), "batch graph inputs")
+        if self.copied is None:
+            self.copied = be.drv.Event(be.drv.event_flags.DISABLE_TIMING)
+        self.copied.record(be.stream)
         _call("cuGraphLaunch", self.exec, ctypes.c_void_p(be.stream.handle))
         be.after_op("batch graph")
         return self.out[:C]
@@ -163,7 +169,7 @@ class BatchGraph:
         if self.graph:
             _cuda().cuGraphDestroy(self.graph)
             self.graph = ctypes.c_void_p()
-        self.keep = []
+        self.keep, self.copied = [], None
         if self.dev is not None:
             self.dev.free()
             self.dev = None
