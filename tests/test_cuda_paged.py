@@ -425,3 +425,35 @@ def test_paged_geometry_matches_the_kernel(Dh, g, tmp_path):
     assert r.returncode == 0, r.stderr
     r = build(dict(defines, EXPECT_DECODE_SMEM=smem + 4))  # the check itself bites
     assert r.returncode != 0 and "differ from paged_attn.cu" in r.stderr
+
+
+@given(bs=st.sampled_from([1, 4, 16]), starts=st.lists(st.integers(0, 300), min_size=1, max_size=20),
+       extra=st.integers(0, 13), seed=S.seed)
+def test_batch_graph_fill_matches_step_arrays(bs, starts, extra, seed):
+    """A batch graph's per-step fill (batch_graph.py fill_decode, vectorised) writes what step_arrays gives for
+    the batch padded with spare-block rows (fill), for any decode rows, block size and padding."""
+    from core.cuda.batch_graph import BatchGraph, bucket
+
+    r = rng(seed)
+    nb = 4096
+    segs = [Segment(i, 1, s, r.permutation(nb)[:s // bs + 1 + int(r.integers(0, 3))].tolist(), True)
+            for i, s in enumerate(starts)]
+    B = bucket(len(segs) + extra)
+    cache = SimpleNamespace(block_size=bs, spare=nb)
+    ids = r.integers(0, 1000, len(segs)).tolist()
+
+    def graph():
+        g = BatchGraph.__new__(BatchGraph)
+        g.B, g.copied = B, None
+        g.width = B * -(-(max(starts) + 1) // bs) + 1
+        sizes = {"ids": B, "pos": B, "slot": B, "row_seg": B, "seg": 4 * B, "dec": B, "tables": g.width}
+        g.offsets, off = {}, 0
+        for name in ("ids", "pos", "slot", "row_seg", "seg", "dec", "tables"):
+            g.offsets[name], off = (off, sizes[name]), off + sizes[name]
+        g.host = np.full(off, -7, np.int32)
+        return g
+
+    a, b = graph(), graph()
+    a.fill(BatchGraph.padded_batch(cache, B, segs), cache, ids + [0] * (B - len(segs)))
+    b.fill_decode(Batch(segs, bs), cache, ids)
+    np.testing.assert_array_equal(a.host, b.host)
