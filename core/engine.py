@@ -113,6 +113,18 @@ class Request:
         return self.prompt + self.output
 
     @property
+    def length(self) -> int:
+        """len(tokens), without building the list (the scheduler asks every step for every request)."""
+        return len(self.prompt) + len(self.output)
+
+    def token_slice(self, a: int, b: int) -> list:
+        """tokens[a:b] (0 <= a <= b), without building the whole list: a decode step needs one id."""
+        P = len(self.prompt)
+        if a >= P:
+            return self.output[a - P:b - P]
+        return self.prompt[a:b] + (self.output[:b - P] if b > P else [])
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -256,7 +268,7 @@ class Engine:
         for r, n in scheduled:
             segs = self._segments(r, n, row)
             groups.append(segs)
-            ids.extend(r.tokens[r.computed:r.computed + n])
+            ids.extend(r.token_slice(r.computed, r.computed + n))
             row += n
         batch = Batch([g for segs in groups for g in segs], self.pool.block_size)
         m = self.model
@@ -298,7 +310,7 @@ class Engine:
         solo run computed the prompt with the prompt-length table and each generated position with the table of
         its own length, so the recompute is cut the same way (a segment for the prompt, one per generated
         token; each segment's table follows its own end) and gives the solo run's keys and logits back."""
-        done = r.computed + n == len(r.tokens)
+        done = r.computed + n == r.length
         if not self.length_dependent_rope or r.computed >= len(r.prompt) or n <= len(r.prompt) - r.computed:
             return [Segment(row, n, r.computed, r.blocks, logits=done)]
         head = len(r.prompt) - r.computed
@@ -391,8 +403,9 @@ class Engine:
         budget, out = self.config.max_batch_tokens, []
         bs = self.pool.block_size
         whole = self.length_dependent_rope
+        gone = set()  # ids of requests preempted in this loop (a set: `in self.running` would be O(running))
         for r in sorted(self.running, key=lambda q: q.arrival):  # oldest first; the newest is preempted first
-            if r not in self.running:
+            if id(r) in gone:
                 continue  # preempted below for an older request
             n = self._chunk(r, budget, whole, bool(out))
             if n == 0:
@@ -402,9 +415,10 @@ class Engine:
                 others = [v for v in self.running if v is not r and all(v is not s for s, _ in out)]
                 victim = max(others, key=lambda v: v.arrival) if others else r
                 self._preempt(victim)
+                gone.add(id(victim))
                 if victim is r:
                     break
-            if r.finished or r not in self.running:
+            if r.finished or id(r) in gone:
                 continue
             r.blocks += self.pool.allocate(need)
             out.append((r, n))
@@ -450,16 +464,16 @@ class Engine:
     def _next_key(self, r: Request) -> bytes | None:
         """Content key of r's next full block not yet in the cache (None when none lies before its last token)."""
         bs, j = self.pool.block_size, len(r.keys)
-        if not self.pool.prefix_caching or (j + 1) * bs > len(r.tokens) - 1:
+        if not self.pool.prefix_caching or (j + 1) * bs > r.length - 1:
             return None
-        return block_hash(r.keys[-1] if r.keys else None, r.tokens[j * bs:(j + 1) * bs])
+        return block_hash(r.keys[-1] if r.keys else None, r.token_slice(j * bs, (j + 1) * bs))
 
     @staticmethod
     def _chunk(r: Request, budget: int, whole: bool, others: bool) -> int:
         """Tokens of r to compute this step: what is left, cut to the budget. With a length-dependent rope
         (dynamic NTK) a prompt is never cut, so its table is the one a solo run uses; it then runs alone if it
         exceeds the budget."""
-        left = len(r.tokens) - r.computed
+        left = r.length - r.computed
         if not whole or left <= budget:
             return min(left, budget)
         return 0 if others else left
