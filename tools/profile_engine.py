@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--trace", action="store_true", help="per-kernel GPU time of decode-only steps (torch.profiler)")
     a = ap.parse_args()
     _, raw = resolve(a.model)
     model = random_model(raw, "float16", context=a.prompt + a.new + 64)
@@ -40,7 +41,7 @@ def main() -> None:
                           kv_tokens=max(a.concurrency) * (a.prompt + a.new) + 4096)
     rng = np.random.default_rng(0)
     V = model.config.vocab_size
-    for C in [2] + a.concurrency:
+    for C in [2] + ([] if a.trace else a.concurrency):
         engine.pool.forget_all()
         reqs = [engine.add(rng.integers(0, V, a.prompt).tolist(), SamplingParams(), a.new, stop_at_eos=False)
                 for _ in range(C)]
@@ -68,6 +69,9 @@ def main() -> None:
         if prof is not None:
             st = pstats.Stats(prof)
             st.sort_stats("tottime").print_stats(22)
+    if a.trace:
+        trace(model, engine, rng, V, a)
+        return
     # how long each part of one decode-only step takes at the largest C, timed with syncs around the forward
     from core import engine as eng_mod
 
@@ -96,6 +100,50 @@ def main() -> None:
     print(f"C={C}, {n} decode steps: {total / n * 1e3:.2f} ms/step, forward (synced) {spent['forward'] / n * 1e3:.2f} "
           f"ms, the rest (schedule, logits to host, sampling, bookkeeping) {(total - spent['forward']) / n * 1e3:.2f} ms")
     eng_mod.forward = real_forward
+
+
+def trace(model, engine, rng, V, a) -> None:
+    """Per-kernel GPU time of decode-only batched steps (graph replays) at each concurrency, from a CUPTI trace
+    (torch.profiler): microseconds per kernel name per step, and the step's span against its busy time."""
+    import json
+    import statistics
+    import tempfile
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.init()
+    for C in a.concurrency:
+        engine.pool.forget_all()
+        reqs = [engine.add(rng.integers(0, V, a.prompt).tolist(), SamplingParams(), 24, stop_at_eos=False)
+                for _ in range(C)]
+        while any(r.computed < len(r.prompt) for r in reqs) or engine.waiting:
+            engine.step()
+        for _ in range(4):  # the shape's eager step and its capture
+            engine.step()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(8):
+                engine.step()
+        while engine.has_work():
+            engine.step()
+        path = tempfile.mktemp(suffix=".json")
+        prof.export_chrome_trace(path)
+        ev = sorted((e for e in json.load(open(path))["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+        ends = [i for i, e in enumerate(ev) if "argmax_rows" in e["name"]]
+        steps = [ev[x + 1:y + 1] for x, y in zip(ends, ends[1:])]
+        if not steps:
+            print(f"C={C}: no steps traced")
+            continue
+        per: dict = {}
+        for st in steps:
+            for e in st:
+                k = e["name"].split("(")[0][:60]
+                per[k] = per.get(k, 0.0) + e["dur"] / len(steps)
+        span = statistics.median(st[-1]["ts"] + st[-1]["dur"] - st[0]["ts"] for st in steps)
+        busy = statistics.median(sum(e["dur"] for e in st) for st in steps)
+        print(f"C={C}: {len(steps)} steps, {len(steps[0])} kernels/step, span {span:.0f} us, busy {busy:.0f} us")
+        for k, us in sorted(per.items(), key=lambda kv: -kv[1])[:14]:
+            print(f"   {us:8.1f} us  {k}")
 
 
 if __name__ == "__main__":

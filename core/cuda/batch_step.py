@@ -5,6 +5,7 @@ so that the engine can ask any backend for `batch_step` and fall back to an eage
 from __future__ import annotations
 
 from .batch_graph import BatchGraphs
+from .decode import free_at_exit
 
 
 class BatchGraphMixin:
@@ -18,6 +19,7 @@ class BatchGraphMixin:
         the step is not one a graph serves (the engine then runs forward eagerly)."""
         if self._batch_graphs is None:
             self._batch_graphs = BatchGraphs(self)
+            free_at_exit(self)
         return self._batch_graphs.step(forward, W, c, ids, cache, batch, rope)
 
     def clear_batch_graphs(self) -> None:

@@ -10,6 +10,10 @@ graph bakes its launch arguments in; graph.py captures a step by running the ord
 
 from __future__ import annotations
 
+import atexit
+import gc
+import weakref
+
 import numpy as np
 
 from ..backend import Cache
@@ -35,6 +39,7 @@ class DecodeMixin:
         if self.graphs:
             if self._graph_cache is None:
                 self._graph_cache = GraphCache(self)
+                free_at_exit(self)
             if getattr(rope, "dynamic", False):
                 self.bind_rope(rope.table(c.head_dim, start + 1))  # the table forward takes at T = 1
             on_gpu = greedy and self.fused
@@ -56,6 +61,7 @@ class DecodeMixin:
             return None
         if self._graph_cache is None:
             self._graph_cache = GraphCache(self)
+            free_at_exit(self)
         sampler = None
         if not (params.greedy and params.repetition_penalty == 1.0):
             sampler = self._sampler(W.lm_head().shape[0])
@@ -71,6 +77,12 @@ class DecodeMixin:
                 self._graph_cache.clear()  # captured graphs use the old sampler's buffers, freed with it
             s = self._gpu_sampler = GpuSampler(self, V)
         return s
+
+    def drop_sampler(self) -> None:
+        """Forget the GPU sampler (its buffers are freed with it); the next sampled run makes a new one."""
+        if self._graph_cache is not None:
+            self._graph_cache.clear()  # captured sampled steps use its buffers
+        self._gpu_sampler = None
 
     def clear_graphs(self) -> None:
         """Destroy every captured decode step (the next ones capture anew): after flipping a switch, or before
@@ -123,3 +135,25 @@ class DecodeMixin:
         if bits & 0x7F800000 == 0x7F800000:  # exponent all ones: inf or NaN
             raise nonfinite_error()
         return 0xFFFFFFFF - lo
+
+
+def free_at_exit(be) -> None:
+    """Free the backend's graphs, their page-locked buffers and events, and the GPU sampler at interpreter exit,
+    while the CUDA context still exists: registered after PyCUDA's own exit hook (which pops the context), so it
+    runs first (atexit is last in, first out). Left to the garbage collector at shutdown, after the context is
+    gone, their destructors made PyCUDA abort the process ("explicit_context_dependent failed")."""
+    ref = weakref.ref(be)
+
+    def free() -> None:
+        b = ref()
+        if b is None:
+            return
+        try:
+            b.clear_graphs()
+            b.clear_batch_graphs()
+            b.drop_sampler()
+        except Exception:  # noqa: BLE001 - exiting anyway; a failed clean-up must not hide the real exit status
+            pass
+        gc.collect()
+
+    atexit.register(free)
