@@ -104,6 +104,12 @@ class NumpyBackend:
         """A float32 numpy copy of a backend tensor."""
         return np.asarray(x, dtype=np.float32)
 
+    def argmax_rows(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [R], bad bool [R]) for logits x [R, V]: each row's argmax (numpy's: first index of the
+        largest) and whether the row holds a NaN or ±inf (core.sampling.check_finite's rule)."""
+        x = np.asarray(x, dtype=np.float32).reshape(-1, np.shape(x)[-1])
+        return x.argmax(axis=1).astype(np.int64), ~np.isfinite(x).all(axis=1)
+
     def decode(self, forward, W, c, token: int, cache: Cache, start: int, rope, greedy: bool = False):
         """Logits [V] of one generated token at position `start`, or with greedy its argmax id (an int; a
         backend may then pick it on its device). A backend may replay a captured step."""

@@ -10,7 +10,9 @@ the GPU); activations are float32 and weights are stored in the backend's `dtype
 entry here (its signature and a one-line docstring), then its method in NumpyBackend and in a CUDA room.
 
 Optional, looked up with getattr: decode_ids (by the model: decode steps whose ids are picked on the device),
-paged_kv_tokens(config, block_size) (by the engine: how many KV positions its default pool should hold) and
+paged_kv_tokens(config, block_size) (by the engine: how many KV positions its default pool should hold),
+batch_step(forward, W, c, ids, cache, batch, rope) (by the engine: a decode-only batched step from a captured
+graph, or None to run forward) and
 load_weights(spec, plan) (by core.load: a backend that reads its own slices of the checkpoint, core/tp_numpy.py).
 
 Every op that takes `start` (add_positions, rope, rope_cache_write, cache_write, attention) also takes a
@@ -60,6 +62,9 @@ class Backend(Protocol):
 
     def to_host(self, x: Tensor):
         """x as a float32 numpy array of the same shape (waits for the device)."""
+
+    def argmax_rows(self, x: Tensor):
+        """(ids int64 [R], non-finite bool [R]) numpy arrays for logits x [R, V]: each row's argmax and flag."""
 
     def decode(self, forward, W: Weights, c, token: int, cache: Cache, start: int, rope, greedy: bool = False):
         """Logits float32 [V] of `token` at `start` (rope: the RopeConfig or None), or with greedy its argmax id."""
