@@ -69,8 +69,8 @@ class NumpyBackend:
             x = to_float32(float32_to_bf16_bits(x), "BF16")
         return np.ascontiguousarray(x, dtype=np.float32).reshape(x.shape)  # (ascontiguousarray makes a 0-d array 1-d)
 
-    def begin_loading(self, config, numel: int) -> None:
-        """Hook called before the first convert(): the model's config and its weights' element count."""
+    def begin_loading(self, config, numel: int, quantized_bytes: int = 0) -> None:
+        """Hook called before the first convert(): the model's config and its weights' size (nothing to check here)."""
 
     def session(self):
         """Held around each forward or generation: nothing to guard here (every call has its own cache)."""

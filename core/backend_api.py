@@ -12,8 +12,11 @@ entry here (its signature and a one-line docstring), then its method in NumpyBac
 Optional, looked up with getattr: decode_ids (by the model: decode steps whose ids are picked on the device),
 paged_kv_tokens(config, block_size) (by the engine: how many KV positions its default pool should hold),
 batch_step(forward, W, c, ids, cache, batch, rope) (by the engine: a decode-only batched step from a captured
-graph, or None to run forward) and
-load_weights(spec, plan) (by core.load: a backend that reads its own slices of the checkpoint, core/tp_numpy.py).
+graph, or None to run forward),
+load_weights(spec, plan) (by core.load: a backend that reads its own slices of the checkpoint, core/tp_numpy.py),
+and the pair quantized_nbytes(q, role, config) / convert_quantized(q, role) (by core.load: a backend that keeps a
+quantized checkpoint's weights as stored, core/cuda/loading.py: bytes it will hold for core.quant.QuantizedTensor q,
+or None to take it dense; then the weight itself, or None to take it dense after all).
 
 Every op that takes `start` (add_positions, rope, rope_cache_write, cache_write, attention) also takes a
 core.paged.Batch there: rows of several sequences, each at its own positions, over the paged cache.
@@ -36,8 +39,8 @@ class Backend(Protocol):
     dtype: str  # weight (and KV cache) precision: "float32", "float16" or "bfloat16"
 
     # -- loading and lifetime
-    def begin_loading(self, config, numel: int) -> None:
-        """Before the first convert: the ModelConfig and the weights' element count."""
+    def begin_loading(self, config, numel: int, quantized_bytes: int = 0) -> None:
+        """Before the first convert: the ModelConfig, the dense weights' element count, bytes of those kept quantized."""
 
     def convert(self, bits, stored: str, role: str) -> Tensor:
         """Checkpoint bits (stored "F32"/"F16"/"BF16", any shape) → a weight in `dtype`."""

@@ -63,18 +63,23 @@ def bytes_per_token(model) -> int:
     output projection. In a mixture-of-experts layer a token reads only its top_k experts: the stacked expert
     weights (experts.* roles, [num_experts, ...]) count top_k / num_experts of their size, while attention, the
     norms, the router and any shared expert (shared.*, dense) count whole. This is the active-bytes roofline of
-    MoE decode (the CUDA grouped GEMVs, core/cuda/moe.py, read exactly these bytes)."""
+    MoE decode (the CUDA grouped GEMVs, core/cuda/moe.py, read exactly these bytes). A weight kept quantized (the
+    CUDA backend's QTensor, `quantized` true) counts the bytes the device holds for it."""
     W, per = model.weights, {"float32": 4, "float16": 2, "bfloat16": 2}[model.dtype]
     c = model.config
     E, k = getattr(c, "num_experts", 0), getattr(c, "num_experts_per_tok", 0)
+
+    def nbytes(t):
+        return t.nbytes if getattr(t, "quantized", False) else t.size * per
+
     n = 0
     for L in W.layers:
         for role, t in L.items():
-            n += t.size // E * k if E and role.startswith("experts.") else t.size
-    n += sum(t.size for role, t in W.globals.items() if role not in ("embed", "pos_embed"))
+            n += nbytes(t) // E * k if E and role.startswith("experts.") else nbytes(t)
+    n += sum(nbytes(t) for role, t in W.globals.items() if role not in ("embed", "pos_embed"))
     if "lm_head" not in W.globals:
-        n += W.globals["embed"].size  # tied: the embedding is read whole as lm_head
-    return int(n) * per
+        n += nbytes(W.globals["embed"])  # tied: the embedding is read whole as lm_head
+    return int(n)
 
 
 def hf_generate_seconds(model, ids, n: int) -> float:

@@ -130,10 +130,12 @@ def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = N
     backend = make_backend(device, dtype, ckpt, quiet, context, tensor_parallel)
     weights = Weights(layers=[{} for _ in range(config.num_layers)])
     try:
-        backend.begin_loading(config, sum(src.info.numel for src in p.sources))
+        kept, take = _kept_quantized(backend, p, config)
+        backend.begin_loading(config, sum(src.info.numel for src in p.sources if id(src) not in kept),
+                              sum(kept.values()))
         report = _progress_reporter(p, ckpt, progress)
         sharded = getattr(backend, "load_weights", None)  # a tensor-parallel backend reads each rank's slices itself
-        for role, layer, t in (sharded(entry.spec, p) if sharded is not None else p.load(backend.convert)):
+        for role, layer, t in (sharded(entry.spec, p) if sharded is not None else p.load(backend.convert, take)):
             (weights.globals if layer is None else weights.layers[layer])[role] = t
             report(role, layer)
         backend.finish_loading(weights)
@@ -145,6 +147,18 @@ def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = N
     device = "cpu" if backend.name == "numpy" else backend.name
     return Model(entry.spec, config, backend, weights, tokenizer, eos, Path(path), detected, device,
                  generation_defaults=defaults)
+
+
+def _kept_quantized(backend, p, config):
+    """({id(source): device bytes} of the quantized weights the backend keeps as stored, Plan.load's `quantized`
+    hook handing them to it), through its optional quantized_nbytes / convert_quantized (core/backend_api.py); the
+    other weights are dequantized on the host and converted."""
+    size, take = getattr(backend, "quantized_nbytes", None), getattr(backend, "convert_quantized", None)
+    if size is None or take is None:
+        return {}, None
+    kept = {id(src): size(src.info, src.rule.targets[0], config) for src in p.sources if src.quantized}
+    kept = {k: n for k, n in kept.items() if n is not None}
+    return kept, (lambda src: take(src.info, src.rule.targets[0]) if id(src) in kept else None)
 
 
 def _progress_reporter(p, ckpt: Checkpoint, progress):

@@ -105,7 +105,7 @@ class TensorParallelNumpy:
         return f"TensorParallelNumpy(size={self.size}, dtype={self.dtype!r})"
 
     # -- loading and lifetime ----------------------------------------------------------------------------------
-    def begin_loading(self, config, numel: int) -> None:
+    def begin_loading(self, config, numel: int, quantized_bytes: int = 0) -> None:
         """Hook called before loading; the plan is built from the checked weights in load_weights."""
 
     def load_weights(self, spec, wplan) -> Iterator[tuple[str, int | None, Ranked]]:

@@ -100,6 +100,14 @@ class Source:
     def nbytes(self) -> int:
         return sum(i.nbytes for i in self.infos)
 
+    @property
+    def quantized(self) -> bool:
+        """Whether this is one quantized weight a backend may take as it is stored (core.load's convert_quantized):
+        one tensor, one role, no transform (stacked experts, fused splits and Conv1D transposes need the dense one)."""
+        r = self.rule
+        return (isinstance(self.info, QuantizedTensor) and not r.stacked and not r.transpose and len(r.targets) == 1
+                and not self.info.transposed)
+
 
 @attrs.define
 class Match:
@@ -145,20 +153,28 @@ class Plan:
     config: ModelConfig
     sources: list[Source]
 
-    def load(self, convert: Callable[[np.ndarray, str, str], object]) -> Iterator[tuple[str, int | None, object]]:
+    def load(self, convert: Callable[[np.ndarray, str, str], object],
+             quantized: Callable[[Source], object] | None = None) -> Iterator[tuple[str, int | None, object]]:
         """Yield (role, layer, converted tensor), reading one checkpoint tensor (or one layer's experts or heads)
         at a time.
 
         convert(float32 array or raw bits, stored dtype, role) → backend tensor. Transforms are
         applied in float32 unless the tensor needs none, in which case the raw bits are passed on.
+        quantized(source) → backend tensor or None, asked first for each Source.quantized: the weight as stored
+        (a QuantizedTensor, not dequantized), or None to convert the dense weight after all.
         """
         for src in self.sources:
             # One sub-generator per tensor: its frame (and the arrays in it) is gone once the tensor is handed
             # over, so a failure at the next tensor cannot keep this one alive through the traceback.
-            yield from self._one(src, convert)
+            yield from self._one(src, convert, quantized)
 
-    def _one(self, src: Source, convert) -> Iterator[tuple[str, int | None, object]]:
+    def _one(self, src: Source, convert, quantized=None) -> Iterator[tuple[str, int | None, object]]:
         rule = src.rule
+        if quantized is not None and src.quantized:
+            t = quantized(src)
+            if t is not None:
+                yield rule.targets[0], src.layer, t
+                return
         dtypes = {i.dtype for i in src.infos}
         if len(dtypes) == 1:  # the experts' (heads') slices are stacked as stored (raw bits), one dtype
             bits = np.stack([read_tensor(i) for i in src.infos]) if rule.stacked else read_tensor(src.info)

@@ -36,7 +36,8 @@ DRIVERS = {"core/cuda/graph.py": ("be", "self.be"), "core/cuda/batch_graph.py": 
            "tools/gemv_probe.py": ("be",), "tests/test_cuda_kernels.py": ("be",), "tests/test_cuda_cublas.py": ("be",),
            "tests/test_cuda_sampling.py": ("be", "gs.be"), "tests/test_cuda_parity.py": ("be", "model.backend"),
            "tests/test_cuda_robustness.py": ("be", "model.backend"), "tests/test_cuda_moe.py": ("be", "model.backend"),
-           "tests/test_cuda_paged.py": ("be", "model.backend")}
+           "tests/test_cuda_paged.py": ("be", "model.backend"), "tests/test_cuda_quant.py": ("be", "gpu.backend"),
+           "core/cuda/bench_quant.py": ("be", "model.backend")}
 # Private names of other libraries that a scanned module may read: ctypes' byref object.
 FOREIGN_PRIVATE = {"_obj"}
 

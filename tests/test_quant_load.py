@@ -1,8 +1,8 @@
 """How quantized checkpoints reach the backends (numpy only): what `convert` receives, dtypes, shards, slices, the CLI.
 
-The CUDA backend has no GPU here; it receives exactly what these tests show the numpy backend receives (dense bits in
-the scales' dtype, through Plan.load's convert(bits, stored, role)), and converts them as it converts any F16 / BF16 /
-F32 weight.
+The numpy backend receives dense bits in the scales' dtype, through Plan.load's convert(bits, stored, role). The CUDA
+backend asks for the projections as stored instead (quantized_nbytes / convert_quantized): tests/test_quant_layout.py
+checks that hand-over and its device layout, tests/test_cuda_quant.py the kernels on a GPU.
 """
 
 from __future__ import annotations

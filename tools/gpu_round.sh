@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the CUDA backend: kernel property tests, GPU parity, benchmark; logs under $OUT.
 #   bash tools/gpu_round.sh STEPS...   steps: kernels kernels2 cublas sampling parity ab prefill opdiff profile trace
-#                                      context bench benchhf loadcheck moe plugins
+#                                      context bench benchhf loadcheck moe plugins quant benchq
 # paged: the batched (engine) kernels' property tests and batched-vs-solo generation (tests/test_cuda_paged.py);
 # serve: `archkit bench --serve` (SERVE_CONFIGS: "--model NAME ...", SERVE_CONC: "--concurrency N ...").
 # moe: the MoE kernels' property tests and MoE model parity (tests/test_cuda_moe.py); plugins: the plugin-op
@@ -14,6 +14,8 @@
 # CONTEXT-token prompt (default 4096) vs after 8, TinyLlama shape. sampling: GPU sampling property tests.
 # cublas: property tests of the cuBLAS linear path and the tensor-core prefill attention (tests/test_cuda_cublas.py).
 # prefill: 2,048-token prefill only, our GEMM vs cuBLAS x SIMT vs tensor-core attention, and transformers.
+# quant: the quantized-weight kernels' property tests and quantized checkpoints cuda vs cpu (tests/test_cuda_quant.py);
+# benchq: quantized decode / prefill against fp16 (`python -m core.cuda.bench CONFIG --quant w4a16|fp8|w8a16`).
 # Expects PyCUDA installed and PYTHONPATH set (see ../shared/device/README.md).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -42,6 +44,11 @@ for step in $steps; do
     loadcheck) timeout "${LOAD_S:-200}" python3 -c "import json, core.cuda.bench as b; \
                print(json.dumps(b.load_check('${LOAD_CONFIG:-qwen3-8b}', '${LOAD_DIR:-/tmp}'), indent=1))" \
                2>&1 | tee "$OUT/loadcheck.log" | tail -30 ;;
+    quant) timeout "${QUANT_S:-300}" python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider tests/test_cuda_quant.py 2>&1 \
+               | tee "$OUT/quant.log" | tail -25 ;;
+    benchq) for scheme in ${QUANT_SCHEMES:-w4a16 fp8 w8a16}; do
+               timeout "${BENCH_S:-200}" python3 -m core.cuda.bench ${BENCH_CONFIGS:-qwen3-8b} --quant "$scheme" \
+               --json "$OUT/benchq-$scheme.json" 2>&1 | tee "$OUT/benchq-$scheme.log" | tail -6; done ;;
     moe) timeout "${MOE_S:-200}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda_moe.py 2>&1 \
                | tee "$OUT/moe.log" | tail -25 ;;
     paged) timeout "${PAGED_S:-150}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda_paged.py 2>&1 \

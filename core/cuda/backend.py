@@ -18,6 +18,8 @@ CudaBackend is this file: its state, set up in __init__, and the rooms it is mad
     decode.py       decode steps replayed as CUDA graphs (graph.py), ids picked on the GPU (gpu_sampling.py)
     elementwise.py  embed, add_positions, add, act, gated_act, soft_cap, scale, sigmoid_gate
     linear.py       linear, linears, linear_act, gated_linear: GEMV, our GEMM or cuBLAS (cublas.py)
+    qlinear.py      the same products with a weight kept quantized (QTensor, qlayout.py): gemv_q.cu's GEMVs,
+                    or the weight dequantized for the GEMM
     norm_rope.py    norm, add_norm, head_norm, rope, rope_cache_write (RopeTables: partial, interleaved, scaled)
     attention.py    attention: decode (one fused launch) and prefill (tensor-core or SIMT)
     batch_step.py   decode-only batched steps replayed as CUDA graphs (batch_graph.py), one per bucket
@@ -59,14 +61,15 @@ from .moe import MoeMixin
 from .norm_rope import NormRopeMixin
 from .paged import PagedMixin
 from .options import Options
+from .qlinear import QuantLinearMixin
 from .tensors import DTensor, Lazy
 
 __all__ = ["CudaBackend", "DTensor", "Lazy", "Options"]
 
 
 class CudaBackend(MemoryMixin, LaunchMixin, DeferredMixin, KVCacheMixin, LoadingMixin, DecodeMixin,
-                  ElementwiseMixin, LinearMixin, NormRopeMixin, AttentionMixin, CustomMixin, MoeMixin, PagedMixin,
-                  BatchGraphMixin):
+                  ElementwiseMixin, LinearMixin, QuantLinearMixin, NormRopeMixin, AttentionMixin, CustomMixin, MoeMixin,
+                  PagedMixin, BatchGraphMixin):
     """PyCUDA backend: see the module docstring. `context`: KV-cache positions to preallocate at load;
     `poison`: NaN-fill fresh buffers (default: ARCHKIT_CUDA_POISON); `options`: the switches (default: read
     from the environment, Options.from_env).

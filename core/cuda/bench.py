@@ -76,8 +76,10 @@ def _init(role: str, shape: tuple) -> tuple[float, float]:
     return 0.0, 1.0 / math.sqrt(shape[-1])  # fan-in: the last axis ([out, in], experts [E, out, in])
 
 
-def random_model(raw: dict, dtype: str = "float16", context: int | None = None, seed: int = 0) -> Model:
-    """A Model of config.json contents `raw` with random weights made on the GPU."""
+def random_model(raw: dict, dtype: str = "float16", context: int | None = None, seed: int = 0,
+                 weight=None) -> Model:
+    """A Model of config.json contents `raw` with random weights made on the GPU; weight(be, role, shape, seed), when
+    given, may make a weight instead (a tensor, or None to leave it random; bench_quant.py's quantized ones)."""
     from .backend import CudaBackend
 
     spec = pick_spec(raw)
@@ -89,7 +91,8 @@ def random_model(raw: dict, dtype: str = "float16", context: int | None = None, 
         be.begin_loading(config, sum(math.prod(s) for _, _, s in shapes))
         for i, (role, layer, shape) in enumerate(shapes):
             center, a = _init(role, shape)
-            t = be.random_weight(shape, seed * 100_003 + i + 1, a, center)
+            t = weight and weight(be, role, shape, seed * 100_003 + i + 1)
+            t = be.random_weight(shape, seed * 100_003 + i + 1, a, center) if t is None else t
             (weights.globals if layer is None else weights.layers[layer])[role] = t
         be.finish_loading(weights)
     except BaseException:
@@ -471,7 +474,12 @@ def main(argv=None) -> int:
                    help="per-kernel GPU time of graph decode steps (CUPTI through torch.profiler; no bench)")
     p.add_argument("--context", type=int, help="decode speed after a prompt of this many tokens vs after 8")
     p.add_argument("--out", help="folder for trace files")
+    p.add_argument("--quant", choices=("w4a16", "w8a16", "fp8"), help="random quantized weights against fp16 "
+                   "(core/cuda/bench_quant.py; name the shapes, e.g. qwen3-8b)")
     a = p.parse_args(argv)
+    if a.quant:
+        from . import bench_quant
+        return bench_quant.main(sys.modules[__name__], a.configs, a.quant, a.json)
     if a.trace or a.context:
         rows = []
         for c in a.configs:

@@ -13,6 +13,7 @@ from .tensors import ITEMSIZE
 CUBLAS_WORKSPACE = 32 << 20  # bytes of the cuBLAS handle's fixed workspace (NVIDIA's advice for Hopper: 32 MiB)
 GEMV_MAX_T = 4        # gemv.cu handles up to this many tokens per weight read; more go to the GEMM
 GEMV_ROWS, GEMV_THREADS = 4, 128  # gemv.cu gemv_rows / gemv_gated: output rows and threads per block
+QROWS, QTHREADS = 4, 128  # gemv_q.cu (quantized weights): output rows and threads per block
 NORM_VPT = 2          # norm.cu norm_reg: float4 values per thread kept in registers
 PREFILL_NQ, PREFILL_BK = 16, 32  # attention.cu: queries per block, keys per tile
 TC_FQ, TC_FK, TC_NW = 64, 64, 4  # attention_tc.cu: queries per block, keys per tile, warps (TC_SMEM_BYTES there)

@@ -23,6 +23,8 @@ PDL_KERNELS = frozenset({"embed", "norm_rows", "norm_reg", "head_norm", "rope", 
                          "soft_cap", "scale", "sigmoid_gate",
                          "kv_write", "gemv_rows", "gemv_gated", "gemv_rows_norm", "gemv_gated_norm",
                          "gemv_rows_ln", "gemv_gated_ln",
+                         "qgemv_int4", "qgemv_int8", "qgemv_fp8", "qgemv_gated_int4", "qgemv_gated_int8",
+                         "qgemv_gated_fp8",
                          "attn_decode_step", "step_advance"})
 
 

@@ -6,6 +6,7 @@ At one decode token (fused kernels, fold on) linear() returns a Lazy "linear": a
 with the residual add in its epilogue; any other use computes it then. A norm left pending by deferred.py is
 folded into the GEMV's reduction (folded_norm). `gemm` ("auto", "own", "cublas") may be switched between
 operations; a graph capture (batched decode steps) uses cuBLAS only once its handle has its fixed workspace.
+A weight kept quantized (QTensor) goes to qlinear.py instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ..errors import DeviceError
 from . import cublas
 from .elementwise import GEMV_ACT_MAX
 from .geometry import CUBLAS_WORKSPACE, GEMV_MAX_T, GEMV_THREADS, gemv_geometry, grid1
-from .tensors import DTensor, Lazy
+from .tensors import DTensor, Lazy, QTensor
 
 
 class LinearMixin:
@@ -31,6 +32,8 @@ class LinearMixin:
 
         At one token (fused kernels, folding on) the result is a Lazy: it is computed when first read (or by
         add_norm with the residual add folded in), from x as it is then; activations are never written in place."""
+        if isinstance(w, QTensor):
+            return self.qlinears(x, [(w, b)])[0]
         K, N = x.shape[-1], w.shape[0]
         if w.shape[1] != K:
             raise DeviceError(f"linear: x has {K} features but the weight is {list(w.shape)}")
@@ -57,6 +60,8 @@ class LinearMixin:
 
     def linears(self, x: DTensor, pairs) -> tuple:
         """(x @ w.T (+ b) for (w, b) in pairs): for a few tokens one GEMV launch covers up to 3 products."""
+        if any(isinstance(w, QTensor) for w, _ in pairs):
+            return self.qlinears(x, pairs)
         K = x.shape[-1]
         M = x.size // K if K else 0
         if M > GEMV_MAX_T and self._use_cublas(M, K):
@@ -93,6 +98,8 @@ class LinearMixin:
     def linear_act(self, x: DTensor, w: DTensor, b, kind: str) -> DTensor:
         """act(x @ w.T (+ b)): the activation as the GEMV's epilogue for a few tokens (codes the GEMV knows,
         elementwise.GEMV_ACT_MAX; the others run the product, then the act kernel)."""
+        if isinstance(w, QTensor):
+            return self.qlinear_act(x, w, b, kind)
         M = x.size // x.shape[-1] if x.shape[-1] else 0
         if M > GEMV_MAX_T or not self.fused or self.act_code(kind) > GEMV_ACT_MAX:
             return self.act(self.linear(x, w, b), kind)
@@ -100,6 +107,8 @@ class LinearMixin:
 
     def gated_linear(self, x: DTensor, wg: DTensor, bg, wu: DTensor, bu, kind: str) -> DTensor:
         """act(x @ wg.T (+ bg)) * (x @ wu.T (+ bu)): for a few tokens one GEMV reads both weights."""
+        if isinstance(wg, QTensor) or isinstance(wu, QTensor):
+            return self.qgated(x, wg, bg, wu, bu, kind)
         K, N = x.shape[-1], wg.shape[0]
         M = x.size // K if K else 0
         if M > GEMV_MAX_T or not self.fused or self.act_code(kind) > GEMV_ACT_MAX:

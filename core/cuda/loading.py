@@ -5,6 +5,14 @@ begin_loading fails early when the model needs what the kernels lack (capabiliti
 fit; convert uploads each weight in the backend's dtype (converted on the host in CONVERT_CHUNK pieces, so host
 memory stays bounded); finish_loading preallocates the KV cache (kvcache.py); release frees everything the other
 rooms hold, in the order they need.
+
+Quantized checkpoints (issue 16): core.load asks quantized_nbytes for each quantized weight (a
+core.quant.QuantizedTensor, not dequantized) and hands those it gets a size for to convert_quantized, which repacks
+its stored parts into the device layout (qlayout.py) and uploads them as a QTensor; the products of qlinear.py read
+it. Kept quantized (QUANT_ROLES): the projections of the standard blocks and lm_head (when a checkpoint quantizes it),
+which every kernel reads through linear.py; not the stacked experts (moe.cu reads dense [E, out, in]), nor the weights
+of a plugin's own sublayer function (it may hand them to a custom op). Everything else, and a weight whose data the
+layout cannot hold (convert_quantized returns None), is loaded dense through convert, as before.
 """
 
 from __future__ import annotations
@@ -18,10 +26,16 @@ from ..errors import DeviceError, DeviceMemoryError
 from .capabilities import missing_capabilities
 from .geometry import grid1
 from .memory import mib
+from .qlayout import Packed, device_nbytes, repack
 from .session import Session
-from .tensors import ITEMSIZE, DTensor
+from .tensors import ITEMSIZE, DTensor, QTensor
 
 CONVERT_CHUNK = 1 << 24  # elements converted on the host per upload step (64 MB as float32)
+ATTENTION_ROLES = frozenset({"q.weight", "k.weight", "v.weight", "o.weight"})
+MLP_ROLES = frozenset({"gate.weight", "up.weight", "down.weight", "shared.gate.weight", "shared.up.weight",
+                       "shared.down.weight"})
+QUANT_ROLES = ATTENTION_ROLES | MLP_ROLES | {"lm_head"}  # kept quantized: every product with them is linear.py's
+SCALE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 class LoadingMixin:
@@ -43,15 +57,16 @@ class LoadingMixin:
         """Held around each forward or generation: one at a time per model, from any thread (session.py)."""
         return Session(self)
 
-    def begin_loading(self, config, numel: int) -> None:
+    def begin_loading(self, config, numel: int, quantized_bytes: int = 0) -> None:
         """Refuse a model needing what the kernels lack (capabilities.py, each named), remember the config (for
-        the KV cache) and fail early if the weights cannot fit: all before the first upload."""
+        the KV cache) and fail early if the weights cannot fit (numel dense elements in self.dtype, plus the bytes
+        of weights kept quantized): all before the first upload."""
         missing = missing_capabilities(config)
         if missing:
             raise DeviceError(f"the CUDA backend cannot run this model: its kernels lack {', '.join(missing)} "
                               f"(device='cpu' runs it)")
         self._config = config
-        need = numel * ITEMSIZE[self.dtype]
+        need = numel * ITEMSIZE[self.dtype] + quantized_bytes
         free, total = self.mem_info()
         if need > free:
             raise DeviceMemoryError(f"the weights need {mib(need)} in {self.dtype} but only {mib(free)} of "
@@ -81,6 +96,46 @@ class LoadingMixin:
         self._owned.append(alloc)
         self.weight_bytes += n * isz
         return DTensor(alloc, int(alloc), bits.shape, self.dtype)
+
+    def quantized_nbytes(self, q, role: str, config) -> int | None:
+        """GPU bytes of quantized checkpoint weight `q` (a core.quant.QuantizedTensor) if it is kept quantized for
+        `role`, else None: it is then loaded dense (see the module docstring for which roles)."""
+        if role not in QUANT_ROLES or (config.attention_block is not None and role in ATTENTION_ROLES) or (
+                config.mlp_block is not None and role in MLP_ROLES):
+            return None
+        return device_nbytes(q)
+
+    def convert_quantized(self, q, role: str) -> QTensor | None:
+        """`q` repacked from its stored parts (qlayout.py) and uploaded, or None when its data does not fit the
+        layout (a g_idx that is not a permutation of groups, a zero point out of range): load it dense then."""
+        p = repack(q)
+        return None if p is None else self.upload_packed(p, role)
+
+    def upload_packed(self, p: Packed, role: str) -> QTensor:
+        """A weight in qlayout.py's layout uploaded as it is (loading, and benchmarks' random quantized weights)."""
+        allocs = []
+        try:
+            for a in (p.words, p.scales, p.zeros, p.perm):
+                if a is not None:
+                    allocs.append(self.mem_alloc(a.nbytes, f"quantized weight {role!r} {list(p.shape)} "
+                                                           f"({self.weight_bytes:,} bytes already loaded)"))
+                    self.drv.memcpy_htod(int(allocs[-1]), np.ascontiguousarray(a))
+        except self.drv.Error as e:
+            for a in allocs:
+                a.free()
+            raise DeviceError(f"uploading quantized weight {role!r} failed: {e}") from None
+        except BaseException:
+            for a in allocs:
+                a.free()
+            raise
+        self._owned += allocs
+        self.weight_bytes += p.nbytes
+        ptrs = iter(int(a) for a in allocs)
+        q, s = next(ptrs), next(ptrs)
+        z = next(ptrs) if p.zeros is not None else 0
+        perm = next(ptrs) if p.perm is not None else 0
+        return QTensor(p.shape, p.kind, SCALE_DTYPES[p.sdtype], p.kp, p.lg, p.scales.shape[1], p.srow,
+                       (q, s, z, perm), p.nbytes)
 
     def random_weight(self, shape, seed: int, scale: float, center: float = 0.0) -> DTensor:
         """A weight of `shape` filled on the GPU with uniform values in center ± scale (benchmarks)."""

@@ -34,6 +34,8 @@ def variants(name: str) -> list[dict[str, int]]:
         return ([dict(d, GEMV_MAX_T=t) for d in dtypes for t in (1, 4)]
                 + [dict(d, GEMV_MAX_T=1, GEMV_ROWS=8, GEMV_UNROLL=1) for d in dtypes]
                 + [dict(d, GEMV_MAX_T=1, GEMV_UNROLL=u) for d in dtypes for u in (3, 4)])  # K <= 4096 in one pass
+    if name == "gemv_q.cu":  # quantized weights: every weight type x scale type, one token and up to GEMV_MAX_T
+        return [dict(d, SDTYPE=s, GEMV_MAX_T=t) for d in dtypes for s in DTYPE_CODES.values() for t in (1, 4)]
     if name == "norm.cu":
         return [dict(d, NORM_VPT=2) for d in dtypes]
     if name == "attention_tc.cu":  # tensor-core prefill: half types, head sizes that are multiples of 16

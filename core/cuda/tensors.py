@@ -1,5 +1,5 @@
-"""Device tensors: DTensor (an allocation, a pointer into it, shape and dtype) and Lazy (a decode-sized result
-not computed yet, which the kernel that reads it may fold in).
+"""Device tensors: DTensor (an allocation, a pointer into it, shape and dtype), Lazy (a decode-sized result
+not computed yet, which the kernel that reads it may fold in) and QTensor (a weight kept quantized).
 
 Every room of the CUDA backend passes these around, and so do graph.py and gpu_sampling.py; nothing here
 touches the driver.
@@ -99,3 +99,35 @@ class Lazy(DTensor):
 
     def __repr__(self):
         return f"Lazy({self.kind}, float32{list(self.shape)}, {'pending' if self.pending else 'computed'})"
+
+
+class QTensor:
+    """A weight [N, K] kept quantized in GPU memory, in core/cuda/qlayout.py's layout (loading.py uploads a Packed):
+    `kind` ("int4", "int8", "fp8"), `sdtype` (the scales' dtype, which gemv_q.cu rounds the weight to), the layout's
+    kp / lg / G / srow, and the device pointers of its words, scales, zero points and act-order permutation (0: none).
+    linear.py routes every product with one to qlinear.py; nothing else reads it."""
+
+    __slots__ = ("shape", "kind", "sdtype", "kp", "lg", "G", "srow", "q", "s", "z", "perm", "nbytes")
+    quantized = True  # core/bench_shapes.py counts its nbytes, not size x the dtype's
+
+    def __init__(self, shape, kind: str, sdtype: str, kp: int, lg: int, G: int, srow: int, ptrs, nbytes: int):
+        self.shape, self.kind, self.sdtype = tuple(int(d) for d in shape), kind, sdtype
+        self.kp, self.lg, self.G, self.srow, self.nbytes = kp, lg, G, srow, nbytes
+        self.q, self.s, self.z, self.perm = ptrs  # int device pointers; z and perm 0 when absent
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)  # the dense weight's elements (nbytes: what the GPU holds)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def layout_key(self) -> tuple:
+        """What weights read by one launch must share (one x, one scale geometry): kind, scale dtype, K, kp, lg, G,
+        srow; a permuted one shares with none (its x is its own permutation)."""
+        own = id(self) if self.perm else None
+        return (self.kind, self.sdtype, self.shape[1], self.kp, self.lg, self.G, self.srow, own)
+
+    def __repr__(self):
+        return f"QTensor({self.kind}, {self.sdtype} scales, {list(self.shape)}, {self.nbytes:,} bytes)"

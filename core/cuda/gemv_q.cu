@@ -1,0 +1,413 @@
+// Quantized weights (issue 16): the decode GEMV that dequantizes in registers, and the dequantization the prefill
+// GEMM reads. Weights are in the device layout of core/cuda/qlayout.py: per output row, 32-bit words of codes along
+// K (int4: 8 a word, int8 and fp8: 4), padded to whole 16-byte chunks; scales [R, G] in the scales' own type `st`
+// (SDTYPE), row n using scale row n / srow and element k column min(k >> lg, G - 1); uint8 zero points [N, G] or
+// none (2^(bits-1), symmetric); x staged by the backend when it must be permuted (act-order) or padded to Kp.
+//
+// Every kernel computes the weight exactly as core/quant/dequant.py does: (u - z) * s (int) or e4m3(u) * s (fp8),
+// rounded once to the scale type; the GEMV then accumulates w * x in fp32 (x stays fp32), as gemv.cu does. How:
+//   int, st half / bf16: a code goes into the low mantissa bits of MAGIC (1024 in fp16, 128 in bf16: 10 and 7
+//     mantissa bits, a code's 4 or 8 fit), so one LOP3 or PRMT makes two exact values MAGIC + u; minus MAGIC + z is
+//     the exact integer u - z; one hmul2 by the scale rounds it once, as the reference does (which multiplies in
+//     float32 exactly, |u - z| < 2^9 and a 16-bit scale having at most 11 significant bits, then rounds). int8 in
+//     bf16 (u > 127 is not exact in 128 + u) takes u - z through the fp32 MAGIC 2^23 instead: |u - z| <= 255 has 8
+//     significant bits, so its fp32 bits' top half is that bf16 exactly.
+//   int, st float32: fp32 MAGIC 2^23 + u, minus 2^23 + z, times s: one fp32 rounding, as the reference.
+//   fp8 (E4M3): the byte's sign and 7 magnitude bits, shifted into an fp16's (sign, exponent, mantissa) fields, are an
+//     fp16 of the value times 2^-8 (5 exponent bits against 4, subnormals included: every e4m3 value is an fp16),
+//     so the layout stores 256 s, and one hmul2 (st half) or an fp32 multiply (exact: 4 + 11 significant bits) then
+//     one rounding gives the reference's product. The e4m3 NaN codes (0x7F, 0xFF) come out finite here: qlayout.py
+//     keeps a weight holding one dense.
+// So for a few tokens the result is the dense product over the reference weight up to fp32 summation order
+// (tests/test_cuda_quant.py holds it to that).
+//
+// qgemv_<kind>: up to 3 products of the same x (q, k, v) in one launch, with an activation in the epilogue, the
+//   geometry of gemv.cu's gemv_rows: a block of QTHREADS threads owns QROWS output rows of one segment and splits K
+//   across its threads in 16-byte chunks, QROWS x QUNROLL weight loads in flight a thread, each x chunk read once for
+//   all QROWS rows, partial sums meeting in shared memory.
+// qgemv_gated_<kind>: act(x wg^T + bg) * (x wu^T + bu), a block reading QROWS rows of both.
+// qdequant_<kind>: the dense weight wt [N, K] (act-order columns put back in place) for the GEMM of many tokens.
+// qstage: x [T, K] permuted and zero-padded into [T, Kp].
+#include "common.cuh"
+
+#ifndef SDTYPE
+#define SDTYPE 1  // the scales' stored type, which the dequantized weight is rounded to: 0 float32, 1 fp16, 2 bf16
+#endif
+#ifndef GEMV_MAX_T
+#define GEMV_MAX_T 4  // tokens per weight read; the backend routes more to the dequantized GEMM
+#endif
+#ifndef QROWS
+#define QROWS 4  // output rows per block
+#endif
+#ifndef QUNROLL
+#define QUNROLL 2  // chunks per thread whose loads are issued before any is used
+#endif
+#define QTHREADS 128
+#ifndef GEMV_EARLY_LAUNCH
+#define GEMV_EARLY_LAUNCH 1  // where a block triggers programmatic dependent launch: at its start (1) or after loads
+#endif
+static_assert(SDTYPE >= 0 && SDTYPE <= 2, "SDTYPE must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+static_assert(GEMV_MAX_T >= 1 && GEMV_MAX_T <= 16, "GEMV_MAX_T must be in [1, 16]");
+static_assert(QROWS >= 1 && QROWS <= 8 && QUNROLL >= 1 && QUNROLL <= 4, "QROWS in [1, 8], QUNROLL in [1, 4]");
+
+#if SDTYPE == 0
+typedef float st;
+typedef float2 st2;
+#elif SDTYPE == 1
+typedef __half st;
+typedef __half2 st2;
+#else
+typedef __nv_bfloat16 st;
+typedef __nv_bfloat162 st2;
+#endif
+
+#define KIND_INT4 0
+#define KIND_INT8 1
+#define KIND_FP8 2
+
+template <int KIND> struct Codes {
+    static constexpr int BITS = KIND == KIND_INT4 ? 4 : 8;
+    static constexpr int PER = 32 / BITS;                     // codes in a word
+    static constexpr int CH = 4 * PER;                        // codes in a 16-byte chunk
+    static constexpr int LOG_CH = KIND == KIND_INT4 ? 5 : 4;
+    static constexpr uint32_t ZSYM = 1u << (BITS - 1);        // the zero point when there are none (symmetric)
+};
+
+template <class T> __device__ __forceinline__ T bits_as(uint32_t u) {
+    T t;
+    memcpy(&t, &u, sizeof(T));
+    return t;
+}
+template <class T> __device__ __forceinline__ uint32_t as_bits(T t) {
+    uint32_t u;
+    memcpy(&u, &t, sizeof(u));
+    return u;
+}
+
+#if SDTYPE == 1
+__device__ __forceinline__ float2 st2_float2(__half2 v) { return __half22float2(v); }
+#define MAGIC2 0x64006400u  // fp16 1024 in both halves
+#elif SDTYPE == 2
+__device__ __forceinline__ float2 st2_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+#define MAGIC2 0x43004300u  // bf16 128 in both halves
+#endif
+#define MAGIC32 0x4B000000u  // fp32 2^23
+
+// A row's scale and zero point for one group, in the forms dequant_word uses.
+struct QS {
+    float sf;   // the scale as float (fp8: times 256, as stored)
+    float zf;   // 2^23 + zero point (fp32 path)
+    st2 s2;     // the scale in both halves
+    st2 z2;     // MAGIC + zero point in both halves (int, st half / bf16)
+};
+
+template <int KIND>
+__device__ __forceinline__ QS scale_of(const st* __restrict__ srow, const uint8_t* __restrict__ zrow, int g) {
+    QS q;
+    const st s = srow[g];
+    const uint32_t z = zrow ? (uint32_t)zrow[g] : Codes<KIND>::ZSYM;
+    q.sf = to_f(s);
+    q.zf = __uint_as_float(MAGIC32 | z);
+#if SDTYPE == 0
+    q.s2 = make_float2(s, s);
+    q.z2 = make_float2(0.f, 0.f);
+#else
+    q.s2 = st2(s, s);
+    q.z2 = bits_as<st2>(MAGIC2 | z | (z << 16));
+#endif
+    return q;
+}
+
+// The PER weights of word w (code i at bits i * BITS), dequantized as the reference does (see the file comment).
+template <int KIND> __device__ __forceinline__ void dequant_word(uint32_t w, const QS& q, float* f);
+
+template <> __device__ __forceinline__ void dequant_word<KIND_INT4>(uint32_t w, const QS& q, float* f) {
+#if SDTYPE == 0
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = (__uint_as_float(((w >> (4 * i)) & 0xFu) | MAGIC32) - q.zf) * q.sf;
+#else
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // codes i and i + 4 in the low and high halves
+        const st2 d = __hsub2(bits_as<st2>(((w >> (4 * i)) & 0x000F000Fu) | MAGIC2), q.z2);
+        const float2 v = st2_float2(__hmul2(d, q.s2));
+        f[i] = v.x;
+        f[i + 4] = v.y;
+    }
+#endif
+}
+
+template <> __device__ __forceinline__ void dequant_word<KIND_INT8>(uint32_t w, const QS& q, float* f) {
+#if SDTYPE == 1
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // bytes i and i + 2 under the fp16 MAGIC's high byte 0x64
+        const st2 d = __hsub2(bits_as<st2>(__byte_perm(w, 0x64646464u, 0x4240u + 0x0101u * i)), q.z2);
+        const float2 v = st2_float2(__hmul2(d, q.s2));
+        f[i] = v.x;
+        f[i + 2] = v.y;
+    }
+#else
+    float d[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) d[i] = __uint_as_float(__byte_perm(w, MAGIC32, 0x7440u + i)) - q.zf;  // exact u - z
+#if SDTYPE == 0
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = d[i] * q.sf;
+#else
+#pragma unroll
+    for (int i = 0; i < 4; i += 2) {  // the fp32 bits' top halves are the bf16 of u - z, exactly
+        const st2 e = bits_as<st2>(__byte_perm(__float_as_uint(d[i]), __float_as_uint(d[i + 1]), 0x7632u));
+        const float2 v = st2_float2(__hmul2(e, q.s2));
+        f[i] = v.x;
+        f[i + 1] = v.y;
+    }
+#endif
+#endif
+}
+
+template <> __device__ __forceinline__ void dequant_word<KIND_FP8>(uint32_t w, const QS& q, float* f) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        // bytes 2i and 2i + 1 at bits 8-15 and 24-31: each half's sign in place, its 7 magnitude bits one lower
+        const uint32_t t = __byte_perm(w, 0u, i ? 0x3424u : 0x1404u);
+        const __half2 h = bits_as<__half2>((t & 0x80008000u) | ((t >> 1) & 0x3F803F80u));  // value * 2^-8, exact
+#if SDTYPE == 1
+        const float2 v = __half22float2(__hmul2(h, q.s2));
+#else
+        const float2 e = __half22float2(h);
+        float2 v = make_float2(e.x * q.sf, e.y * q.sf);  // sf = 256 s: the exact product for a bf16 scale
+#if SDTYPE == 2
+        v = __bfloat1622float2(__floats2bfloat162_rn(v.x, v.y));
+#endif
+#endif
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
+
+// Sums over the block of x[t] . W[r] for r < NR, t < T into tot[r * GEMV_MAX_T + t] (shared; QTHREADS / 32 * NR *
+// GEMV_MAX_T floats). rows: the NR rows' words; srows / zrows: their scale rows and zero-point rows (or NULL).
+template <int KIND, int NR>
+__device__ __forceinline__ void qdot(const uint32_t* const (&rows)[NR], const st* const (&srows)[NR],
+                                     const uint8_t* const (&zrows)[NR], const float* __restrict__ x, int T, int Kp,
+                                     int lg, int G, float* tot) {
+    typedef Codes<KIND> C;
+    // Let the next kernel start its blocks as soon as every block of this one runs (gemv.cu's early launch; not
+    // before the decode attention, whose K/V prefetch it slows: geometry.gemv_geometry).
+    if (GEMV_EARLY_LAUNCH) pdl_launch();
+    float acc[NR][GEMV_MAX_T];
+#pragma unroll
+    for (int r = 0; r < NR; ++r)
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_T; ++t) acc[r][t] = 0.f;
+    const int nch = Kp / C::CH;
+    const bool whole = lg >= C::LOG_CH;  // every chunk lies in one group: one scale a chunk, else one a word
+    bool waited = false;
+    for (int c0 = threadIdx.x; c0 < nch; c0 += QTHREADS * QUNROLL) {
+        uint4 wv[QUNROLL][NR];
+#pragma unroll
+        for (int u = 0; u < QUNROLL; ++u) {
+            const int c = c0 + u * QTHREADS;
+#pragma unroll
+            for (int r = 0; r < NR; ++r)
+                if (c < nch) wv[u][r] = __ldg(reinterpret_cast<const uint4*>(rows[r]) + c);
+        }
+        // the first weight loads (no kernel writes weights) are in flight before waiting for x
+        if (!waited) { pdl_wait(); waited = true; }
+#pragma unroll
+        for (int u = 0; u < QUNROLL; ++u) {
+            const int c = c0 + u * QTHREADS;
+            if (c >= nch) break;
+            QS sc[NR];
+            if (whole) {
+#pragma unroll
+                for (int r = 0; r < NR; ++r) sc[r] = scale_of<KIND>(srows[r], zrows[r], min((c * C::CH) >> lg, G - 1));
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int k = c * C::CH + j * C::PER;
+                if (!whole) {
+#pragma unroll
+                    for (int r = 0; r < NR; ++r) sc[r] = scale_of<KIND>(srows[r], zrows[r], min(k >> lg, G - 1));
+                }
+                float xf[GEMV_MAX_T][C::PER];
+#pragma unroll
+                for (int t = 0; t < GEMV_MAX_T; ++t) {
+                    if (t >= T) break;
+                    const float4* xp = reinterpret_cast<const float4*>(x + (size_t)t * Kp + k);
+#pragma unroll
+                    for (int e = 0; e < C::PER / 4; ++e) {
+                        const float4 v = xp[e];
+                        xf[t][4 * e] = v.x, xf[t][4 * e + 1] = v.y, xf[t][4 * e + 2] = v.z, xf[t][4 * e + 3] = v.w;
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < NR; ++r) {
+                    const uint32_t word = j == 0 ? wv[u][r].x : j == 1 ? wv[u][r].y : j == 2 ? wv[u][r].z : wv[u][r].w;
+                    float wf[C::PER];
+                    dequant_word<KIND>(word, sc[r], wf);
+#pragma unroll
+                    for (int t = 0; t < GEMV_MAX_T; ++t) {
+                        if (t >= T) break;
+                        float s = acc[r][t];
+#pragma unroll
+                        for (int e = 0; e < C::PER; ++e) s = fmaf(wf[e], xf[t][e], s);
+                        acc[r][t] = s;
+                    }
+                }
+            }
+        }
+    }
+    if (!waited) pdl_wait();  // threads with no chunk: every thread waits (completion stays transitive)
+    if (!GEMV_EARLY_LAUNCH) pdl_launch();
+    constexpr int NS = NR * GEMV_MAX_T;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int r = 0; r < NR; ++r)
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_T; ++t) {
+            const float v = warp_sum(acc[r][t]);
+            if (lane == 0) tot[warp * NS + r * GEMV_MAX_T + t] = v;
+        }
+    __syncthreads();
+    if (threadIdx.x < NS) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < QTHREADS / 32; ++w) s += tot[w * NS + threadIdx.x];
+        tot[threadIdx.x] = s;  // only this thread touches column threadIdx.x (warp 0's slot of it)
+    }
+    __syncthreads();
+}
+
+// Pointers of output row `row` of a weight: its words, scale row and zero-point row.
+template <int KIND>
+__device__ __forceinline__ void row_ptrs(const uint32_t* q, const st* s, const uint8_t* z, int row, int Kp, int G,
+                                         int srow, const uint32_t*& qr, const st*& sr, const uint8_t*& zr) {
+    qr = q + (size_t)row * (Kp / Codes<KIND>::PER);
+    sr = s + (size_t)(row / srow) * G;
+    zr = z ? z + (size_t)row * G : nullptr;
+}
+
+template <int KIND>
+__device__ __forceinline__ void qgemv_body(
+    const float* __restrict__ x,  // float32 [T, Kp], 16-byte aligned (staged when it is not, or K < Kp)
+    int T, int Kp,                // T <= GEMV_MAX_T; Kp: K padded to whole chunks (the words' row length in codes)
+    int lg, int G, int srow,      // the shared scale geometry of the segments (see the file comment)
+    int act,                      // ACT_* code applied after the bias, or -1 for none
+    // segment s: y_s float32 [T, n_s]; q_s uint32 [n_s, Kp / PER]; s_s st [ceil(n_s / srow), G]; z_s uint8 [n_s, G]
+    // or NULL; b_s wt [n_s] or NULL. n1 = 0 / n2 = 0: no such segment
+    float* y0, const uint32_t* q0, const st* s0, const uint8_t* z0, const wt* b0, int n0,
+    float* y1, const uint32_t* q1, const st* s1, const uint8_t* z1, const wt* b1, int n1,
+    float* y2, const uint32_t* q2, const st* s2, const uint8_t* z2, const wt* b2, int n2) {
+    __shared__ float tot[QTHREADS / 32 * QROWS * GEMV_MAX_T];
+    int blk = blockIdx.x;
+    const int nb0 = (n0 + QROWS - 1) / QROWS, nb1 = (n1 + QROWS - 1) / QROWS;
+    float* y = y0; const uint32_t* q = q0; const st* s = s0; const uint8_t* z = z0; const wt* b = b0; int n = n0;
+    if (blk >= nb0 + nb1) { blk -= nb0 + nb1; y = y2; q = q2; s = s2; z = z2; b = b2; n = n2; }
+    else if (blk >= nb0) { blk -= nb0; y = y1; q = q1; s = s1; z = z1; b = b1; n = n1; }
+    const int r0 = blk * QROWS;
+    if (r0 >= n) { pdl_wait(); return; }  // whole block: no barrier is skipped by part of it
+    const uint32_t* rows[QROWS];
+    const st* srows[QROWS];
+    const uint8_t* zrows[QROWS];
+#pragma unroll
+    for (int r = 0; r < QROWS; ++r)  // clamped rows are read, never written
+        row_ptrs<KIND>(q, s, z, min(r0 + r, n - 1), Kp, G, srow, rows[r], srows[r], zrows[r]);
+    const int er = threadIdx.x / GEMV_MAX_T, et = threadIdx.x % GEMV_MAX_T, erow = r0 + er;
+    const bool epi = threadIdx.x < QROWS * GEMV_MAX_T && et < T && erow < n;
+    const float bv = epi && b ? to_f(b[erow]) : 0.f;
+    qdot<KIND, QROWS>(rows, srows, zrows, x, T, Kp, lg, G, tot);
+    if (epi) {
+        const float v = tot[er * GEMV_MAX_T + et] + bv;
+        y[(size_t)et * n + erow] = act >= 0 ? activate(v, act) : v;
+    }
+}
+
+template <int KIND>
+__device__ __forceinline__ void qgemv_gated_body(
+    float* __restrict__ y,        // float32 [T, n]
+    const float* __restrict__ x,  // float32 [T, Kp] (as qgemv)
+    int T, int Kp, int lg, int G, int srow, int act, int n,  // act: ACT_* code of the gate
+    const uint32_t* qg, const st* sg, const uint8_t* zg, const wt* bg,  // gate [n, K] (as a qgemv segment)
+    const uint32_t* qu, const st* su, const uint8_t* zu, const wt* bu)  // up [n, K]
+{
+    __shared__ float tot[QTHREADS / 32 * 2 * QROWS * GEMV_MAX_T];
+    const int r0 = blockIdx.x * QROWS;
+    if (r0 >= n) { pdl_wait(); return; }
+    const uint32_t* rows[2 * QROWS];
+    const st* srows[2 * QROWS];
+    const uint8_t* zrows[2 * QROWS];
+#pragma unroll
+    for (int r = 0; r < QROWS; ++r) {
+        const int row = min(r0 + r, n - 1);
+        row_ptrs<KIND>(qg, sg, zg, row, Kp, G, srow, rows[r], srows[r], zrows[r]);
+        row_ptrs<KIND>(qu, su, zu, row, Kp, G, srow, rows[QROWS + r], srows[QROWS + r], zrows[QROWS + r]);
+    }
+    qdot<KIND, 2 * QROWS>(rows, srows, zrows, x, T, Kp, lg, G, tot);
+    if (threadIdx.x < QROWS * GEMV_MAX_T) {
+        const int r = threadIdx.x / GEMV_MAX_T, t = threadIdx.x % GEMV_MAX_T, row = r0 + r;
+        if (t < T && row < n) {
+            const float gv = tot[r * GEMV_MAX_T + t] + (bg ? to_f(bg[row]) : 0.f);
+            const float u = tot[(QROWS + r) * GEMV_MAX_T + t] + (bu ? to_f(bu[row]) : 0.f);
+            y[(size_t)t * n + row] = activate(gv, act) * u;
+        }
+    }
+}
+
+template <int KIND>
+__device__ __forceinline__ void qdequant_body(
+    wt* __restrict__ out,            // wt [N, K]
+    const uint32_t* __restrict__ q,  // uint32 [N, Kp / PER]
+    const st* __restrict__ s,        // st [ceil(N / srow), G]
+    const uint8_t* __restrict__ z,   // uint8 [N, G] or NULL
+    const int* __restrict__ perm,    // int32 [K] (packed column j is column perm[j]) or NULL
+    int N, int K, int Kp, int lg, int G, int srow) {
+    typedef Codes<KIND> C;
+    const int kw = Kp / C::PER;
+    const long long total = (long long)N * kw;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += stride) {
+        const int n = (int)(i / kw), k = (int)(i - (long long)n * kw) * C::PER;
+        if (k >= K) continue;
+        const uint8_t* zr = z ? z + (size_t)n * G : nullptr;
+        float f[C::PER];
+        dequant_word<KIND>(q[i], scale_of<KIND>(s + (size_t)(n / srow) * G, zr, min(k >> lg, G - 1)), f);
+        wt* o = out + (size_t)n * K;
+#pragma unroll
+        for (int e = 0; e < C::PER; ++e)
+            if (k + e < K) o[perm ? perm[k + e] : k + e] = from_f<wt>(f[e]);
+    }
+}
+
+#define QGEMV_ARGS const float* __restrict__ x, int T, int Kp, int lg, int G, int srow, int act, \
+    float* y0, const uint32_t* q0, const st* s0, const uint8_t* z0, const wt* b0, int n0, \
+    float* y1, const uint32_t* q1, const st* s1, const uint8_t* z1, const wt* b1, int n1, \
+    float* y2, const uint32_t* q2, const st* s2, const uint8_t* z2, const wt* b2, int n2
+#define QGEMV_PASS x, T, Kp, lg, G, srow, act, y0, q0, s0, z0, b0, n0, y1, q1, s1, z1, b1, n1, y2, q2, s2, z2, b2, n2
+#define QGATED_ARGS float* __restrict__ y, const float* __restrict__ x, int T, int Kp, int lg, int G, int srow, \
+    int act, int n, const uint32_t* qg, const st* sg, const uint8_t* zg, const wt* bg, const uint32_t* qu, \
+    const st* su, const uint8_t* zu, const wt* bu
+#define QGATED_PASS y, x, T, Kp, lg, G, srow, act, n, qg, sg, zg, bg, qu, su, zu, bu
+#define QDEQ_ARGS wt* __restrict__ out, const uint32_t* __restrict__ q, const st* __restrict__ s, \
+    const uint8_t* __restrict__ z, const int* __restrict__ perm, int N, int K, int Kp, int lg, int G, int srow
+#define QDEQ_PASS out, q, s, z, perm, N, K, Kp, lg, G, srow
+// One kernel per kind (the backend names them by the layout's kind).
+#define QKERNELS(NAME, KIND) \
+    extern "C" __global__ void __launch_bounds__(QTHREADS) qgemv_##NAME(QGEMV_ARGS) { qgemv_body<KIND>(QGEMV_PASS); } \
+    extern "C" __global__ void __launch_bounds__(QTHREADS) qgemv_gated_##NAME(QGATED_ARGS) { \
+        qgemv_gated_body<KIND>(QGATED_PASS); } \
+    extern "C" __global__ void qdequant_##NAME(QDEQ_ARGS) { qdequant_body<KIND>(QDEQ_PASS); }
+QKERNELS(int4, KIND_INT4)
+QKERNELS(int8, KIND_INT8)
+QKERNELS(fp8, KIND_FP8)
+
+extern "C" __global__ void qstage(float* __restrict__ xs,       // float32 [T, Kp]
+                                  const float* __restrict__ x,  // float32 [T, K]
+                                  const int* __restrict__ perm, // int32 [K] or NULL
+                                  int T, int K, int Kp) {
+    const long long total = (long long)T * Kp;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += stride) {
+        const int t = (int)(i / Kp), j = (int)(i - (long long)t * Kp);
+        xs[i] = j < K ? x[(size_t)t * K + (perm ? perm[j] : j)] : 0.f;
+    }
+}
