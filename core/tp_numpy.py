@@ -152,6 +152,10 @@ class TensorParallelNumpy:
             raise DeviceError("to_host of a tensor still split across ranks: the plan misses a collective")
         return np.asarray(x, dtype=np.float32)
 
+    def argmax_rows(self, x):
+        """(ids, non-finite) per row of (replicated) logits [R, V], as NumpyBackend.argmax_rows."""
+        return NumpyBackend.argmax_rows(self, self.to_host(x))
+
     def decode(self, forward, W, c, token: int, cache, start: int, rope, greedy: bool = False):
         """Logits [V] of one token at `start`, or with greedy its argmax id (as NumpyBackend.decode)."""
         return NumpyBackend.decode(self, forward, W, c, token, cache, start, rope, greedy)
