@@ -322,16 +322,11 @@ class Engine:
     def _greedy_picks(self, logits, scheduled, groups):
         """When every row that wants a token this step is plain greedy (temperature 0, no penalty, no logprobs):
         [(id, non-finite?)] per row, found where the logits are (backend.argmax_rows: on the GPU only 8 bytes a row
-        come back) or by one vectorised argmax on the host. None otherwise: the rows are sampled one by one."""
+        come back; numpy: one vectorised argmax). None otherwise: the rows are sampled one by one."""
         rows = [r for (r, _), segs in zip(scheduled, groups) if segs[-1].logits]
         if not rows or not all(_plain_greedy(r) for r in rows):
             return None
-        be = self.model.backend
-        if hasattr(be, "argmax_rows"):
-            ids, bad = be.argmax_rows(logits)
-        else:
-            x = np.asarray(logits)
-            ids, bad = x.argmax(axis=1), ~np.isfinite(x).all(axis=1)
+        ids, bad = self.model.backend.argmax_rows(logits)
         return list(zip(ids.tolist(), bad.tolist()))
 
     def _picked(self, r: Request, tok: int, bad: bool, row: np.ndarray | None) -> StepOutput:
