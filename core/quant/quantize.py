@@ -1,4 +1,5 @@
-"""`archkit quantize SRC DST --scheme w4a16|w8a16|fp8`: round-to-nearest quantization of a plain checkpoint, written
+"""`archkit quantize SRC DST --scheme w4a16|w8a16|fp8 [--calibrate TEXT]`: round-to-nearest (or, with calibration
+text, GPTQ: core/quant/gptq.py) quantization of a plain checkpoint, written
 as a compressed-tensors checkpoint: the format llm-compressor writes, which transformers (with the compressed-tensors
 package; tests/test_quant_formats.py) and vLLM read (vLLM is not tested here).
 
@@ -48,6 +49,10 @@ def add_arguments(p) -> None:
     p.add_argument("--group-size", type=int, help="input columns sharing a scale (w4a16 default 128; -1 = per "
                    "channel, the w8a16 default); a weight whose columns it does not divide stays unquantized")
     p.add_argument("--asym", action="store_true", help="int schemes: a zero point per scale (default symmetric)")
+    p.add_argument("--calibrate", metavar="TEXT_FILE", help="int schemes: GPTQ instead of round-to-nearest, "
+                   "measuring each layer's inputs on this UTF-8 text (core/quant/gptq.py)")
+    p.add_argument("--calibration-tokens", type=int, default=32768, help="tokens of --calibrate's text to use "
+                   "(default 32768)")
     p.add_argument("--arch", help="family name (default: detect from the checkpoint)")
     p.add_argument("--revision", help="branch, tag or commit of a hub id (default: main)")
 
@@ -56,9 +61,16 @@ def cmd_quantize(args) -> int:
     """Run `archkit quantize`; prints what was quantized and the bytes before and after."""
     from ..progress import ProgressBar
 
+    text = None
+    if args.calibrate is not None:
+        try:
+            text = Path(args.calibrate).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise QuantizationError(f"{args.calibrate}: cannot read the calibration text: {e}") from None
     out = quantize(args.src, args.dst, args.scheme, args.group_size, not args.asym, args.arch, args.revision,
-                   progress=ProgressBar())
-    print(f"wrote {out['path']}: {out['quantized']} weights as {out['scheme']} ({out['format']}), "
+                   progress=ProgressBar(), calibration=text, calibration_tokens=args.calibration_tokens)
+    how = f", {out['calibrated']} by GPTQ" if text is not None else ""
+    print(f"wrote {out['path']}: {out['quantized']} weights as {out['scheme']} ({out['format']}{how}), "
           f"{len(out['ignore'])} modules left unquantized; {out['bytes_before'] / 1e6:,.1f} MB -> "
           f"{out['bytes_after'] / 1e6:,.1f} MB")
     return 0
@@ -97,16 +109,9 @@ def rtn_fp8(w: np.ndarray, scale_dtype: str):
 
 def _choose(ckpt: Checkpoint, arch: str | None, group: int):
     """(names of the tensors to quantize, the modules left as they are for `ignore`) through the family's rules."""
-    from ..config import ModelConfig
-    from ..detect import detect
-    from ..registry import default_registry
-    from ..weights import plan
-
-    reg = default_registry()
-    spec = reg[arch or detect(ckpt, reg).name].spec
     if ckpt.config is None:
         raise QuantizationError(f"{ckpt.path}: config.json not found; quantizing needs the model's sizes")
-    p = plan(spec, ModelConfig.from_hf(spec, ckpt.config, str(ckpt.path / "config.json")), ckpt)
+    p = model_plan(ckpt, arch)
     chosen, skipped = set(), []
     for src in p.sources:
         for info in src.infos:
@@ -141,12 +146,13 @@ def _outputs(info: TensorInfo, kind: str, bits: int, group: int, symmetric: bool
     return out
 
 
-def _arrays(info: TensorInfo, kind: str, bits: int, group: int, symmetric: bool) -> list[np.ndarray]:
-    """The data of _outputs(info, ...), computed from the stored weight."""
-    w = to_float32(read_tensor(info), info.dtype)
-    if kind == "float":
-        return list(rtn_fp8(w, info.dtype))
-    q, s, z = rtn_int(w, bits, group, symmetric, info.dtype)
+def _arrays(info: TensorInfo, kind: str, bits: int, group: int, symmetric: bool, solved=None) -> list[np.ndarray]:
+    """The data of _outputs(info, ...), computed from the stored weight (or given: GPTQ's (q, s, z))."""
+    if solved is None:
+        w = to_float32(read_tensor(info), info.dtype)
+        if kind == "float":
+            return list(rtn_fp8(w, info.dtype))
+    q, s, z = solved if solved is not None else rtn_int(w, bits, group, symmetric, info.dtype)
     off = 1 << (bits - 1)  # pack_to_int32 stores q + 2**(bits - 1), unsigned
     out = [pack((q.astype(np.int32) + off).astype(np.uint8), bits, axis=1), s, np.asarray(info.shape, np.int64)]
     if z is not None:
@@ -196,10 +202,13 @@ def _write_file(path: Path, jobs, done=lambda: None) -> int:
 
 
 def quantize(src, dst, scheme: str, group_size: int | None = None, symmetric: bool = True, arch: str | None = None,
-             revision: str | None = None, progress=None) -> dict:
+             revision: str | None = None, progress=None, calibration: str | None = None,
+             calibration_tokens: int = 32768) -> dict:
     """Quantize checkpoint `src` into a new compressed-tensors checkpoint `dst` (see the module docstring).
 
     progress: called as progress(done_bytes, total_bytes, file_number, num_files), as core.load's is.
+    calibration: text to run the model on for GPTQ (core/quant/gptq.py; int schemes), its first
+    `calibration_tokens` tokens; None quantizes round-to-nearest.
 
     Returns a summary: path, scheme, format, quantized (count), ignore, bytes_before, bytes_after.
     """
@@ -216,6 +225,10 @@ def quantize(src, dst, scheme: str, group_size: int | None = None, symmetric: bo
                                 f"output channel")
     if kind == "float" and not symmetric:
         raise QuantizationError("fp8 has no zero point: --asym applies to the int schemes")
+    if calibration is not None and kind == "float":
+        raise QuantizationError("--calibrate (GPTQ) applies to the int schemes; fp8 is round-to-nearest")
+    if calibration is not None and (not isinstance(calibration_tokens, int) or calibration_tokens < 2):
+        raise QuantizationError(f"--calibration-tokens {calibration_tokens!r} must be an integer >= 2")
     dst = Path(dst)
     if dst.exists():
         raise QuantizationError(f"{dst}: already exists; archkit quantize writes a new directory")
@@ -224,22 +237,66 @@ def quantize(src, dst, scheme: str, group_size: int | None = None, symmetric: bo
         raise QuantizationError(f"{ckpt.path}: the checkpoint is already quantized ({ckpt.quantization.method}); "
                                 f"quantize a plain one")
     chosen, ignore = _choose(ckpt, arch, group)
+    solved = _calibrate(ckpt, arch, chosen, calibration, calibration_tokens, bits, group, symmetric) \
+        if calibration is not None else {}
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        after, weight_map = _write_all(ckpt, tmp, chosen, kind, bits, group, symmetric, progress)
+        after, weight_map = _write_all(ckpt, tmp, chosen, kind, bits, group, symmetric, progress, solved)
         _write_side_files(ckpt, tmp, weight_map, after, quantization_config(kind, bits, group, symmetric, ignore))
         tmp.rename(dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"path": str(dst), "scheme": scheme, "format": "float-quantized" if kind == "float" else "pack-quantized",
-            "quantized": len(chosen), "ignore": ignore, "bytes_before": ckpt.nbytes, "bytes_after": after}
+            "quantized": len(chosen), "ignore": ignore, "bytes_before": ckpt.nbytes, "bytes_after": after,
+            "calibrated": len(solved)}
+
+
+def _calibrate(ckpt: Checkpoint, arch: str | None, chosen: set, text: str, tokens: int, bits: int, group: int,
+               symmetric: bool) -> dict:
+    """{tensor name: (q, scale bits, zero point)} by GPTQ for every chosen weight a linear saw on the calibration
+    text (core/quant/gptq.py); the others (experts behind the moe op) stay round-to-nearest."""
+    from ..load import load
+    from .gptq import calibration_windows, gptq_int, hessians
+
+    if not isinstance(text, str):
+        raise QuantizationError(f"the calibration text must be a str, got {type(text).__name__}")
+    model = load(ckpt.path, arch=arch, device="cpu", dtype="float32", quiet=True)
+    if model.tokenizer is None:
+        raise QuantizationError(f"{ckpt.path}: no tokenizer to turn the calibration text into tokens")
+    names = {}
+    for src in model_plan(ckpt, arch).sources:
+        if len(src.infos) == 1 and src.infos[0].name in chosen:
+            where = model.weights.globals if src.layer is None else model.weights.layers[src.layer]
+            for role in src.rule.targets:
+                if role in where:
+                    names[id(where[role])] = src.infos[0].name
+    stats = hessians(model, names, calibration_windows(model.tokenizer, text, tokens))
+    out = {}
+    for name, (xtx, _) in stats.items():
+        info = ckpt.tensors[name]
+        out[name] = gptq_int(to_float32(read_tensor(info), info.dtype), xtx, bits, group, symmetric, info.dtype)
+    logger.info("GPTQ: %d of %d weights calibrated on %d tokens", len(out), len(chosen),
+                min(tokens, len(model.tokenizer.encode(text))))
+    return out
+
+
+def model_plan(ckpt: Checkpoint, arch: str | None):
+    """The loading plan of `ckpt` (its family's weight rules matched against its tensors)."""
+    from ..config import ModelConfig
+    from ..detect import detect
+    from ..registry import default_registry
+    from ..weights import plan
+
+    reg = default_registry()
+    spec = reg[arch or detect(ckpt, reg).name].spec
+    return plan(spec, ModelConfig.from_hf(spec, ckpt.config, str(ckpt.path / "config.json")), ckpt)
 
 
 def _write_all(ckpt: Checkpoint, out: Path, chosen: set, kind: str, bits: int, group: int, symmetric: bool,
-               progress=None):
+               progress=None, solved=None):
     """Every safetensors file of `ckpt`, quantized where chosen, under the same file names; (bytes, weight map)."""
     weight_map, total, read = {}, 0, 0
     report = progress or (lambda *a: None)
@@ -250,7 +307,8 @@ def _write_all(ckpt: Checkpoint, out: Path, chosen: set, kind: str, bits: int, g
         for info in infos:
             if info.name in chosen:
                 entries = _outputs(info, kind, bits, group, symmetric)
-                jobs.append((entries, lambda info=info: _arrays(info, kind, bits, group, symmetric)))
+                jobs.append((entries, lambda info=info: _arrays(info, kind, bits, group, symmetric,
+                                                                (solved or {}).get(info.name))))
             else:
                 entries = [(info.name, info.dtype, list(info.shape))]
                 jobs.append((entries, lambda info=info: [read_tensor(info)]))

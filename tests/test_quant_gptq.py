@@ -1,0 +1,116 @@
+"""GPTQ calibration (core/quant/gptq.py, `archkit quantize --calibrate`).
+
+- With an identity Hessian no error is spread (H^-1 is diagonal), so GPTQ must give exactly round-to-nearest's
+  codes, scales and zero points (quantize.rtn_int, written independently).
+- On inputs with correlated features, the layer's output error ||(W - W_q) X^T|| is smaller than round-to-nearest's:
+  what GPTQ minimises.
+- End to end: the demo llama, w4a16 with groups of 128, calibrated on stdlib source the demo models trained on
+  (never the held-out modules), is within the issue's 5% of the fp32 model's held-out perplexity, where
+  round-to-nearest is +12.5% (tests/test_quant_quality.py). The written checkpoint is the same compressed-tensors
+  format as round-to-nearest's; the CLI takes the text from a file.
+"""
+
+from __future__ import annotations
+
+import inspect
+import importlib
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import core
+from core.checkpoint import to_float32
+from core.demo import demo_checkpoint
+from core.errors import QuantizationError
+from core.quant.gptq import gptq_int
+from core.quant.quantize import quantize, rtn_int
+
+CALIBRATION_MODULES = ("json.decoder", "csv", "string", "heapq", "bisect", "queue", "calendar", "argparse", "logging",
+                       "pathlib", "typing", "collections")  # trained on by tools/train_demo.py; none is held out
+
+
+def calibration_text() -> str:
+    return "".join(inspect.getsource(importlib.import_module(m)) for m in CALIBRATION_MODULES)
+
+
+def dequant(q, s_bits, z, group, dtype):
+    s = to_float32(s_bits, dtype)
+    g = q.shape[1] if group == -1 else group
+    qq = q.reshape(q.shape[0], -1, g).astype(np.float64) - (0 if z is None else z[..., None])
+    return (qq * s[..., None]).reshape(q.shape)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 24), groups=st.integers(1, 4), g=st.sampled_from([8, 16, 32]), bits=st.sampled_from([4, 8]),
+       symmetric=st.booleans(), dtype=st.sampled_from(["F32", "F16", "BF16"]), seed=st.integers(0, 2**32 - 1))
+def test_identity_hessian_is_round_to_nearest(n, groups, g, bits, symmetric, dtype, seed):
+    r = np.random.default_rng(seed)
+    k = groups * g
+    w = (r.standard_normal((n, k)) * r.uniform(0.01, 3)).astype(np.float32)
+    want = rtn_int(w, bits, g, symmetric, dtype)
+    got = gptq_int(w, np.eye(k), bits, g, symmetric, dtype)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    if symmetric:
+        assert got[2] is None and want[2] is None
+    else:
+        np.testing.assert_array_equal(got[2], want[2])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 32, True), (4, -1, True), (4, 32, False), (8, -1, True)])
+def test_output_error_is_below_round_to_nearest(seed, bits, group, symmetric):
+    r = np.random.default_rng(seed)
+    n, k, rows = 48, 128, 2000
+    mix = r.standard_normal((k, k)) / np.sqrt(k) + np.eye(k) * 0.2  # correlated input features
+    x = r.standard_normal((rows, k)) @ mix * r.uniform(0.2, 3, k)
+    w = r.standard_normal((n, k)).astype(np.float32)
+    err = {}
+    for name, (q, s, z) in {"rtn": rtn_int(w, bits, group, symmetric, "F32"),
+                            "gptq": gptq_int(w, x.T @ x, bits, group, symmetric, "F32")}.items():
+        err[name] = np.linalg.norm((w - dequant(q, s, z, group, "F32")) @ x.T)
+    assert err["gptq"] < 0.9 * err["rtn"], err
+
+
+def test_dead_inputs_and_bad_arguments():
+    """An input that is always zero gets a zero weight (it cannot matter); fp8 and a too-short text are refused."""
+    r = np.random.default_rng(0)
+    x = r.standard_normal((500, 32))
+    x[:, 5] = 0
+    q, s, _ = gptq_int(r.standard_normal((4, 32)).astype(np.float32), x.T @ x, 4, 16, True, "F32")
+    assert (q[:, 5] == 0).all()
+    with pytest.raises(QuantizationError, match="int schemes"):
+        quantize(demo_checkpoint("llama"), "/nonexistent/x", "fp8", calibration="some text")
+    with pytest.raises(QuantizationError, match="calibration-tokens"):
+        quantize(demo_checkpoint("llama"), "/nonexistent/x", "w4a16", calibration="some text", calibration_tokens=1)
+
+
+def test_calibrated_demo_llama_w4a16_is_within_5_percent(tmp_path):
+    from test_quant_quality import perplexity
+
+    base = perplexity(core.load(demo_checkpoint("llama"), device="cpu", quiet=True))
+    out = quantize(demo_checkpoint("llama"), tmp_path / "q", "w4a16", 128, calibration=calibration_text())
+    assert out["calibrated"] == out["quantized"] == 42
+    ratio = perplexity(core.load(tmp_path / "q", device="cpu", quiet=True)) / base
+    print(f"llama w4a16 g128 GPTQ: perplexity x{ratio:.4f}")
+    assert ratio < 1.05, f"perplexity {ratio:.4f}x the fp32 model's"
+
+
+def test_cli_calibrate(tmp_path, capsys):
+    from core.cli import main as cli_main
+
+    text = tmp_path / "calib.txt"
+    text.write_text(calibration_text()[:40000], encoding="utf-8")
+    assert cli_main(["quantize", str(demo_checkpoint("llama")), str(tmp_path / "q"), "--scheme", "w4a16",
+                     "--calibrate", str(text), "--calibration-tokens", "2048"]) == 0
+    assert "42 by GPTQ" in capsys.readouterr().out
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["config_groups"]["group_0"]["weights"]["group_size"] == 128
+    assert math.isfinite(core.load(tmp_path / "q", device="cpu", quiet=True).logits([1, 2, 3]).sum())
+    text.write_bytes(b"\xff\xfe bad")
+    assert cli_main(["quantize", str(demo_checkpoint("llama")), str(tmp_path / "q2"), "--scheme", "w4a16",
+                     "--calibrate", str(text)]) == 1
+    assert "cannot read the calibration text" in capsys.readouterr().err
