@@ -90,7 +90,6 @@ def gptq_int(w: np.ndarray, xtx: np.ndarray, bits: int, group: int, symmetric: b
         raise QuantizationError("GPTQ: the calibration Hessian is not positive definite even after dampening "
                                 "(pass more calibration text)") from None
     Q = np.zeros((n, k), np.int8)
-    S = np.zeros((n, k // g), np.float32)
     Z = None if symmetric else np.zeros((n, k // g), np.int8)
     S_bits = None
     s = z = None
@@ -100,7 +99,6 @@ def gptq_int(w: np.ndarray, xtx: np.ndarray, bits: int, group: int, symmetric: b
         for i in range(b0, b1):
             if i % g == 0:  # a new group: its scale from its columns as they stand now
                 s, z, s_b = _group_scale(W[:, i:i + g], bits, symmetric, scale_dtype)
-                S[:, i // g] = s
                 if S_bits is None:
                     S_bits = np.zeros((n, k // g), s_b.dtype)
                 S_bits[:, i // g] = s_b
