@@ -14,7 +14,7 @@ from .cli_chat import cmd_chat
 from .quant import quantize as quantize_cmd  # `archkit quantize`'s options and command
 from .cli_common import (CHAT_COMMANDS, _check_sampling, _checkpoint, _count, _load, _positive_int,  # noqa: F401
                          _sampling, _table, _unescape, _warn_if_greedy)
-from .errors import ArchkitError
+from .errors import ArchkitError, ConfigError, DeviceError
 from .log import logger
 from .progress import ProgressBar  # noqa: F401  (importable from here, as before)
 
@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=None, help="decode tokens (default: 32 on cpu, 128 on cuda)")
     b.add_argument("--prompt-tokens", type=int, default=16, help="prompt length before decode")
     b.add_argument("--json", help="write results as JSON to this file")
+    b.add_argument("--quant", choices=("w4a16", "w8a16", "fp8"),
+                   help="with --device cuda: decode and prefill of the named shapes with random weights in this "
+                        "quantized layout, against fp16 on the same card (core/cuda/bench_quant.py)")
     b.add_argument("--serve", action="store_true",
                    help="many concurrent requests through the engine: output tok/s, TTFT and inter-token latency at "
                         "each --concurrency, vs transformers' batched generate() and the batched roofline")
@@ -392,6 +395,19 @@ def cmd_bench(args) -> int:
             rows.append((k, spec.name, c.num_layers, c.hidden_size, f"{c.num_heads}/{c.num_kv_heads}", c.vocab_size))
         _table(("name", "family", "layers", "hidden", "heads/kv", "vocab"), rows)
         return 0
+    if args.quant:
+        if args.device != "cuda" or args.serve:
+            raise ConfigError(f"--quant {args.quant} benchmarks the CUDA kernels that read quantized weights: use it "
+                              f"with --device cuda and without --serve (on the CPU a quantized checkpoint is "
+                              f"dequantized at load; bench its directory with --model DIR instead)")
+        from .load import cuda_available
+
+        ok, why = cuda_available()
+        if not ok:
+            raise DeviceError(f"device 'cuda' is not usable: {why}")
+        from .cuda import bench as cuda_bench, bench_quant
+
+        return bench_quant.main(cuda_bench, args.model or ["qwen3-8b"], args.quant, args.json)
     if args.serve:
         import json as _json
         from pathlib import Path as _Path

@@ -114,3 +114,4 @@ def test_cli_calibrate(tmp_path, capsys):
     assert cli_main(["quantize", str(demo_checkpoint("llama")), str(tmp_path / "q2"), "--scheme", "w4a16",
                      "--calibrate", str(text)]) == 1
     assert "cannot read the calibration text" in capsys.readouterr().err
+

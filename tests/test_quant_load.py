@@ -108,3 +108,16 @@ def test_quantize_command(tmp_path, capsys):
     ref = to_float32(read_tensor(Checkpoint(src).tensors[Q + ".weight"]), "F32")
     got = to_float32(read_tensor(Checkpoint(tmp_path / "q").tensors[Q + ".weight"]), "F32")
     assert np.abs(got - ref).max() <= 2 * np.abs(ref).max() / 15 * 0.51  # half a step (range / 15) of the widest group
+
+
+def test_bench_quant_option_names_its_device(capsys):
+    """`archkit bench --quant` measures the CUDA kernels: on the CPU (or with --serve) one line says so, exit 1; on a
+    machine without a usable GPU, one line says why."""
+    from core.load import cuda_available
+
+    assert cli_main(["bench", "--quant", "w4a16", "--model", "qwen3-8b"]) == 1
+    assert "--device cuda" in capsys.readouterr().err
+    if not cuda_available()[0]:
+        assert cli_main(["bench", "--quant", "fp8", "--device", "cuda"]) == 1
+        err = capsys.readouterr().err
+        assert "not usable" in err and len(err.strip().splitlines()) == 1
