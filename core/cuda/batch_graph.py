@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import DeviceError
 from ..log import warn_once
 from ..paged import Batch, Segment
-from .graph import CAPTURE_MODE_RELAXED, Capture, _call, _cuda
+from .graph import CAPTURE_MODE_RELAXED, Capture, _call, _cuda, destroy_all, switches
 from .moe import MOE_DECODE_T
 from .paged import DevicePagedCache, StepArrays, step_arrays
 from .tensors import DTensor, Lazy
@@ -223,7 +223,7 @@ class BatchGraphs:
         B = bucket(len(batch.segments))
         keys = bucket(max(g.start + 1 for g in batch.segments), MIN_KEYS)
         key = (id(W), id(c), id(forward), cache.k[0].ptr, len(cache.k), cache.num_blocks, cache.block_size, B, keys,
-               self._switches())
+               switches(be))
         g = self.graphs.get(key)
         if g is None:
             if key not in self.eager:  # first of its shape: eager (compiles, uploads constants), padded like a graph
@@ -251,18 +251,8 @@ class BatchGraphs:
         self.replays += 1
         return g.replay(ids, batch, cache)
 
-    def _switches(self) -> tuple:
-        be = self.be
-        return tuple(getattr(be, k, None) for k in ("fused", "pdl", "fold", "fold_ln", "gemm", "attn"))
-
     def clear(self) -> None:
         """Destroy every captured step (after a switch flips, before buffers they use are freed)."""
-        try:
-            self.be.stream.synchronize()
-        except self.be.drv.Error:
-            pass
-        for g in self.graphs.values():
-            g.destroy()
-        self.graphs.clear()
+        destroy_all(self.be, self.graphs)
         self.eager.clear()
         self.failed.clear()

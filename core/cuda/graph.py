@@ -242,16 +242,24 @@ class GraphCache:
         yield from self.graphs[key].run(token, start, count)
 
     def _switches(self) -> tuple:
-        """The backend switches a captured step depends on (flipping one captures anew)."""
-        be = self.be
-        return tuple(getattr(be, k, None) for k in ("fused", "pdl", "fold", "fold_ln", "gemm", "attn"))
+        return switches(self.be)
 
     def clear(self) -> None:
-        try:
-            self.be.stream.synchronize()
-        except self.be.drv.Error:
-            pass
-        for g in self.graphs.values():
-            g.destroy()
-        self.graphs.clear()
+        destroy_all(self.be, self.graphs)
         self.eager.clear()
+
+
+def switches(be) -> tuple:
+    """The backend switches a captured step depends on (flipping one captures anew): part of every graph's key."""
+    return tuple(getattr(be, k, None) for k in ("fused", "pdl", "fold", "fold_ln", "gemm", "attn"))
+
+
+def destroy_all(be, graphs: dict) -> None:
+    """Wait for the stream (a graph may still run), destroy every graph in `graphs` and empty it."""
+    try:
+        be.stream.synchronize()
+    except be.drv.Error:
+        pass  # destroying is still right; the error was (or will be) reported where it happened
+    for g in graphs.values():
+        g.destroy()
+    graphs.clear()
