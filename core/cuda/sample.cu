@@ -13,6 +13,16 @@ __device__ __forceinline__ unsigned long long argmax_pack(float v, int i) {
     return ((unsigned long long)u << 32) | (0xffffffffu - (unsigned int)i);
 }
 
+// The largest of the warp's 32 values, in every lane (a butterfly of shuffles). Every lane must call it.
+__device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long best) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
+        best = other > best ? other : best;
+    }
+    return best;
+}
+
 // Grid-stride; each warp folds its candidates by shuffles and lane 0 does one atomicMax.
 extern "C" __global__ void argmax_key(unsigned long long* __restrict__ key,  // uint64 [1], zeroed
                                       const float* __restrict__ x,           // float32 [n]
@@ -22,11 +32,7 @@ extern "C" __global__ void argmax_key(unsigned long long* __restrict__ key,  // 
         unsigned long long k = argmax_pack(x[i], i);
         best = k > best ? k : best;
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
-        best = other > best ? other : best;
-    }
+    best = warp_max_u64(best);
     if ((threadIdx.x & 31) == 0 && best) atomicMax(key, best);
 }
 
@@ -43,20 +49,12 @@ extern "C" __global__ void argmax_rows(unsigned long long* __restrict__ keys,  /
         unsigned long long k = argmax_pack(row[i], i);
         best = k > best ? k : best;
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
-        best = other > best ? other : best;
-    }
+    best = warp_max_u64(best);
     if ((threadIdx.x & 31) == 0) warp_best[threadIdx.x >> 5] = best;
     __syncthreads();
     if (threadIdx.x < 32) {
         best = threadIdx.x < (blockDim.x >> 5) ? warp_best[threadIdx.x] : 0ull;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
-            best = other > best ? other : best;
-        }
+        best = warp_max_u64(best);
         if (threadIdx.x == 0) keys[blockIdx.x] = best;
     }
 }
@@ -318,11 +316,7 @@ sample_pass(const SampleParams* __restrict__ prm, SampleState* __restrict__ st, 
             }
             if (warped) warped[i] = kept ? y : -INFINITY;
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
-            best = other > best ? other : best;
-        }
+        best = warp_max_u64(best);
         if (lane == 0 && best) atomicMax(&st->best, best);
         __threadfence();
         __syncthreads();
@@ -382,11 +376,7 @@ sample_pass(const SampleParams* __restrict__ prm, SampleState* __restrict__ st, 
         if (counting) s_hist_add(hc, hm, bin, e, by_mass);
     }
     if (pass == 0) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
-            best = other > best ? other : best;
-        }
+        best = warp_max_u64(best);
         if (lane == 0 && best) atomicMax(&st->maxkey, best);
         if (__any_sync(0xffffffffu, bad) && lane == 0) atomicOr(&st->bad, 1u);
     }
