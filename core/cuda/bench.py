@@ -33,7 +33,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from ..bench_shapes import (DECODE_TOKENS, PREFILL_LENGTHS, PROMPT_TOKENS, bytes
 from ..model import Model, forward
 from ..weights import condition, expected_shape
 from .bench_hf import bench_hf, hf_model, hf_prefill  # noqa: F401  (hf_model: part of this module's surface)
+from . import bench_trace
 from .loadcheck import load_check
 
 
@@ -120,7 +120,7 @@ def copy_bandwidth(be, nbytes: int = 1 << 30, reps: int = 10) -> float:
         dst.free()
 
 
-def _prompt(model: Model, n: int, seed: int = 0) -> list[int]:
+def prompt_ids(model: Model, n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(0, model.config.vocab_size, n).tolist()
 
 
@@ -129,7 +129,7 @@ def time_decode(model: Model, n: int = DECODE_TOKENS, graphs: bool = True, runs:
     forward pass and the first token are prefill, as in llama.cpp's tg and vLLM's inter-token latency);
     median of `runs` after a warm-up run (the first timed run can find the clocks still ramping up)."""
     model.backend.graphs = graphs
-    prompt = _prompt(model, PROMPT_TOKENS)
+    prompt = prompt_ids(model, PROMPT_TOKENS)
     model.generate(prompt, max_new_tokens=8, stop_at_eos=False)  # compiles, captures the step graph
     speeds = []
     for _ in range(runs):
@@ -147,7 +147,7 @@ def time_prefill(model: Model, T: int, reps: int = 3) -> float | None:
     c = model.config
     if T > c.max_position_embeddings:
         return None
-    be, ids = model.backend, np.asarray(_prompt(model, T, seed=1))
+    be, ids = model.backend, np.asarray(prompt_ids(model, T, seed=1))
     cache = be.new_cache(c, T)
     times = []
     for i in range(reps + 1):
@@ -183,7 +183,7 @@ def decode_ab(name: str, reps: int = 2, attr: str = "fused") -> dict:
     res = {"config": name, "device": be.device.name(), "date": datetime.date.today().isoformat(), "switch": attr,
            "copy_gbps": copy_bandwidth(be) / 1e9, "bytes_per_token": bytes_per_token(model)}
     res["roofline_tok_s"] = res["copy_gbps"] * 1e9 / res["bytes_per_token"]
-    prompt, tokens = _prompt(model, PROMPT_TOKENS), {}
+    prompt, tokens = prompt_ids(model, PROMPT_TOKENS), {}
     try:
         for rep in range(reps):
             for fused in (False, True):
@@ -234,66 +234,19 @@ def _timed_forward(model: Model, ids, cache, start: int) -> dict[str, float]:
 def profile_step(model: Model, context: int = 128) -> dict[str, float]:
     """Microseconds per op name for one uncaptured decode step at position `context` (events per launch)."""
     be, c = model.backend, model.config
-    ids = np.asarray(_prompt(model, context))
+    ids = np.asarray(prompt_ids(model, context))
     cache = be.new_cache(c, context + 1)
     forward(be, model.weights, c, ids, cache, 0, model.inv_freq, all_logits=False)
     forward(be, model.weights, c, ids[-1:], cache, context, model.inv_freq, all_logits=False)  # warm-up
     return _timed_forward(model, ids[-1:], cache, context)
 
 
-def _model_for(name: str, positions: int) -> tuple[str, Model]:
+def model_for(name: str, positions: int) -> tuple[str, Model]:
     """(name, fp16 random model of a named shape with a KV cache of `positions`); max_position_embeddings is
     raised where the shape's own is shorter (speed depends on the shape, not on that number)."""
     name, raw = resolve(name)
     raw = dict(raw, max_position_embeddings=max(raw.get("max_position_embeddings", 0), positions))
     return name, random_model(raw, "float16", context=positions)
-
-
-def trace_decode(name: str, steps: int = 16, context: int = 128, out_dir: str | None = None) -> dict:
-    """Per-kernel GPU time of graph-replayed greedy decode steps at ~`context` positions, from a CUPTI
-    trace taken through torch.profiler (kernels inside a CUDA graph are traced one by one): microseconds
-    per kernel name per step, the kernel count, and the step's span (first kernel start to last kernel end)
-    against its summed kernel time, whose difference is the gaps between kernels; and one step's kernels in
-    order ("one_step": name, blocks, start in microseconds from the step's first kernel, duration), which shows
-    each kernel's place on the critical path when programmatic dependent launch overlaps them."""
-    import pycuda.autoprimaryctx  # noqa: F401
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    name, model = _model_for(name, context + steps + 64)
-    torch.cuda.init()
-    prompt = _prompt(model, context)
-    try:
-        model.generate(prompt, max_new_tokens=8, stop_at_eos=False)  # compile, capture
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model.generate(prompt, max_new_tokens=steps, stop_at_eos=False)
-    finally:
-        model.backend.release(model.weights)
-    path = Path(out_dir or tempfile.gettempdir()) / f"trace-{name}.json"
-    prof.export_chrome_trace(str(path))
-    ev = [e for e in json.loads(path.read_text())["traceEvents"] if e.get("cat") == "kernel"]
-    ev.sort(key=lambda e: e["ts"])
-    # a step ends in the argmax kernel; the prefill's kernels come first and are dropped with the first step
-    ends = [i for i, e in enumerate(ev) if "argmax" in e["name"]]
-    steps_ev = [ev[a + 1:b + 1] for a, b in zip(ends, ends[1:])]
-    per: dict[str, float] = {}
-    count: dict[str, int] = {}
-    for st in steps_ev:
-        for e in st:
-            k = e["name"].split("(")[0]
-            per[k] = per.get(k, 0.0) + e["dur"] / len(steps_ev)
-            count[k] = count.get(k, 0) + 1
-    span = statistics.median(st[-1]["ts"] + st[-1]["dur"] - st[0]["ts"] for st in steps_ev)
-    busy = statistics.median(sum(e["dur"] for e in st) for st in steps_ev)
-    between = statistics.median(b[0]["ts"] - (a[-1]["ts"] + a[-1]["dur"]) for a, b in zip(steps_ev, steps_ev[1:]))
-    mid = steps_ev[len(steps_ev) // 2]
-    one = [[e["name"].split("(")[0], math.prod(e.get("args", {}).get("grid", [0])), round(e["ts"] - mid[0]["ts"], 2),
-            round(e["dur"], 2)] for e in mid]  # one step's kernels: name, blocks, start (us from the first), duration
-    return {"config": name, "device": torch.cuda.get_device_name(), "context": context, "steps": len(steps_ev),
-            "one_step": one,
-            "kernels_per_step": len(steps_ev[0]), "span_us": span, "busy_us": busy, "host_gap_us": between,
-            "per_kernel_us": dict(sorted(per.items(), key=lambda kv: -kv[1])),
-            "count_per_step": {k: v // len(steps_ev) for k, v in count.items()}}
 
 
 def time_decode_at(name: str, context: int, n: int = DECODE_TOKENS) -> dict:
@@ -302,12 +255,12 @@ def time_decode_at(name: str, context: int, n: int = DECODE_TOKENS) -> dict:
     raised when the shape's own is shorter (the speed depends on the shape, not on that number)."""
     import pycuda.autoprimaryctx  # noqa: F401
 
-    name, model = _model_for(name, context + n + 1)
+    name, model = model_for(name, context + n + 1)
     res = {"config": name, "device": model.backend.device.name(), "date": datetime.date.today().isoformat()}
     try:
-        model.generate(_prompt(model, PROMPT_TOKENS), max_new_tokens=8, stop_at_eos=False)  # compile, capture
+        model.generate(prompt_ids(model, PROMPT_TOKENS), max_new_tokens=8, stop_at_eos=False)  # compile, capture
         for key, length in (("short", PROMPT_TOKENS), ("long", context), ("short", PROMPT_TOKENS), ("long", context)):
-            it = model.stream(_prompt(model, length), max_new_tokens=n + 1, stop_at_eos=False)
+            it = model.stream(prompt_ids(model, length), max_new_tokens=n + 1, stop_at_eos=False)
             next(it)  # the prompt's forward pass and the first token
             t = time.perf_counter()
             k = sum(1 for _ in it)
@@ -347,7 +300,7 @@ def prefill_ab(name: str, T: int = 2048, reps: int = 2, compare_hf: bool = True)
     res = {"config": name, "T": T, "device": be.device.name(), "date": datetime.date.today().isoformat(),
            "cublas": where if found else None, "variants": {}}
     variants = [v for v in PREFILL_VARIANTS if (v[0] == "own" or found) and (v[1] == "simt" or be.attn_tc_available)]
-    ids = np.asarray(_prompt(model, T, seed=1))
+    ids = np.asarray(prompt_ids(model, T, seed=1))
     try:
         cache = be.new_cache(c, T)
         ref = None
@@ -483,7 +436,8 @@ def main(argv=None) -> int:
     if a.trace or a.context:
         rows = []
         for c in a.configs:
-            rows.append(trace_decode(c, out_dir=a.out) if a.trace else time_decode_at(c, a.context))
+            rows.append(bench_trace.trace_decode(sys.modules[__name__], c, out_dir=a.out) if a.trace
+                            else time_decode_at(c, a.context))
             print(json.dumps(rows[-1]), flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=2))
