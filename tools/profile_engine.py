@@ -138,12 +138,13 @@ def trace(model, engine, rng, V, a) -> None:
         for st in steps:
             for e in st:
                 k = e["name"].split("(")[0][:60]
-                per[k] = per.get(k, 0.0) + e["dur"] / len(steps)
+                us, n = per.get(k, (0.0, 0))
+                per[k] = (us + e["dur"] / len(steps), n + 1 / len(steps))
         span = statistics.median(st[-1]["ts"] + st[-1]["dur"] - st[0]["ts"] for st in steps)
         busy = statistics.median(sum(e["dur"] for e in st) for st in steps)
         print(f"C={C}: {len(steps)} steps, {len(steps[0])} kernels/step, span {span:.0f} us, busy {busy:.0f} us")
-        for k, us in sorted(per.items(), key=lambda kv: -kv[1])[:14]:
-            print(f"   {us:8.1f} us  {k}")
+        for k, (us, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[:16]:
+            print(f"   {us:8.1f} us  {n:5.0f}x  {k}")
 
 
 if __name__ == "__main__":
