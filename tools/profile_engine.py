@@ -25,9 +25,11 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--trace", action="store_true", help="per-kernel GPU time of decode-only steps (torch.profiler)")
+    ap.add_argument("--prefix", type=int, default=0,
+                    help="trace instead one later request over a cached shared prompt of this many tokens")
     a = ap.parse_args()
     _, raw = resolve(a.model)
-    model = random_model(raw, "float16", context=a.prompt + a.new + 64)
+    model = random_model(raw, "float16", context=max(a.prompt + a.new, a.prefix + 32) + 64)
     be = model.backend
     launches = [0]
     real = be.launch
@@ -41,6 +43,9 @@ def main() -> None:
                           kv_tokens=max(a.concurrency) * (a.prompt + a.new) + 4096)
     rng = np.random.default_rng(0)
     V = model.config.vocab_size
+    if a.prefix:
+        prefix_trace(model, engine, rng, V, a.prefix)
+        return
     for C in [2] + ([] if a.trace else a.concurrency):
         engine.pool.forget_all()
         reqs = [engine.add(rng.integers(0, V, a.prompt).tolist(), SamplingParams(), a.new, stop_at_eos=False)
@@ -100,6 +105,54 @@ def main() -> None:
     print(f"C={C}, {n} decode steps: {total / n * 1e3:.2f} ms/step, forward (synced) {spent['forward'] / n * 1e3:.2f} "
           f"ms, the rest (schedule, logits to host, sampling, bookkeeping) {(total - spent['forward']) / n * 1e3:.2f} ms")
     eng_mod.forward = real_forward
+
+
+def kernel_table(prof, label: str) -> None:
+    """Print the kernels of a torch.profiler run: total GPU us and launches per kernel name, and span vs busy."""
+    import json
+    import tempfile
+
+    path = tempfile.mktemp(suffix=".json")
+    prof.export_chrome_trace(path)
+    ev = sorted((e for e in json.load(open(path))["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    if not ev:
+        print(f"{label}: no kernels traced")
+        return
+    per: dict = {}
+    for e in ev:
+        k = e["name"].split("(")[0][:60]
+        us, n = per.get(k, (0.0, 0))
+        per[k] = (us + e["dur"], n + 1)
+    span = ev[-1]["ts"] + ev[-1]["dur"] - ev[0]["ts"]
+    print(f"{label}: {len(ev)} kernels, span {span:.0f} us, busy {sum(e['dur'] for e in ev):.0f} us")
+    for k, (us, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[:18]:
+        print(f"   {us:8.1f} us  {n:5d}x  {k}")
+
+
+def prefix_trace(model, engine, rng, V, system_tokens: int) -> None:
+    """Wall time and kernels of a later request's prefill over a cached shared prompt (the prefix-cache TTFT)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.init()
+    system = rng.integers(0, V, system_tokens).tolist()
+    walls = []
+    for i in range(6):
+        r = engine.add(system + rng.integers(0, V, 16).tolist(), SamplingParams(), 1, stop_at_eos=False)
+        t0 = time.perf_counter()
+        steps = 0
+        if i == 5:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                while not r.finished:
+                    engine.step()
+                    steps += 1
+        else:
+            while not r.finished:
+                engine.step()
+                steps += 1
+        walls.append((time.perf_counter() - t0) * 1e3)
+        print(f"request {i}: {walls[-1]:.2f} ms, {steps} steps", flush=True)
+    kernel_table(prof, f"later request (traced, {walls[-1]:.2f} ms wall incl. profiler)")
 
 
 def trace(model, engine, rng, V, a) -> None:
