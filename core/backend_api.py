@@ -13,6 +13,10 @@ Optional, looked up with getattr: decode_ids (by the model: decode steps whose i
 paged_kv_tokens(config, block_size) (by the engine: how many KV positions its default pool should hold),
 batch_step(forward, W, c, ids, cache, batch, rope) (by the engine: a decode-only batched step from a captured
 graph, or None to run forward),
+sample_rows(logits, rows, rope) (by the engine: (ids int64 [R], non-finite bool [R]) for logits [R, V] left on the
+device and R tuples (key, params, seed, counter, tokens), each row sampled as the backend's decode_ids would: key
+names the request from step to step, seed keys its draws, counter is the position of the token fed this step and
+tokens every id it has seen, prompt and output; or None where decode_ids would decline, to sample on the host),
 load_weights(spec, plan) (by core.load: a backend that reads its own slices of the checkpoint, core/tp_numpy.py),
 and the pair quantized_nbytes(q, role, config) / convert_quantized(q, role) (by core.load: a backend that keeps a
 quantized checkpoint's weights as stored, core/cuda/loading.py: bytes it will hold for core.quant.QuantizedTensor q,

@@ -9,7 +9,10 @@ Shared by `Model.generate` / `Model.stream` for a list of prompts and by `archki
    prompt up in the prefix cache (core/paged.py) and computes only what is not there.
 2. runs one forward over every scheduled row (core.forward.forward with a core.paged.Batch);
 3. samples one token for each request whose tokens are all computed, with that request's own parameters
-   and random generator, so a request's tokens do not depend on what else ran beside it.
+   and random generator, so a request's tokens do not depend on what else ran beside it. Where the backend
+   can, the ids are picked where the logits are (plain greedy rows by argmax_rows; sampled rows after their
+   first token by sample_rows, as the solo run hands its sampling to the device), and only the rows sampled on
+   the host are copied to it.
 
 When a running request needs a block and none is free, the newest running request is preempted: its
 blocks are released and it goes back to the head of the queue, to be recomputed (prompt and the tokens
@@ -36,6 +39,15 @@ def _plain_greedy(r: Request) -> bool:
     p = r.params
     return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
             and r.num_logprobs is None)
+
+
+def _device_sampled(r: Request) -> bool:
+    """Whether a backend's sample_rows may pick r's next token: sampled (not plain greedy) with only what the GPU
+    sampler implements, no logprobs, and not r's first token, which the host samples with r.rng before handing
+    over (the solo run's rule: core/model.py _generate, decode_ids)."""
+    p = r.params
+    return (bool(r.output) and p.processors_only_repetition and r.num_logprobs is None
+            and not (p.greedy and p.repetition_penalty == 1.0))
 
 
 def _finite_error(row: np.ndarray | None, step: int) -> NonFiniteLogitsError:
@@ -170,9 +182,7 @@ class Engine:
             if logits is None:
                 logits = forward(m.backend, m.weights, m.config, ids, self.cache, batch, m.config.rope,
                                  all_logits=False, host=False)
-            picks = self._greedy_picks(logits, scheduled, groups)
-            if picks is None:
-                logits = m.backend.to_host(logits)
+            picks, host = self._pick(logits, [r for (r, _), segs in zip(scheduled, groups) if segs[-1].logits])
         self.steps += 1
         outputs, k = [], 0
         for (r, n), segs in zip(scheduled, groups):
@@ -185,8 +195,7 @@ class Engine:
             r.computed += n
             self._remember_full_blocks(r)
             if wants:
-                outputs.append(self._sample(r, logits[k]) if picks is None else self._picked(
-                    r, *picks[k], logits[k] if isinstance(logits, np.ndarray) else None))
+                outputs.append(self._sample(r, host[k]) if picks[k] is None else self._picked(r, *picks[k], host[k]))
                 k += 1
         failed, self._failed = self._failed, []
         for r in failed:
@@ -210,19 +219,60 @@ class Engine:
         segs[-1].logits = done
         return segs
 
-    def _greedy_picks(self, logits, scheduled, groups):
-        """When every row that wants a token this step is plain greedy (temperature 0, no penalty, no logprobs):
-        [(id, non-finite?)] per row, found where the logits are (backend.argmax_rows: on the GPU only 8 bytes a row
-        come back; numpy: one vectorised argmax). None otherwise: the rows are sampled one by one."""
-        rows = [r for (r, _), segs in zip(scheduled, groups) if segs[-1].logits]
-        if not rows or not all(_plain_greedy(r) for r in rows):
+    def _pick(self, logits, rows: list[Request]) -> tuple[list, list]:
+        """For the rows that want a token (in logits order): per row (id, non-finite?) when picked where the logits
+        are, else None (sampled on the host); and per row its logits on the host, or None where they stayed put.
+
+        Plain greedy rows: backend.argmax_rows (on the GPU only 8 bytes a row come back), unless the backend has no
+        sample_rows and other rows need the host anyway (numpy: one copy, as before). Rows _device_sampled allows:
+        the backend's sample_rows, all in one call, where it has one and does not decline. Every other row on the
+        host: only those rows are copied."""
+        be, n = self.model.backend, len(rows)
+        picks, host = [None] * n, [None] * n
+        device = hasattr(be, "sample_rows")
+        dev = [k for k, r in enumerate(rows) if _device_sampled(r)] if device else []
+        got = self._device_picks(logits, [rows[k] for k in dev], dev, n) if dev else None
+        for k, p in zip(dev, got or ()):
+            picks[k] = p
+        greedy = [k for k, r in enumerate(rows) if _plain_greedy(r)]
+        rest = [k for k in range(n) if picks[k] is None and not _plain_greedy(rows[k])]
+        if greedy and (device or not rest):
+            ids, bad = be.argmax_rows(logits)
+            for k in greedy:
+                picks[k] = (int(ids[k]), bool(bad[k]))
+        else:
+            rest = [k for k in range(n) if picks[k] is None]
+        if rest or not n:  # all rows in one copy, else just the host's; with none, to_host still waits for the step
+            for k, row in zip(rest, be.to_host(logits if len(rest) == n else be.rows(logits, rest))):
+                host[k] = row
+        if isinstance(logits, np.ndarray):  # already on the host: the rows name their counts in an error
+            host = [logits[k] if h is None else h for k, h in enumerate(host)]
+        return picks, host
+
+    def _device_picks(self, logits, rows: list[Request], idx: list[int], n: int) -> list | None:
+        """[(id, non-finite?)] of the requests `rows` (logits rows idx of n) from backend.sample_rows, or None when
+        it declines. A request's device seed is the next draw of r.rng after its first token (drawn here, at its
+        first device pick, which is the step right after), as the solo run draws it when it hands sampling over; on
+        a decline the generators are put back, so the host goes on with the draws a solo run on the host makes."""
+        be = self.model.backend
+        fresh = [r for r in rows if r.device_seed is None]
+        saved = [r.rng.bit_generator.state for r in fresh]
+        for r in fresh:
+            r.device_seed = int(r.rng.integers(2**63))
+        # (key: the request itself, which the backend's slots may hold until reused; params; seed; counter: the
+        # position of the token fed this step; every token seen so far)
+        specs = [(r, r.params, r.device_seed, r.length - 1, r.tokens) for r in rows]
+        got = be.sample_rows(logits if len(idx) == n else be.rows(logits, idx), specs, self.model.config.rope)
+        if got is None:
+            for r, state in zip(fresh, saved):
+                r.rng.bit_generator.state = state
+                r.device_seed = None
             return None
-        ids, bad = self.model.backend.argmax_rows(logits)
-        return list(zip(ids.tolist(), bad.tolist()))
+        return list(zip(got[0].tolist(), got[1].tolist()))
 
     def _picked(self, r: Request, tok: int, bad: bool, row: np.ndarray | None) -> StepOutput:
-        """_sample for a row whose greedy id was found with the others (_greedy_picks); `row`: its logits when
-        they are on the host (for the error's counts)."""
+        """_sample for a row whose id was picked where the logits are (_pick); `row`: its logits when they are on the
+        host (for the error's counts)."""
         if bad:
             step = len(r.output)
             r.error = _finite_error(row, step)

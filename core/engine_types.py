@@ -84,6 +84,7 @@ class Request:
     keys: list = attrs.field(factory=list)  # content keys of the leading full blocks
     computed: int = 0  # tokens whose keys and values are in the cache
     rng: np.random.Generator | None = None
+    device_seed: int | None = None  # keys the backend's draws (sample_rows) after the first token; drawn from rng
     text: str = ""
     decoder: object = None
 

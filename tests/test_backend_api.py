@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Files that call backend operations, and the names the backend goes by in them.
 CALLERS = {"core/forward.py": ("be",), "core/model.py": ("be", "self.backend"), "core/load.py": ("backend",),
            "core/engine.py": ("be", "m.backend", "model.backend")}
-# looked up with getattr(backend, ...): decode_ids by the model, paged_kv_tokens by the engine
-OPTIONAL = {"decode_ids", "paged_kv_tokens"}
+# looked up with getattr(backend, ...): decode_ids by the model, paged_kv_tokens and sample_rows by the engine
+OPTIONAL = {"decode_ids", "paged_kv_tokens", "sample_rows"}
 
 
 def protocol_methods() -> dict:

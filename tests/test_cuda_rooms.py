@@ -31,7 +31,8 @@ FACADE = CUDA / "backend.py"
 MAX_ROOM_LINES = 400
 # Modules outside the backend's rooms that drive a backend, and the expressions naming it there.
 DRIVERS = {"core/cuda/graph.py": ("be", "self.be"), "core/cuda/batch_graph.py": ("be", "self.be"),
-           "core/cuda/gpu_sampling.py": ("be", "self.be"), "core/cuda/bench_trace.py": ("model.backend",),
+           "core/cuda/gpu_sampling.py": ("be", "self.be"), "core/cuda/row_sampler.py": ("be", "self.be"),
+           "tests/test_cuda_row_sampling.py": ("be", "model.backend"), "core/cuda/bench_trace.py": ("model.backend",),
            "core/cuda/session.py": ("self.be",), "core/cuda/bench.py": ("be", "model.backend"),
            "tools/gemv_probe.py": ("be",), "tests/test_cuda_kernels.py": ("be",), "tests/test_cuda_cublas.py": ("be",),
            "tests/test_cuda_sampling.py": ("be", "gs.be"), "tests/test_cuda_parity.py": ("be", "model.backend"),

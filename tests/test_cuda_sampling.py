@@ -11,6 +11,9 @@
   dropped tokens never appear.
 - The seen mask gains each chosen id; a captured CUDA graph replays the uncaptured ids, with the counter read
   from device memory and parameters changed after capture.
+- Many rows in one launch (row_sampler.py, the engine's sample_rows): each row, whatever its slot and the other
+  rows' parameters, gets GpuSampler's id and warped logits; picks are marked in their own slots; slots are kept,
+  evicted least recently used first and grown; non-finite rows are flagged one by one.
 
 Run as a script for a timing of sample() at V = 151,936 (eager and as a CUDA graph, CUDA events).
 """
@@ -449,6 +452,176 @@ def test_rejects_bad_input():
         gs.sample(be.from_host(np.zeros(11, np.float32)))
     with pytest.raises(GenerationError):
         gs.set_seen([10])
+
+
+# --- (7) many rows in one launch (core/cuda/row_sampler.py: the engine's sample_rows) ------------------------------
+ROW_KINDS = ["greedy", "greedy+penalty", "temperature", "top_k", "top_p", "all"]
+
+
+def row_params(kind, V, r):
+    """SamplingParams of one kind, the numbers drawn from r."""
+    T, pen = float(r.uniform(0.3, 2.5)), float(r.uniform(0.4, 2.5))
+    k, p = int(r.integers(1, V + 3)), float(r.uniform(0.05, 0.99))
+    return {"greedy": SamplingParams(), "greedy+penalty": SamplingParams(repetition_penalty=pen),
+            "temperature": SamplingParams(temperature=T), "top_k": SamplingParams(temperature=T, top_k=k),
+            "top_p": SamplingParams(temperature=T, top_p=p),
+            "all": SamplingParams(temperature=T, top_k=k, top_p=p, repetition_penalty=pen)}[kind]
+
+
+def on_top_p_boundary(x, params, seen) -> bool:
+    """Whether a token's reference mass-before lies within 1e-9 of top_p: rounding decides it, in any two runs."""
+    if params.greedy or params.top_p is None or params.top_p >= 1.0:
+        return False
+    pen = apply_repetition_penalty(x, np.asarray(seen, np.int64), params.repetition_penalty)
+    return bool((np.abs(before_mass(warp(pen, attrs.evolve(params, top_p=None))) - params.top_p) < 1e-9).any())
+
+
+def row_sampler(V):
+    from core.cuda.row_sampler import RowSampler
+
+    return RowSampler(backend(), V)
+
+
+def single(gs, x, params, seed, counter, seen, warped=False):
+    """The single-row sampler's (id, warped logits or None) for one row; leaves its seen mask alone."""
+    be = backend()
+    gs.set_params(params, seed)
+    gs.set_seen(seen)
+    if warped:
+        w = gs.debug_warped(be.from_host(x), counter=counter)
+        return gs.read_id(), w
+    gs.sample(be.from_host(x), counter=counter)
+    return gs.read_id(), None
+
+
+@settings(max_examples=30, deadline=None)
+@given(V=st.one_of(st.sampled_from([1, 2, 1000, 32000]), st.integers(1, 5000)),
+       kinds=st.lists(st.sampled_from(ROW_KINDS), min_size=1, max_size=9), fillers=st.integers(1, 4),
+       logit_kind=st.sampled_from(["normal", "ties", "wide"]), seed=st.integers(0, 2**32 - 1))
+def test_row_kernel_equals_the_single_row_sampler(V, kinds, fillers, logit_kind, seed):
+    """Rows of different parameters in one launch, each in a slot that is not its row index: per row the same id
+    and the same warped logits (bit for bit) as GpuSampler with the same parameters, seed, counter and seen ids;
+    the picks are marked in their own slots (other requests' masks untouched); the next call, whose histories
+    gained the picks, keeps the masks on the device and still agrees."""
+    r = np.random.default_rng(seed)
+    R = len(kinds)
+    be, gs, rs = backend(), sampler(V), row_sampler(V)
+    try:
+        keys, fill = [object() for _ in kinds], [object() for _ in range(fillers)]
+        fill_tokens = [r.integers(0, V, 5).tolist() for _ in fill]
+        warm = [(k, SamplingParams(temperature=1.0), 1, 0, t) for k, t in zip(fill, fill_tokens)]
+        warm += [(k, SamplingParams(), 1, 0, [0]) for k in keys[::-1]]  # the fillers first, the rows reversed
+        rs.debug_warped(be.from_host(r.normal(0, 1, (len(warm), V)).astype(np.float32)), warm)
+        x = np.stack([make_logits(r, V, logit_kind, 0.0) for _ in kinds])
+        params = [row_params(k, V, r) for k in kinds]
+        seeds = [int(r.integers(0, 2**63)) for _ in kinds]
+        counters = [int(r.integers(0, 2**31 - 1)) for _ in kinds]
+        tokens = [r.integers(0, V, int(r.integers(1, 40))).tolist() for _ in kinds]
+        rows = list(zip(keys, params, seeds, counters, tokens))
+        d = be.from_host(x)
+        ids, bad, warped = rs.debug_warped(d, rows)
+        slots = [rs.slot(k) for k in keys]
+        assert len(set(slots)) == R and slots != list(range(R)) and rs.S >= R + fillers
+        unstable = [on_top_p_boundary(x[i], params[i], tokens[i]) for i in range(R)]
+        assert not bad.any()
+        for i in range(R):
+            want_id, want_w = single(gs, x[i], params[i], seeds[i], counters[i], tokens[i], warped=True)
+            if not unstable[i]:
+                assert ids[i] == want_id, f"row {i} ({kinds[i]}, slot {slots[i]}): {ids[i]} vs single {want_id}"
+                assert np.array_equal(warped[i], want_w), f"row {i} ({kinds[i]}): warped logits differ"
+        picked, bad = rs.sample(d, rows)
+        assert not bad.any()
+        for i in range(R):
+            if not unstable[i]:
+                assert picked[i] == ids[i]
+            assert set(np.flatnonzero(rs.seen_mask(slots[i]))) == set(tokens[i]) | {int(picked[i])}
+        for k, t in zip(fill, fill_tokens):
+            assert set(np.flatnonzero(rs.seen_mask(rs.slot(k)))) == set(t)
+        nxt = [(k, p, s_, c + 1, t + [int(i)]) for (k, p, s_, c, t), i in zip(rows, picked.tolist())]
+        again, bad = rs.sample(d, nxt)
+        assert not bad.any() and [rs.slot(k) for k in keys] == slots
+        for i, (_, p, s_, c, t) in enumerate(nxt):
+            if not on_top_p_boundary(x[i], p, t):
+                assert again[i] == single(gs, x[i], p, s_, c, t)[0], f"row {i} ({kinds[i]}) at its next step"
+    finally:
+        rs.free()
+
+
+def test_row_slots_are_kept_evicted_reassigned_and_grown():
+    """Greedy with a huge penalty over descending logits picks the lowest id not seen, so each id shows which mask
+    its slot held: a key keeps its slot; a new key takes a free slot, else the least recently used key's (whose
+    mask it replaces); an evicted key coming back gets its mask uploaded again; more rows than slots grow them."""
+    V = 300
+    x1 = np.linspace(10, 1, V).astype(np.float32)
+    be, rs = backend(), row_sampler(V)
+    greedy = SamplingParams(repetition_penalty=100.0)
+
+    def call(named):  # named: [(key, seen ids)] -> picks; the picks join their histories, as the engine does
+        rows = [(k, greedy, 0, len(hist[k]), hist[k]) for k in named]
+        ids, bad = rs.sample(be.from_host(np.tile(x1, (len(rows), 1))), rows)
+        assert not bad.any()
+        for k, i in zip(named, ids.tolist()):
+            assert i == min(set(range(V)) - set(hist[k])), f"{k}: picked {i} with history {hist[k]}"
+            hist[k] = hist[k] + [i]
+        return ids
+
+    hist = {"a": [0, 1], "b": [0], "c": [5], "d": [0, 1, 2, 3], "e": [], "f": [0, 2], "g": [1], "h": [3, 0]}
+    try:
+        call(["a", "b", "c"])
+        assert rs.S == 4 and [rs.slot(k) for k in "abc"] == [0, 1, 2]
+        call(["b", "a"])  # kept slots; marks carried on the device
+        call(["d", "e"])  # d: the free slot 3; e: c's, the least recently used
+        assert rs.slot("d") == 3 and rs.slot("e") == 2 and rs.slot("c") is None
+        call(["c"])  # back: b's slot now (b and a were used before d and e), its mask uploaded from its history
+        assert rs.slot("c") == 1 and rs.slot("b") is None
+        call(["a", "b", "c", "d", "e", "f", "g", "h"][::-1])  # more rows than slots: S grows, every mask re-uploaded
+        assert rs.S == 8
+        call(["h", "a"])
+    finally:
+        rs.free()
+    assert rs.S == 0
+
+
+def test_row_flags_are_per_row():
+    """A NaN, +inf or all -inf row is flagged, its id valid and not marked; the other rows sample as usual."""
+    V = 777
+    r = np.random.default_rng(4)
+    x = r.normal(0, 2, (4, V)).astype(np.float32)
+    x[1, 5] = np.nan
+    x[2, :] = -np.inf
+    x[3, 9] = np.inf
+    be, rs = backend(), row_sampler(V)
+    rows = [(i, SamplingParams(temperature=0.8, top_k=50), 7, 11, [1, 2]) for i in range(4)]
+    try:
+        ids, bad = rs.sample(be.from_host(x), rows)
+        assert bad.tolist() == [False, True, True, True]
+        assert ((0 <= ids) & (ids < V)).all()
+        assert ids[0] == single(sampler(V), x[0], rows[0][1], 7, 11, [1, 2])[0]
+        for i in range(4):
+            assert set(np.flatnonzero(rs.seen_mask(rs.slot(i)))) == {1, 2} | ({int(ids[i])} if i == 0 else set())
+    finally:
+        rs.free()
+
+
+def test_sample_rows_declines_where_decode_ids_does():
+    """None with graphs or fused kernels off, or a rope table that changes with the length (decode_ids's rule)."""
+    from types import SimpleNamespace
+
+    be = backend()
+    x = be.from_host(np.zeros((1, 8), np.float32))
+    rows = [("k", SamplingParams(temperature=1.0), 0, 0, [1])]
+    saved = be.graphs, be.fused
+    try:
+        for graphs, fused in ((False, True), (True, False)):
+            be.graphs, be.fused = graphs, fused
+            assert be.sample_rows(x, rows, None) is None
+        be.graphs, be.fused = True, True
+        assert be.sample_rows(x, rows, SimpleNamespace(dynamic=True)) is None
+        ids, bad = be.sample_rows(x, rows, SimpleNamespace(dynamic=False))
+        assert 0 <= ids[0] < 8 and not bad[0]
+    finally:
+        be.graphs, be.fused = saved
+        be.drop_row_sampler()
 
 
 # --- timing (python3 tests/test_cuda_sampling.py) -----------------------------------------------------------------

@@ -25,6 +25,8 @@ CudaBackend is this file: its state, set up in __init__, and the rooms it is mad
     batch_step.py   decode-only batched steps replayed as CUDA graphs (batch_graph.py), one per bucket
     paged.py        batched steps (core.engine): new_paged_cache, rows, and the core.paged.Batch forms of
                     add_positions / rope / rope_cache_write / cache_write / attention (paged.cu, paged_attn.cu)
+    row_sampling.py sample_rows: the engine's sampled rows picked on the GPU, many rows in one launch
+                    (row_sampler.py's RowSampler, sample.cu)
     custom.py       custom: a plugin's own op (core/custom_ops.py), its .cu compiled and launched like ours
 
 A room's public methods are the ones other rooms and modules may call (each has a docstring); a name with a
@@ -62,6 +64,7 @@ from .norm_rope import NormRopeMixin
 from .paged import PagedMixin
 from .options import Options
 from .qlinear import QuantLinearMixin
+from .row_sampling import RowSamplingMixin
 from .tensors import DTensor, Lazy
 
 __all__ = ["CudaBackend", "DTensor", "Lazy", "Options"]
@@ -69,12 +72,12 @@ __all__ = ["CudaBackend", "DTensor", "Lazy", "Options"]
 
 class CudaBackend(MemoryMixin, LaunchMixin, DeferredMixin, KVCacheMixin, LoadingMixin, DecodeMixin,
                   ElementwiseMixin, LinearMixin, QuantLinearMixin, NormRopeMixin, AttentionMixin, CustomMixin, MoeMixin,
-                  PagedMixin, BatchGraphMixin):
+                  PagedMixin, BatchGraphMixin, RowSamplingMixin):
     """PyCUDA backend: see the module docstring. `context`: KV-cache positions to preallocate at load;
     `poison`: NaN-fill fresh buffers (default: ARCHKIT_CUDA_POISON); `options`: the switches (default: read
     from the environment, Options.from_env).
 
-    Shared state, read by every room and by graph.py, gpu_sampling.py and session.py:
+    Shared state, read by every room and by graph.py, gpu_sampling.py, row_sampler.py and session.py:
       drv (pycuda.driver), dtype (weights and KV cache), context, device, stream (the one stream), pool (the
       activation pool), weight_bytes (bytes of weights loaded), capture (a graph.Capture while graph.py
       captures a decode step, else None), primary_context, session_lock and session_owner (session.py).
@@ -124,6 +127,7 @@ class CudaBackend(MemoryMixin, LaunchMixin, DeferredMixin, KVCacheMixin, Loading
         self._rope_live = None                                                           # norm_rope.py
         self._paged_step = None                                                          # paged.py
         self._batch_graphs = None                                                        # batch_step.py
+        self._row_sampler = None                                                         # row_sampling.py
         if self.gemm == "cublas":
             self.cublas_lib()  # asked for by name: say now if it is missing
 

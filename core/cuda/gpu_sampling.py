@@ -33,6 +33,10 @@ THREADS = 512              # sample.cu SAMPLE_THREADS
 STATE_BYTES = 32768        # sample.cu SAMPLE_STATE_BYTES
 MAX_VOCAB = 1 << 22        # sample.cu TIE_BITS
 ELEMS_PER_THREAD = 4       # grid: ceil(V / (THREADS * this)) blocks, at most one per SM
+# sample_pass's PyCUDA argument format (params, state, keys, seen, logits, out, warped, counter_dev, slots; counter, V,
+# pass, mark): one constant, since the backend caches the prepared kernel by file and name, not by format, and
+# row_sampler.py launches the same kernel.
+PASS_FORMAT = "PPPPPPPPPiiii"
 PARAMS_DTYPE = np.dtype([("temperature", "<f8"), ("top_p", "<f8"), ("penalty", "<f4"), ("top_k", "<i4"),
                          ("seed_lo", "<u4"), ("seed_hi", "<u4")])  # sample.cu SampleParams (32 bytes)
 assert PARAMS_DTYPE.itemsize == 32
@@ -51,6 +55,13 @@ def pack_params(params: SamplingParams, seed: int) -> np.ndarray:
     seed = int(seed) & (2**64 - 1)
     rec["seed_lo"], rec["seed_hi"] = seed & 0xFFFFFFFF, seed >> 32
     return rec.view(np.uint8)
+
+
+def blocks_per_row(be, V: int) -> int:
+    """gridDim.x of sample_pass for a vocabulary of V: ceil(V / (THREADS * ELEMS_PER_THREAD)), at most one per SM
+    (the same for one row and for many, so a row samples the same way in both)."""
+    sms = be.device.get_attribute(be.drv.device_attribute.MULTIPROCESSOR_COUNT)
+    return max(1, min(-(-V // (THREADS * ELEMS_PER_THREAD)), sms))
 
 
 def nonfinite_error() -> NonFiniteLogitsError:
@@ -88,9 +99,8 @@ class GpuSampler:
         be.check(lambda: drv.memset_d8_async(int(self._state), 0, STATE_BYTES, be.stream), "sampling state")
         be.check(lambda: drv.memset_d8_async(int(self._seen), 0, V, be.stream), "sampling state")
         be.check(lambda: drv.memset_d8_async(int(self._out), 0, 8, be.stream), "sampling state")
-        self.fn = be.kernel("sample.cu", "sample_pass", "PPPPPPPPiiii")  # compiled now, never under capture
-        sms = be.device.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
-        self.grid = (max(1, min(-(-V // (THREADS * ELEMS_PER_THREAD)), sms)), 1, 1)
+        self.fn = be.kernel("sample.cu", "sample_pass", PASS_FORMAT)  # compiled now, never under capture
+        self.grid = (blocks_per_row(be, V), 1, 1)
         self.set_params(SamplingParams(), 0)
 
     def set_params(self, params: SamplingParams, seed: int) -> None:
@@ -156,4 +166,4 @@ class GpuSampler:
         for p in range(SAMPLE_PASSES):
             be.launch(f"sample[{p}]", self.fn, self.grid, (THREADS, 1, 1), int(self._params), int(self._state),
                       int(self._keys), int(self._seen), logits.ptr, int(self._out), warped or 0,
-                       counter_ptr or 0, counter, self.V, p, mark)
+                      counter_ptr or 0, 0, counter, self.V, p, mark)  # slots null: slot 0 = row 0

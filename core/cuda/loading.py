@@ -45,7 +45,7 @@ class LoadingMixin:
     config begin_loading was given. Uses the backend's dtype, device, drv, stream, pool and weight_bytes (which
     convert and random_weight add to); mem_info() / mem_alloc() (memory.py), kernel() / launch() / synchronize()
     (launch.py), flush_pending() (deferred.py), preallocate_kv() / free_kv() (kvcache.py), clear_graphs()
-    (decode.py), close_cublas() (linear.py), free_freqs() (norm_rope.py)."""
+    (decode.py), close_cublas() (linear.py), free_freqs() (norm_rope.py), drop_row_sampler() (row_sampling.py)."""
 
     @staticmethod
     def default_dtype(ckpt=None) -> str:
@@ -155,7 +155,7 @@ class LoadingMixin:
             self.preallocate_kv(self._config)
 
     def release(self, weights) -> None:
-        """Free every weight, the KV cache, captured graphs, the cuBLAS handle and pooled memory."""
+        """Free every weight, the KV cache, captured graphs, the cuBLAS handle, the row sampler and pooled memory."""
         self.flush_pending()
         self.clear_graphs()
         try:
@@ -163,6 +163,7 @@ class LoadingMixin:
         except self.drv.Error:
             pass  # freeing is still right; the error was (or will be) reported where it happened
         self.close_cublas()
+        self.drop_row_sampler()
         for a in self._owned:
             a.free()
         self._owned.clear()

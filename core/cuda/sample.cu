@@ -60,8 +60,17 @@ extern "C" __global__ void argmax_rows(unsigned long long* __restrict__ keys,  /
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Sampling on the GPU (core/cuda/gpu_sampling.py drives it; core/sampling.py is the reference): repetition
-// penalty -> temperature -> top-k -> top-p -> one draw from the softmax of what is kept, seeded.
+// Sampling on the GPU (core/cuda/gpu_sampling.py drives it for one row, core/cuda/row_sampler.py for the engine's
+// rows; core/sampling.py is the reference): repetition penalty -> temperature -> top-k -> top-p -> one draw from the
+// softmax of what is kept, seeded.
+//
+// Many rows in one launch: gridDim.y = R rows, and every pass below runs independently per row (blockIdx.y). A row's
+// per-request state lives in its SLOT (slots[row], or slot = row when slots is null): SampleParams, SampleState
+// (SAMPLE_STATE_BYTES apart), keys [V] and the seen mask [V], so a request keeps its slot (and its seen mask) from
+// one step to the next while the rows of a step are just the requests that want a token. What is per ROW: the
+// logits (row * V), out (2 ints), the counter (counter_dev[row]) and warped (row * V). Two rows of one launch must
+// not share a slot (their done counters and histograms would mix). One row with slots null is the single-row
+// sampler, unchanged.
 //
 // `sample_pass` is launched SAMPLE_PASSES times in a row with pass = 0 .. SAMPLE_PASSES-1, always the same
 // launches whatever the parameters (a captured graph serves any of them): every parameter and every value one
@@ -87,7 +96,7 @@ extern "C" __global__ void argmax_rows(unsigned long long* __restrict__ keys,  /
 // masked); out[1] = 1 then, the id is still a valid index (0 if the draw found none) and is not marked seen, so
 // the graph's next step reads a sane token while the host raises NonFiniteLogitsError. -inf among finite values
 // is a masked logit, not an error.
-#define SAMPLE_THREADS 512   // blockDim.x of every launch (gpu_sampling.py)
+#define SAMPLE_THREADS 512   // blockDim.x of every launch (gpu_sampling.py, row_sampler.py)
 #define SBINS 2048           // histogram bins (11-bit digits)
 #define SAMPLE_PASSES 9
 #define TIE_BITS 22          // index bits for the tie cut: vocabularies up to 4,194,304
@@ -261,13 +270,26 @@ __device__ void s_finish(SampleState* st, int* out, unsigned char* seen, unsigne
 }
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
-sample_pass(const SampleParams* __restrict__ prm, SampleState* __restrict__ st, unsigned* __restrict__ keys,
-            unsigned char* __restrict__ seen,      // uint8 [V]: 1 = seen (penalised); pass 8 marks the pick
-            const float* __restrict__ logits,      // float32 [V]
-            int* __restrict__ out,                 // int32 [2]: the chosen id, 1 if the logits were not finite
-            float* __restrict__ warped,            // float32 [V] or null: the warped logits (tests)
-            const int* __restrict__ counter_dev,   // int32 [1] or null: the RNG counter (step), else `counter`
+sample_pass(const SampleParams* __restrict__ prm_all,  // [S] per slot
+            unsigned char* __restrict__ st_all,        // S SampleStates, SAMPLE_STATE_BYTES apart
+            unsigned* __restrict__ keys_all,           // uint32 [S, V] per slot: the penalised logits' keys
+            unsigned char* __restrict__ seen_all,      // uint8 [S, V] per slot: 1 = seen (penalised); pass 8 marks picks
+            const float* __restrict__ logits_all,      // float32 [R, V]
+            int* __restrict__ out_all,                 // int32 [R, 2]: the chosen id, 1 if the logits were not finite
+            float* __restrict__ warped_all,            // float32 [R, V] or null: the warped logits (tests)
+            const int* __restrict__ counter_all,       // int32 [R] or null: the RNG counter (step), else `counter`
+            const int* __restrict__ slots,             // int32 [R] or null: row r's slot (null: slot = row)
             int counter, int V, int pass, int mark) {
+    const int row = blockIdx.y;
+    const size_t slot = (size_t)(slots ? slots[row] : row);
+    const SampleParams* __restrict__ prm = prm_all + slot;
+    SampleState* __restrict__ st = (SampleState*)(st_all + slot * SAMPLE_STATE_BYTES);
+    unsigned* __restrict__ keys = keys_all + slot * V;
+    unsigned char* __restrict__ seen = seen_all + slot * V;
+    const float* __restrict__ logits = logits_all + (size_t)row * V;
+    int* __restrict__ out = out_all + 2 * row;
+    float* __restrict__ warped = warped_all ? warped_all + (size_t)row * V : nullptr;
+    const int* __restrict__ counter_dev = counter_all ? counter_all + row : nullptr;
     __shared__ unsigned hc[SBINS];
     __shared__ double hm[SBINS];
     __shared__ SPick pk;
