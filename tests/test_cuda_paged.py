@@ -364,7 +364,8 @@ def test_engine_greedy_equals_solo(e2e_ckpt, dtype, block_size):
 @given(layout=S.layout(max_start=200), seed=S.seed)
 def test_step_arrays(layout, seed):
     """What a step uploads: each row's position and slot (as Batch.slots), its segment, the tables cut to the blocks
-    the step reaches, the one-row segments for the decode kernel and 16-query tiles covering every longer one."""
+    the step reaches, the rows of segments of up to 16 rows for the decode kernel and 16-query tiles covering every
+    longer one."""
     from core.cuda.paged import step_arrays
 
     bs, seqs = layout
@@ -378,9 +379,15 @@ def test_step_arrays(layout, seed):
         nblk = -(-(g.start + g.n) // bs)
         np.testing.assert_array_equal(st_.tables[off:off + nblk], g.table[:nblk])
         tiles = st_.tiles[st_.tiles[:, 0] == i, 1]
-        assert sorted(tiles) == (list(range(0, g.n, 16)) if g.n > 1 else [])
-    assert sorted(st_.dec) == [i for i, g in enumerate(step.segments) if g.n == 1]
-    assert st_.max_dec == max([g.start + 1 for g in step.segments if g.n == 1], default=0)
+        assert sorted(tiles) == (list(range(0, g.n, 16)) if g.n > 16 else [])
+    # the decode kernel's entries: one-row segments, and each row of a segment of 2..16 rows as its own entry
+    # (row, 1, position, the segment's table), appended after the segments
+    want = sorted((g.row + j, g.start + j, int(st_.seg[i][3])) for i, g in enumerate(step.segments)
+                  if g.n <= 16 for j in range(g.n))
+    got = sorted((int(st_.seg[e][0]), int(st_.seg[e][2]), int(st_.seg[e][3])) for e in st_.dec)
+    assert got == want and all(st_.seg[e][1] == 1 for e in st_.dec)
+    assert len(st_.seg) == len(step.segments) + sum(g.n for g in step.segments if 1 < g.n <= 16)
+    assert st_.max_dec == max([g.start + g.n for g in step.segments if g.n <= 16], default=0)
     assert st_.max_block == max(max(g.table[:-(-(g.start + g.n) // bs)]) for g in step.segments) < nb
 
 

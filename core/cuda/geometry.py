@@ -83,7 +83,10 @@ def paged_decode_geometry(Dh: int, g: int) -> tuple[int, int, int, int]:
     group = -(-g // chunks)
     threads = 256 if group * Dh >= 1024 else 128
     tk = 32 if Dh <= 128 else 16
-    kst = Dh + 2 if Dh % 2 else Dh + 1
+    if Dh % 4 == 0:  # float4 reads of the keys (PD_KST): a row stride of 4 (mod 8) float4s
+        kst = Dh + 4 if Dh % 8 == 0 else Dh + 8
+    else:
+        kst = Dh + 2 if Dh % 2 else Dh + 1
     return group, chunks, threads, 4 * (group * Dh + tk * kst + tk * Dh + group * tk + 3 * group)
 
 

@@ -62,11 +62,13 @@ class StepArrays:
     pos: np.ndarray      # [T] each row's position
     slot: np.ndarray     # [T] each row's cache slot: block * block_size + position % block_size
     row_seg: np.ndarray  # [T] each row's segment (which RoPE table it takes when tables differ per sequence)
-    seg: np.ndarray      # [segments, 4] (first row, rows, start position, offset of its block table in `tables`)
+    seg: np.ndarray      # [segments, 4] (first row, rows, start position, offset of its block table in `tables`),
+                         #   then one-row entries for the rows of segments of at most PAGED_NQ rows
     tables: np.ndarray   # [...] the segments' block tables, each cut to the blocks the step's positions reach
-    dec: np.ndarray      # [nd] segments of one row (decode tokens: paged_attn_decode)
+    dec: np.ndarray      # [nd] entries of seg of one row (decode tokens and short segments' rows: paged_attn_decode)
     tiles: np.ndarray    # [ntiles, 2] (segment, first query) of every PAGED_NQ queries of longer segments
-    max_dec: int         # keys of the longest one-row segment (its position + 1), 0 if none
+                         #   (paged_attn_prefill)
+    max_dec: int         # keys of the longest decode entry (its position + 1), 0 if none
     max_block: int       # the largest block id any table names (-1 if none)
     dev: dict = attrs.field(factory=dict)
     freqs: object = None
@@ -94,13 +96,24 @@ def step_arrays(batch) -> StepArrays:
     if slot.size and slot.max() >= 2**31:
         raise DeviceError(f"batched step: cache slot {int(slot.max())} does not fit the kernels' int32 slots")
     i32 = lambda a: np.asarray(a, dtype=np.int32).reshape(-1)  # noqa: E731
-    ones = [i for i, g in enumerate(segs) if g.n == 1]
+    # A segment of one prefill tile's rows or fewer (a question after a cached system prompt, a chat turn) goes to
+    # the decode kernel one row at a time, as extra one-row entries after the real segments: the prefill kernel
+    # would give it one block per head for all of its keys, the decode kernel splits the keys over the card.
+    ones, tiles = [], []
+    for i, g in enumerate(segs):
+        if g.n == 1:
+            ones.append(i)
+        elif g.n <= PAGED_NQ:
+            for j in range(g.n):
+                ones.append(len(seg))
+                seg.append((g.row + j, 1, g.start + j, seg[i][3]))
+        else:
+            tiles += [(i, t0) for t0 in range(0, g.n, PAGED_NQ)]
+    seg = np.asarray(seg, dtype=np.int32).reshape(-1, 4)
     return StepArrays(
         pos=i32(batch.positions), slot=i32(slot), row_seg=i32(np.repeat(np.arange(len(segs)), [g.n for g in segs])),
-        seg=np.asarray(seg, dtype=np.int32).reshape(-1, 4), tables=i32(tables), dec=i32(ones),
-        tiles=np.asarray([(i, t0) for i, g in enumerate(segs) if g.n > 1 for t0 in range(0, g.n, PAGED_NQ)],
-                         dtype=np.int32).reshape(-1, 2),
-        max_dec=max((segs[i].start + 1 for i in ones), default=0), max_block=int(tables.max()) if tables.size else -1)
+        seg=seg, tables=i32(tables), dec=i32(ones), tiles=np.asarray(tiles, dtype=np.int32).reshape(-1, 2),
+        max_dec=int(seg[ones, 2].max()) + 1 if ones else 0, max_block=int(tables.max()) if tables.size else -1)
 
 
 class PagedMixin:

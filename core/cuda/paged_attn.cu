@@ -26,6 +26,11 @@ static_assert(GROUP >= 1 && GROUP <= 16, "paged_attn: GROUP must be in [1, 16]")
 #define DH HEAD_DIM
 #define KST (DH % 2 ? DH + 2 : DH + 1)  // odd fp32 row stride of staged keys: lanes reading rows j hit distinct banks
 #define SEG 4                           // int32 per segment in seg[]
+// The decode kernel reads keys as float4 when Dh is a multiple of 4 (a quarter of the shared-memory instructions
+// of scalar reads, which bounded it): a row stride of 4 (mod 8) float4s keeps the 8 lanes of each quarter-warp
+// on distinct 16-byte bank groups. Otherwise the odd stride and scalar reads, as the prefill kernel.
+#define PD_VEC (DH % 4 == 0)
+#define PD_KST (PD_VEC ? (DH % 8 == 0 ? DH + 4 : DH + 8) : KST)
 
 // decode: threads, keys per tile, (head, dim) outputs per thread, heads whose softmax one warp keeps
 #define PD_THREADS (GROUP * DH >= 1024 ? 256 : 128)
@@ -33,8 +38,9 @@ static_assert(GROUP >= 1 && GROUP <= 16, "paged_attn: GROUP must be in [1, 16]")
 #define PD_TK (DH <= 128 ? 32 : 16)  // a tile is PD_TK rows of K and of V in fp32: <= 32 KB
 #define PD_OPT ((GROUP * DH + PD_THREADS - 1) / PD_THREADS)
 #define PD_HPW ((GROUP + PD_NW - 1) / PD_NW)
-// dynamic shared memory (floats): q [GROUP][DH], K [TK][KST], V [TK][DH], p [GROUP][TK], rescale, max, sum [GROUP]
-#define PD_SMEM_FLOATS (GROUP * DH + PD_TK * KST + PD_TK * DH + GROUP * PD_TK + 3 * GROUP)
+#define PD_OPV ((GROUP * DH / 4 + PD_THREADS - 1) / PD_THREADS)  // (head, 4 dims) outputs per thread (PD_VEC)
+// dynamic shared memory (floats): q [GROUP][DH], K [TK][PD_KST], V [TK][DH], p [GROUP][TK], rescale, max, sum [GROUP]
+#define PD_SMEM_FLOATS (GROUP * DH + PD_TK * PD_KST + PD_TK * DH + GROUP * PD_TK + 3 * GROUP)
 
 // prefill: 4 warps x 4 queries, 32-key tiles, output dims per lane
 #define PP_NW 4
@@ -62,9 +68,23 @@ __device__ __forceinline__ unsigned dynamic_smem_bytes() {
 // Keys k0..k0+n-1 of kv head hk, read through the block table `tab`, into shared memory as fp32 (K rows with
 // stride KST, V rows with stride DH). Within a block of the pool a kv head's rows are contiguous, so a tile is
 // one or two runs of bs * DH values per tensor.
+template <int KS>
 __device__ __forceinline__ void stage_paged(float* ks, float* vs, const wt* kp, const wt* vp, const int* tab,
                                             int hk, int Hkv, int bs, int k0, int n) {
-    if (DH % VEC == 0) {
+    if (DH % VEC == 0 && KS % 4 == 0) {  // (decode: float4 stores; VEC is 4 or 8, so d is a multiple of 4)
+        constexpr int CPR = DH / VEC;
+        for (int c = threadIdx.x; c < n * CPR; c += blockDim.x) {
+            const int j = c / CPR, d = (c % CPR) * VEC, p = k0 + j, b = p / bs;
+            const size_t r = paged_row(tab[b] * bs + (p - b * bs), hk, Hkv, bs, DH) + d;
+            float f[VEC];
+            load_vec(kp + r, f);
+#pragma unroll
+            for (int e = 0; e < VEC; e += 4) *(float4*)(ks + j * KS + d + e) = make_float4(f[e], f[e + 1], f[e + 2], f[e + 3]);
+            load_vec(vp + r, f);
+#pragma unroll
+            for (int e = 0; e < VEC; e += 4) *(float4*)(vs + j * DH + d + e) = make_float4(f[e], f[e + 1], f[e + 2], f[e + 3]);
+        }
+    } else if (DH % VEC == 0) {
         constexpr int CPR = DH / VEC;  // 16-byte chunks per row
         for (int c = threadIdx.x; c < n * CPR; c += blockDim.x) {
             const int j = c / CPR, d = (c % CPR) * VEC, p = k0 + j, b = p / bs;
@@ -72,7 +92,7 @@ __device__ __forceinline__ void stage_paged(float* ks, float* vs, const wt* kp, 
             float f[VEC];
             load_vec(kp + r, f);
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) ks[j * KST + d + e] = f[e];
+            for (int e = 0; e < VEC; ++e) ks[j * KS + d + e] = f[e];
             load_vec(vp + r, f);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) vs[j * DH + d + e] = f[e];
@@ -81,7 +101,7 @@ __device__ __forceinline__ void stage_paged(float* ks, float* vs, const wt* kp, 
         for (int c = threadIdx.x; c < n * DH; c += blockDim.x) {
             const int j = c / DH, d = c % DH, p = k0 + j, b = p / bs;
             const size_t r = paged_row(tab[b] * bs + (p - b * bs), hk, Hkv, bs, DH) + d;
-            ks[j * KST + d] = to_f(kp[r]);
+            ks[j * KS + d] = to_f(kp[r]);
             vs[j * DH + d] = to_f(vp[r]);
         }
     }
@@ -101,9 +121,9 @@ paged_attn_decode(float* __restrict__ out,         // float32 [T, H, Dh]: writte
     extern __shared__ float sm[];
     if (dynamic_smem_bytes() < PD_SMEM_FLOATS * sizeof(float)) __trap();
     float* qs = sm;                    // [GROUP][DH], times scale
-    float* ks = qs + GROUP * DH;       // [PD_TK][KST]
-    float* vs = ks + PD_TK * KST;      // [PD_TK][DH]
-    float* ps = vs + PD_TK * DH;       // [GROUP][PD_TK]: scores, then probabilities
+    float* ks = qs + GROUP * DH;       // [PD_TK][PD_KST]
+    float* vs = ks + PD_TK * PD_KST;   // [PD_TK][DH]
+    float* ps = vs + PD_TK * DH;       // [GROUP][PD_TK]: probabilities
     float* al = ps + GROUP * PD_TK;    // [GROUP]: this tile's rescale of the running output
     float* ms = al + GROUP;            // [GROUP]: final running max
     float* ls = ms + GROUP;            // [GROUP]: final running sum
@@ -123,42 +143,64 @@ paged_attn_decode(float* __restrict__ out,         // float32 [T, H, Dh]: writte
         const int h = i / DH;
         qs[i] = h < nh ? q[((size_t)row * H + h0 + h) * DH + i % DH] * scale : 0.f;
     }
-    float m[PD_HPW], l[PD_HPW], acc[PD_OPT];
+    // Warp w keeps the softmax of heads w, w + PD_NW, ...; lane j scores key j of the tile for each of them.
+    // The output (head, dims) is spread over the threads: 4 consecutive dims each (PD_VEC), else one.
+    constexpr int NOUT = PD_VEC ? PD_OPV : PD_OPT;
+    constexpr int W = PD_VEC ? 4 : 1;
+    float m[PD_HPW], l[PD_HPW], acc[NOUT][W];
 #pragma unroll
     for (int a = 0; a < PD_HPW; ++a) {
         m[a] = -INFINITY;
         l[a] = 0.f;
     }
 #pragma unroll
-    for (int o = 0; o < PD_OPT; ++o) acc[o] = 0.f;
+    for (int o = 0; o < NOUT; ++o)
+#pragma unroll
+        for (int e = 0; e < W; ++e) acc[o][e] = 0.f;
 
     for (int k0 = c0; k0 < c1; k0 += PD_TK) {
         const int nk = min(PD_TK, c1 - k0);  // every key of [c0, c1) is causal and in the window
         __syncthreads();  // the previous tile is consumed (and q staged, the first time)
-        stage_paged(ks, vs, kp, vp, tab, hk, Hkv, bs, k0, nk);
+        stage_paged<PD_KST>(ks, vs, kp, vp, tab, hk, Hkv, bs, k0, nk);
         __syncthreads();
-        for (int i = tid; i < GROUP * PD_TK; i += PD_THREADS) {
-            const int h = i / PD_TK, j = i % PD_TK;
-            float s = -INFINITY;
-            if (j < nk) {
-                const float* qr = qs + h * DH;
-                const float* kr = ks + j * KST;
-                float a = 0.f;
-#pragma unroll 8
-                for (int d = 0; d < DH; ++d) a = fmaf(qr[d], kr[d], a);
-                s = softcap > 0.f ? softcap * tanhf(a / softcap) : a;
+        float s[PD_HPW];
+#pragma unroll
+        for (int a = 0; a < PD_HPW; ++a) s[a] = 0.f;
+        if (lane < nk) {
+            const float* kr = ks + lane * PD_KST;
+#if PD_VEC
+#pragma unroll 4
+            for (int d = 0; d < DH; d += 4) {
+                const float4 k4 = *(const float4*)(kr + d);
+#pragma unroll
+                for (int a = 0; a < PD_HPW; ++a) {
+                    const int h = warp + a * PD_NW;
+                    if (h < GROUP) {  // warp-uniform
+                        const float4 q4 = *(const float4*)(qs + h * DH + d);  // one address: a broadcast
+                        s[a] = fmaf(q4.x, k4.x, fmaf(q4.y, k4.y, fmaf(q4.z, k4.z, fmaf(q4.w, k4.w, s[a]))));
+                    }
+                }
             }
-            ps[i] = s;
+#else
+#pragma unroll 8
+            for (int d = 0; d < DH; ++d) {
+                const float kv = kr[d];
+#pragma unroll
+                for (int a = 0; a < PD_HPW; ++a) {
+                    const int h = warp + a * PD_NW;
+                    if (h < GROUP) s[a] = fmaf(qs[h * DH + d], kv, s[a]);
+                }
+            }
+#endif
         }
-        __syncthreads();
 #pragma unroll
         for (int a = 0; a < PD_HPW; ++a) {
             const int h = warp + a * PD_NW;
             if (h < GROUP) {  // warp-uniform
-                const float s = lane < PD_TK ? ps[h * PD_TK + lane] : -INFINITY;
-                const float mn = fmaxf(m[a], warp_max(s));  // finite: key k0 is valid
-                const float alpha = expf(m[a] - mn);         // 0 on the first tile (m = -inf)
-                const float pj = lane < nk ? expf(s - mn) : 0.f;
+                const float sc = lane < nk ? (softcap > 0.f ? softcap * tanhf(s[a] / softcap) : s[a]) : -INFINITY;
+                const float mn = fmaxf(m[a], warp_max(sc));  // finite: key k0 is valid
+                const float alpha = expf(m[a] - mn);          // 0 on the first tile (m = -inf)
+                const float pj = lane < nk ? expf(sc - mn) : 0.f;
                 l[a] = l[a] * alpha + warp_sum(pj);
                 m[a] = mn;
                 if (lane < PD_TK) ps[h * PD_TK + lane] = pj;
@@ -167,14 +209,26 @@ paged_attn_decode(float* __restrict__ out,         // float32 [T, H, Dh]: writte
         }
         __syncthreads();
 #pragma unroll
-        for (int o = 0; o < PD_OPT; ++o) {
+        for (int o = 0; o < NOUT; ++o) {
             const int i = tid + o * PD_THREADS;
-            if (i < GROUP * DH) {
-                const int h = i / DH, d = i % DH;
+            if (i < GROUP * DH / W) {
+                const int h = i / (DH / W), d = (i % (DH / W)) * W;
                 const float* pr = ps + h * PD_TK;
-                float a = acc[o] * al[h];
-                for (int j = 0; j < nk; ++j) a = fmaf(pr[j], vs[j * DH + d], a);
-                acc[o] = a;
+                const float r = al[h];
+#pragma unroll
+                for (int e = 0; e < W; ++e) acc[o][e] *= r;
+#if PD_VEC
+                for (int j = 0; j < nk; ++j) {
+                    const float pj = pr[j];
+                    const float4 v4 = *(const float4*)(vs + j * DH + d);
+                    acc[o][0] = fmaf(pj, v4.x, acc[o][0]);
+                    acc[o][1] = fmaf(pj, v4.y, acc[o][1]);
+                    acc[o][2] = fmaf(pj, v4.z, acc[o][2]);
+                    acc[o][3] = fmaf(pj, v4.w, acc[o][3]);
+                }
+#else
+                for (int j = 0; j < nk; ++j) acc[o][0] = fmaf(pr[j], vs[j * DH + d], acc[o][0]);
+#endif
             }
         }
     }
@@ -188,19 +242,21 @@ paged_attn_decode(float* __restrict__ out,         // float32 [T, H, Dh]: writte
     }
     __syncthreads();
 #pragma unroll
-    for (int o = 0; o < PD_OPT; ++o) {
+    for (int o = 0; o < NOUT; ++o) {
         const int i = tid + o * PD_THREADS;
-        const int h = i / DH, d = i % DH;
-        if (i >= GROUP * DH || h >= nh) continue;
+        const int h = i / (DH / W), d = (i % (DH / W)) * W;
+        if (i >= GROUP * DH / W || h >= nh) continue;
         if (nsplit == 1) {
-            out[((size_t)row * H + h0 + h) * DH + d] = acc[o] / ls[h];
+#pragma unroll
+            for (int e = 0; e < W; ++e) out[((size_t)row * H + h0 + h) * DH + d + e] = acc[o][e] / ls[h];
         } else {  // an empty slice stores (-inf, 0, 0), which the merge skips
             float* pr = part + (((size_t)di * H + h0 + h) * nsplit + split) * (2 + DH);
             if (d == 0) {
                 pr[0] = ms[h];
                 pr[1] = ls[h];
             }
-            pr[2 + d] = acc[o];
+#pragma unroll
+            for (int e = 0; e < W; ++e) pr[2 + d + e] = acc[o][e];
         }
     }
 }
@@ -276,7 +332,7 @@ paged_attn_prefill(float* __restrict__ out,         // float32 [T, H, Dh]
     for (int k0 = kfirst; k0 < nkeys; k0 += PP_BK) {
         const int n = min(PP_BK, nkeys - k0);
         __syncthreads();  // previous tile fully consumed (and q staged, first time)
-        stage_paged(ks, vs, kp, vp, tab, hk, Hkv, bs, k0, n);
+        stage_paged<KST>(ks, vs, kp, vp, tab, hk, Hkv, bs, k0, n);
         __syncthreads();
         if (wlast < tw || k0 > st + wlast) continue;  // no query of this warp sees this tile
         if (window > 0 && k0 + n - 1 <= st + tw - window) continue;
