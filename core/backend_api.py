@@ -20,7 +20,8 @@ tokens every id it has seen, prompt and output; or None where decode_ids would d
 load_weights(spec, plan) (by core.load: a backend that reads its own slices of the checkpoint, core/tp_numpy.py),
 and the pair quantized_nbytes(q, role, config) / convert_quantized(q, role) (by core.load: a backend that keeps a
 quantized checkpoint's weights as stored, core/cuda/loading.py: bytes it will hold for core.quant.QuantizedTensor q,
-or None to take it dense; then the weight itself, or None to take it dense after all).
+or an expert role's core.quant.QuantizedStack, or None to take it dense; then the weight itself, or None to take it
+dense after all).
 
 Every op that takes `start` (add_positions, rope, rope_cache_write, cache_write, attention) also takes a
 core.paged.Batch there: rows of several sequences, each at its own positions, over the paged cache.

@@ -151,14 +151,15 @@ def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = N
 
 def _kept_quantized(backend, p, config):
     """({id(source): device bytes} of the quantized weights the backend keeps as stored, Plan.load's `quantized`
-    hook handing them to it), through its optional quantized_nbytes / convert_quantized (core/backend_api.py); the
-    other weights are dequantized on the host and converted."""
+    hook handing them to it), through its optional quantized_nbytes / convert_quantized (core/backend_api.py), each
+    given Source.stored (a QuantizedTensor, or an expert role's QuantizedStack); the other weights are dequantized
+    on the host and converted."""
     size, take = getattr(backend, "quantized_nbytes", None), getattr(backend, "convert_quantized", None)
     if size is None or take is None:
         return {}, None
-    kept = {id(src): size(src.info, src.rule.targets[0], config) for src in p.sources if src.quantized}
+    kept = {id(src): size(src.stored, src.rule.targets[0], config) for src in p.sources if src.quantized}
     kept = {k: n for k, n in kept.items() if n is not None}
-    return kept, (lambda src: take(src.info, src.rule.targets[0]) if id(src) in kept else None)
+    return kept, (lambda src: take(src.stored, src.rule.targets[0]) if id(src) in kept else None)
 
 
 def _progress_reporter(p, ckpt: Checkpoint, progress):

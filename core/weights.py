@@ -17,7 +17,7 @@ import numpy as np
 from .checkpoint import Checkpoint, TensorInfo, read_tensor, to_float32
 from .config import ModelConfig
 from .errors import WeightsError
-from .quant import QuantizedTensor
+from .quant import QuantizedStack, QuantizedTensor
 from .spec import FLAGS, LAYER_PREDICATES, REQUIRED, Derived, ModelSpec, WeightRule
 
 
@@ -102,11 +102,19 @@ class Source:
 
     @property
     def quantized(self) -> bool:
-        """Whether this is one quantized weight a backend may take as it is stored (core.load's convert_quantized):
-        one tensor, one role, no transform (stacked experts, fused splits and Conv1D transposes need the dense one)."""
+        """Whether this is a quantized weight a backend may take as it is stored (core.load's convert_quantized):
+        one role, no transform, and one tensor or one per expert, every one quantized (per-head stacks, fused
+        splits and Conv1D transposes need the dense weight)."""
         r = self.rule
-        return (isinstance(self.info, QuantizedTensor) and not r.stacked and not r.transpose and len(r.targets) == 1
-                and not self.info.transposed)
+        if r.transpose or len(r.targets) != 1 or (r.stacked and not r.per_expert):
+            return False
+        return all(isinstance(i, QuantizedTensor) and not i.transposed for i in self.infos)
+
+    @property
+    def stored(self) -> QuantizedTensor | QuantizedStack:
+        """What a backend is handed for a `quantized` source: its QuantizedTensor, or the experts' as a
+        QuantizedStack (the role's [num_experts, out, in])."""
+        return QuantizedStack(self.infos) if self.rule.per_expert else self.info
 
 
 @attrs.define
@@ -161,7 +169,8 @@ class Plan:
         convert(float32 array or raw bits, stored dtype, role) → backend tensor. Transforms are
         applied in float32 unless the tensor needs none, in which case the raw bits are passed on.
         quantized(source) → backend tensor or None, asked first for each Source.quantized: the weight as stored
-        (a QuantizedTensor, not dequantized), or None to convert the dense weight after all.
+        (Source.stored: a QuantizedTensor, or a QuantizedStack of an expert role's; not dequantized), or None to
+        convert the dense weight after all.
         """
         for src in self.sources:
             # One sub-generator per tensor: its frame (and the arrays in it) is gone once the tensor is handed

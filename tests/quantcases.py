@@ -124,15 +124,57 @@ def cases(draw, kinds=("gptq", "awq", "ct", "fp8")) -> Case:
     return fp8_case(seed, n, k, block, sdtype)
 
 
+def groups_for(bits: int, k: int) -> list[int]:
+    """The groups (input columns per scale) the layout holds over k columns at `bits`: -1 (one a row), or a power of
+    two of at least a word's codes, below k, dividing it."""
+    return [-1] + [g for g in (8, 16, 32, 64, 128) if g >= 32 // bits and g < k and k % g == 0]
+
+
+@st.composite
+def expert_cases(draw, n: int, k: int, experts: int) -> list[Case]:
+    """`experts` weights [n, k] in one format and one layout, each expert its own random parts (seeds drawn), zero
+    points or none drawn per expert where the format may have either (so a stack mixes symmetric experts with
+    asymmetric ones): the per-expert tensors of a quantized MoE checkpoint. Formats whose packing k or n does not
+    fit are not drawn (GPTQ packs k down whole words, AWQ n along them)."""
+    sdtype, seed = draw(S.sdtype), draw(S.seed)
+    kinds = ["ct", "fp8"] + (["gptq"] if k % 8 == 0 else []) + (["awq"] if n % 8 == 0 else [])
+    kind = draw(st.sampled_from(kinds))
+    syms = [draw(st.booleans()) for _ in range(experts)]
+    seeds = [(seed + 7919 * e) % 2**32 for e in range(experts)]
+    if kind == "gptq":
+        bits = draw(st.sampled_from([4, 8]))
+        group, v1 = draw(st.sampled_from(groups_for(bits, k))), draw(st.booleans())
+        return [gptq_case(s, bits, n, k, group, sym, False, v1, sdtype) for s, sym in zip(seeds, syms)]
+    if kind == "awq":
+        group = draw(st.sampled_from(groups_for(4, k)))
+        return [awq_case(s, n // 8, k, group, sdtype) for s in seeds]
+    if kind == "ct":
+        bits, packed = draw(st.sampled_from([4, 8])), draw(st.booleans())
+        strategy = draw(st.sampled_from(["tensor", "channel"] + (["group"] if len(groups_for(bits, k)) > 1 else [])))
+        group = draw(st.sampled_from(groups_for(bits, k)[1:])) if strategy == "group" else None
+        return [ct_int_case(s, bits, n, k, strategy, group, sym, False, packed, sdtype) for s, sym in zip(seeds, syms)]
+    block = draw(st.sampled_from([(128, 128), (1, k), (n, k), (16, 32)]))
+    return [fp8_case(s, n, k, block, sdtype) for s in seeds]
+
+
 def gptq_checkpoint(tmp, cfg=None, bits=4, group=32, desc_act=True, sdtype="F16", seed=0):
     """A tiny llama checkpoint whose linear weights are random GPTQ parts (asymmetric, v1 zero points; F16 or F32
     scales: numpy cannot write BF16)."""
+    path = write_checkpoint(tmp, cfg, tokenizer=True, dtype=np.float16)
+    return to_gptq(path, bits, group, desc_act, sdtype, seed)
+
+
+GPTQ_WEIGHTS = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")  # llama / qwen3_moe's and mixtral's experts
+
+
+def to_gptq(path, bits=4, group=32, desc_act=True, sdtype="F16", seed=0):
+    """Plain checkpoint `path` (one safetensors file) made GPTQ in place: every 2-D weight named as GPTQ_WEIGHTS
+    (attention, MLP, experts; not the router, embeddings, lm_head) replaced by random GPTQ parts of its shape."""
     from safetensors.numpy import load_file, save_file
 
-    path = write_checkpoint(tmp, cfg, tokenizer=True, dtype=np.float16)
     t = load_file(str(path / "model.safetensors"))
     r = rng(seed)
-    for name in [n for n in t if n.endswith("_proj.weight")]:
+    for name in [n for n in t if n.endswith(GPTQ_WEIGHTS) and t[n].ndim == 2]:
         n, k = t.pop(name).shape
         c = name.removesuffix(".weight")
         g = k if group == -1 else group
@@ -180,4 +222,36 @@ def tiny_config(**kw):
     return dict(LLAMA_CONFIG, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=128, **kw)
 
+
+MOE_SIZES = {  # family -> core.synth.make_config sizes of a tiny MoE model (experts of K = 128 and 64 or 96)
+    "qwen3_moe": dict(vocab_size=320, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, intermediate_size=192, max_position_embeddings=256,
+                      num_experts=8, num_experts_per_tok=3, moe_intermediate_size=64, norm_topk_prob=True,
+                      mlp_only_layers=[1]),  # layer 1 dense: a quantized dense MLP beside the experts
+    "mixtral": dict(vocab_size=320, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256, num_local_experts=4,
+                    num_experts_per_tok=2),
+}
+
+
+def moe_checkpoint(path, family="qwen3_moe", dtype="float32", std=0.15, **sizes):
+    """A tiny random MoE checkpoint of `family` in its hub layout, experts one tensor each (core.synth), sizes
+    MOE_SIZES[family] updated with `sizes`."""
+    from core.registry import default_registry
+    from core.synth import make_config, write_checkpoint as synth_checkpoint
+
+    spec = default_registry()[family].spec
+    return synth_checkpoint(spec, make_config(spec, **dict(MOE_SIZES[family], **sizes)), path, dtype=dtype, std=std)
+
+
+def moe_quantized(tmp, how: str, family="qwen3_moe", **sizes):
+    """A quantized tiny MoE checkpoint: how "gptq" (4-bit, group 32, random parts; "gptq-desc-act" with act-order)
+    or an `archkit quantize` scheme with its group ("w4a16-g32-asym", "w8a16", "fp8")."""
+    if how.startswith("gptq"):
+        path = moe_checkpoint(tmp / "g", family, "float16", **sizes)
+        return to_gptq(path, 4, 32, how == "gptq-desc-act")
+    scheme, *rest = how.split("-")
+    group = next((int(x[1:]) for x in rest if x.startswith("g")), None)
+    quantize(moe_checkpoint(tmp / "plain", family, **sizes), tmp / "q", scheme, group, "asym" not in rest)
+    return tmp / "q"
 

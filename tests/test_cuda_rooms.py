@@ -38,6 +38,7 @@ DRIVERS = {"core/cuda/graph.py": ("be", "self.be"), "core/cuda/batch_graph.py": 
            "tests/test_cuda_sampling.py": ("be", "gs.be"), "tests/test_cuda_parity.py": ("be", "model.backend"),
            "tests/test_cuda_robustness.py": ("be", "model.backend"), "tests/test_cuda_moe.py": ("be", "model.backend"),
            "tests/test_cuda_paged.py": ("be", "model.backend"), "tests/test_cuda_quant.py": ("be", "gpu.backend"),
+           "tests/test_cuda_quant_moe.py": ("be", "gpu.backend"),
            "core/cuda/bench_quant.py": ("be", "model.backend")}
 # Private names of other libraries that a scanned module may read: ctypes' byref object.
 FOREIGN_PRIVATE = {"_obj"}

@@ -14,7 +14,8 @@
 # CONTEXT-token prompt (default 4096) vs after 8, TinyLlama shape. sampling: GPU sampling property tests.
 # cublas: property tests of the cuBLAS linear path and the tensor-core prefill attention (tests/test_cuda_cublas.py).
 # prefill: 2,048-token prefill only, our GEMM vs cuBLAS x SIMT vs tensor-core attention, and transformers.
-# quant: the quantized-weight kernels' property tests and quantized checkpoints cuda vs cpu (tests/test_cuda_quant.py);
+# quant: the quantized-weight kernels' property tests and quantized checkpoints cuda vs cpu (tests/test_cuda_quant.py,
+#        MoE experts kept quantized: tests/test_cuda_quant_moe.py);
 # benchq: quantized decode / prefill against fp16 (`python -m core.cuda.bench CONFIG --quant w4a16|fp8|w8a16`).
 # Expects PyCUDA installed and PYTHONPATH set (see ../shared/device/README.md).
 set -u
@@ -44,7 +45,7 @@ for step in $steps; do
     loadcheck) timeout "${LOAD_S:-200}" python3 -c "import json, core.cuda.bench as b; \
                print(json.dumps(b.load_check('${LOAD_CONFIG:-qwen3-8b}', '${LOAD_DIR:-/tmp}'), indent=1))" \
                2>&1 | tee "$OUT/loadcheck.log" | tail -30 ;;
-    quant) timeout "${QUANT_S:-300}" python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider tests/test_cuda_quant.py 2>&1 \
+    quant) timeout "${QUANT_S:-300}" python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider tests/test_cuda_quant.py tests/test_cuda_quant_moe.py 2>&1 \
                | tee "$OUT/quant.log" | tail -25 ;;
     benchq) for scheme in ${QUANT_SCHEMES:-w4a16 fp8 w8a16}; do
                timeout "${BENCH_S:-200}" python3 -m core.cuda.bench ${BENCH_CONFIGS:-qwen3-8b} --quant "$scheme" \

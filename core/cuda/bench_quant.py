@@ -2,9 +2,10 @@
 prefill, against the same shape in fp16 in the same process and on the same card.
 
     python -m core.cuda.bench qwen3-8b --quant w4a16      # or w8a16, fp8; --json FILE
+    python -m core.cuda.bench qwen3-30b-a3b --quant w4a16  # MoE: the experts quantized too (stacked, moe_q.cu)
 
-Schemes (the projections of every layer, as loading keeps them: core/cuda/loading.py QUANT_ROLES; lm_head, the
-embedding and the norms stay fp16, as quantized checkpoints leave them):
+Schemes (the projections of every layer and the experts, as loading keeps them: core/cuda/loading.py QUANT_ROLES;
+lm_head, the embedding, the norms and the router stay fp16, as quantized checkpoints leave them):
 - w4a16: int4 codes, symmetric, one fp16 scale per 128 input columns (GPTQ / AWQ / compressed-tensors' w4a16 g128);
 - w8a16: int8 codes, symmetric, one fp16 scale per output row;
 - fp8: E4M3 codes with one fp16 scale per 128 x 128 block (the Qwen3-*-FP8 layout).
@@ -31,33 +32,37 @@ from ..bench_shapes import PREFILL_LENGTHS, bytes_per_token, pick_spec, resolve
 from ..config import ModelConfig
 from ..quant.pack import round_to
 from . import qlayout
-from .loading import QUANT_ROLES
+from .loading import EXPERT_ROLES, QUANT_ROLES
 
 SCHEMES = ("w4a16", "w8a16", "fp8")
 PREFILL_T = max(PREFILL_LENGTHS)
 
 
 def random_packed(scheme: str, shape, seed: int) -> qlayout.Packed:
-    """A weight [N, K] of random codes in the device layout, scaled so that a row's products stay O(1)."""
-    n, k = shape
+    """A weight [N, K] (experts: [E, N, K], stacked) of random codes in the device layout, scaled so that a row's
+    products stay O(1)."""
+    *lead, n, k = shape
     r = np.random.default_rng(seed)
     kind = {"w4a16": "int4", "w8a16": "int8", "fp8": "fp8"}[scheme]
     kp = qlayout.padded_k(kind, k)
-    words = np.frombuffer(r.bytes(n * kp * qlayout.KINDS[kind] // 8), np.uint32).reshape(n, -1).copy()
+    nbytes = math.prod(lead) * n * kp * qlayout.KINDS[kind] // 8
+    words = np.frombuffer(r.bytes(nbytes), np.uint32).reshape(*lead, n, -1).copy()
     if kind == "fp8":
         b = words.view(np.uint8)
         b[(b & 0x7F) == 0x7F] = 0x38  # no NaN codes (1.0 instead)
-        s = np.full((-(-n // 128), -(-k // 128)), qlayout.FP8_SCALE / (448 * math.sqrt(k)), np.float32)
-        return qlayout.Packed(kind, (n, k), words, round_to(s, "F16"), "F16", 7, 128)
+        s = np.full((*lead, -(-n // 128), -(-k // 128)), qlayout.FP8_SCALE / (448 * math.sqrt(k)), np.float32)
+        return qlayout.Packed(kind, tuple(shape), words, round_to(s, "F16"), "F16", 7, 128)
     group, lg = (128, 7) if kind == "int4" else (k, qlayout.WHOLE_ROW)
-    s = np.full((n, -(-k // group)), 1 / (8 * math.sqrt(k)) if kind == "int4" else 1 / (128 * math.sqrt(k)), np.float32)
-    return qlayout.Packed(kind, (n, k), words, round_to(s, "F16"), "F16", lg)
+    s = np.full((*lead, n, -(-k // group)), 1 / (8 * math.sqrt(k)) if kind == "int4" else 1 / (128 * math.sqrt(k)),
+                np.float32)
+    return qlayout.Packed(kind, tuple(shape), words, round_to(s, "F16"), "F16", lg)
 
 
 def quantized_weight(scheme: str):
-    """bench.random_model's `weight` hook: the projections as random quantized weights, the rest left to it."""
+    """bench.random_model's `weight` hook: the projections and the stacked experts as random quantized weights, the
+    rest left to it."""
     def make(be, role, shape, seed):
-        if role in QUANT_ROLES and role != "lm_head" and len(shape) == 2:
+        if role in QUANT_ROLES and role != "lm_head" and len(shape) == (3 if role in EXPERT_ROLES else 2):
             return be.upload_packed(random_packed(scheme, shape, seed), role)
         return None
     return make

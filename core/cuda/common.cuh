@@ -125,6 +125,26 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return v;
 }
 
+// Sums over the block of acc[r] (each thread's partial dot of row r) into tot[r] (shared, NR values): NT threads a
+// block, part is [NT / 32][NR] shared floats. Used by moe.cu's and moe_q.cu's grouped GEMVs.
+template <int NR, int NT>
+__device__ __forceinline__ void block_rows_sum(float (&acc)[NR], float (*part)[NR], float* tot) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+        const float v = warp_sum(acc[r]);
+        if (lane == 0) part[warp][r] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < NR) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < NT / 32; ++w) v += part[w][threadIdx.x];
+        tot[threadIdx.x] = v;
+    }
+    __syncthreads();
+}
+
 // The paged KV pools of batched steps (core/cuda/paged.py): per layer wt [num_blocks, Hkv, block_size, Dh], so
 // that one kv head's block_size keys are one contiguous run. Offset (in elements) of the row of cache slot
 // `slot` (= block * bs + position % bs) and kv head hk; used by paged.cu and paged_attn.cu.

@@ -4,22 +4,9 @@
 // (SDTYPE), row n using scale row n / srow and element k column min(k >> lg, G - 1); uint8 zero points [N, G] or
 // none (2^(bits-1), symmetric); x staged by the backend when it must be permuted (act-order) or padded to Kp.
 //
-// Every kernel computes the weight exactly as core/quant/dequant.py does: (u - z) * s (int) or e4m3(u) * s (fp8),
-// rounded once to the scale type; the GEMV then accumulates w * x in fp32 (x stays fp32), as gemv.cu does. How:
-//   int, st half / bf16: a code goes into the low mantissa bits of MAGIC (1024 in fp16, 128 in bf16: 10 and 7
-//     mantissa bits, a code's 4 or 8 fit), so one LOP3 or PRMT makes two exact values MAGIC + u; minus MAGIC + z is
-//     the exact integer u - z; one hmul2 by the scale rounds it once, as the reference does (which multiplies in
-//     float32 exactly, |u - z| < 2^9 and a 16-bit scale having at most 11 significant bits, then rounds). int8 in
-//     bf16 (u > 127 is not exact in 128 + u) takes u - z through the fp32 MAGIC 2^23 instead: |u - z| <= 255 has 8
-//     significant bits, so its fp32 bits' top half is that bf16 exactly.
-//   int, st float32: fp32 MAGIC 2^23 + u, minus 2^23 + z, times s: one fp32 rounding, as the reference.
-//   fp8 (E4M3): the byte's sign and 7 magnitude bits, shifted into an fp16's (sign, exponent, mantissa) fields, are an
-//     fp16 of the value times 2^-8 (5 exponent bits against 4, subnormals included: every e4m3 value is an fp16),
-//     so the layout stores 256 s, and one hmul2 (st half) or an fp32 multiply (exact: 4 + 11 significant bits) then
-//     one rounding gives the reference's product. The e4m3 NaN codes (0x7F, 0xFF) come out finite here: qlayout.py
-//     keeps a weight holding one dense.
-// So for a few tokens the result is the dense product over the reference weight up to fp32 summation order
-// (tests/test_cuda_quant.py holds it to that).
+// Every kernel dequantizes as quant.cuh does (the weight exactly core/quant/dequant.py's, rounded once to the scale
+// type) and accumulates w * x in fp32 (x stays fp32), as gemv.cu does. So for a few tokens the result is the dense
+// product over the reference weight up to fp32 summation order (tests/test_cuda_quant.py holds it to that).
 //
 // qgemv_<kind>: up to 3 products of the same x (q, k, v) in one launch, with an activation in the epilogue, the
 //   geometry of gemv.cu's gemv_rows: a block of QTHREADS threads owns QROWS output rows of one segment and splits K
@@ -28,11 +15,8 @@
 // qgemv_gated_<kind>: act(x wg^T + bg) * (x wu^T + bu), a block reading QROWS rows of both.
 // qdequant_<kind>: the dense weight wt [N, K] (act-order columns put back in place) for the GEMM of many tokens.
 // qstage: x [T, K] permuted and zero-padded into [T, Kp].
-#include "common.cuh"
+#include "quant.cuh"
 
-#ifndef SDTYPE
-#define SDTYPE 1  // the scales' stored type, which the dequantized weight is rounded to: 0 float32, 1 fp16, 2 bf16
-#endif
 #ifndef GEMV_MAX_T
 #define GEMV_MAX_T 4  // tokens per weight read; the backend routes more to the dequantized GEMM
 #endif
@@ -46,143 +30,8 @@
 #ifndef GEMV_EARLY_LAUNCH
 #define GEMV_EARLY_LAUNCH 1  // where a block triggers programmatic dependent launch: at its start (1) or after loads
 #endif
-static_assert(SDTYPE >= 0 && SDTYPE <= 2, "SDTYPE must be 0 (float32), 1 (float16) or 2 (bfloat16)");
 static_assert(GEMV_MAX_T >= 1 && GEMV_MAX_T <= 16, "GEMV_MAX_T must be in [1, 16]");
 static_assert(QROWS >= 1 && QROWS <= 8 && QUNROLL >= 1 && QUNROLL <= 4, "QROWS in [1, 8], QUNROLL in [1, 4]");
-
-#if SDTYPE == 0
-typedef float st;
-typedef float2 st2;
-#elif SDTYPE == 1
-typedef __half st;
-typedef __half2 st2;
-#else
-typedef __nv_bfloat16 st;
-typedef __nv_bfloat162 st2;
-#endif
-
-#define KIND_INT4 0
-#define KIND_INT8 1
-#define KIND_FP8 2
-
-template <int KIND> struct Codes {
-    static constexpr int BITS = KIND == KIND_INT4 ? 4 : 8;
-    static constexpr int PER = 32 / BITS;                     // codes in a word
-    static constexpr int CH = 4 * PER;                        // codes in a 16-byte chunk
-    static constexpr int LOG_CH = KIND == KIND_INT4 ? 5 : 4;
-    static constexpr uint32_t ZSYM = 1u << (BITS - 1);        // the zero point when there are none (symmetric)
-};
-
-template <class T> __device__ __forceinline__ T bits_as(uint32_t u) {
-    T t;
-    memcpy(&t, &u, sizeof(T));
-    return t;
-}
-template <class T> __device__ __forceinline__ uint32_t as_bits(T t) {
-    uint32_t u;
-    memcpy(&u, &t, sizeof(u));
-    return u;
-}
-
-#if SDTYPE == 1
-__device__ __forceinline__ float2 st2_float2(__half2 v) { return __half22float2(v); }
-#define MAGIC2 0x64006400u  // fp16 1024 in both halves
-#elif SDTYPE == 2
-__device__ __forceinline__ float2 st2_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
-#define MAGIC2 0x43004300u  // bf16 128 in both halves
-#endif
-#define MAGIC32 0x4B000000u  // fp32 2^23
-
-// A row's scale and zero point for one group, in the forms dequant_word uses.
-struct QS {
-    float sf;   // the scale as float (fp8: times 256, as stored)
-    float zf;   // 2^23 + zero point (fp32 path)
-    st2 s2;     // the scale in both halves
-    st2 z2;     // MAGIC + zero point in both halves (int, st half / bf16)
-};
-
-template <int KIND>
-__device__ __forceinline__ QS scale_of(const st* __restrict__ srow, const uint8_t* __restrict__ zrow, int g) {
-    QS q;
-    const st s = srow[g];
-    const uint32_t z = zrow ? (uint32_t)zrow[g] : Codes<KIND>::ZSYM;
-    q.sf = to_f(s);
-    q.zf = __uint_as_float(MAGIC32 | z);
-#if SDTYPE == 0
-    q.s2 = make_float2(s, s);
-    q.z2 = make_float2(0.f, 0.f);
-#else
-    q.s2 = st2(s, s);
-    q.z2 = bits_as<st2>(MAGIC2 | z | (z << 16));
-#endif
-    return q;
-}
-
-// The PER weights of word w (code i at bits i * BITS), dequantized as the reference does (see the file comment).
-template <int KIND> __device__ __forceinline__ void dequant_word(uint32_t w, const QS& q, float* f);
-
-template <> __device__ __forceinline__ void dequant_word<KIND_INT4>(uint32_t w, const QS& q, float* f) {
-#if SDTYPE == 0
-#pragma unroll
-    for (int i = 0; i < 8; ++i) f[i] = (__uint_as_float(((w >> (4 * i)) & 0xFu) | MAGIC32) - q.zf) * q.sf;
-#else
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {  // codes i and i + 4 in the low and high halves
-        const st2 d = __hsub2(bits_as<st2>(((w >> (4 * i)) & 0x000F000Fu) | MAGIC2), q.z2);
-        const float2 v = st2_float2(__hmul2(d, q.s2));
-        f[i] = v.x;
-        f[i + 4] = v.y;
-    }
-#endif
-}
-
-template <> __device__ __forceinline__ void dequant_word<KIND_INT8>(uint32_t w, const QS& q, float* f) {
-#if SDTYPE == 1
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {  // bytes i and i + 2 under the fp16 MAGIC's high byte 0x64
-        const st2 d = __hsub2(bits_as<st2>(__byte_perm(w, 0x64646464u, 0x4240u + 0x0101u * i)), q.z2);
-        const float2 v = st2_float2(__hmul2(d, q.s2));
-        f[i] = v.x;
-        f[i + 2] = v.y;
-    }
-#else
-    float d[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) d[i] = __uint_as_float(__byte_perm(w, MAGIC32, 0x7440u + i)) - q.zf;  // exact u - z
-#if SDTYPE == 0
-#pragma unroll
-    for (int i = 0; i < 4; ++i) f[i] = d[i] * q.sf;
-#else
-#pragma unroll
-    for (int i = 0; i < 4; i += 2) {  // the fp32 bits' top halves are the bf16 of u - z, exactly
-        const st2 e = bits_as<st2>(__byte_perm(__float_as_uint(d[i]), __float_as_uint(d[i + 1]), 0x7632u));
-        const float2 v = st2_float2(__hmul2(e, q.s2));
-        f[i] = v.x;
-        f[i + 1] = v.y;
-    }
-#endif
-#endif
-}
-
-template <> __device__ __forceinline__ void dequant_word<KIND_FP8>(uint32_t w, const QS& q, float* f) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        // bytes 2i and 2i + 1 at bits 8-15 and 24-31: each half's sign in place, its 7 magnitude bits one lower
-        const uint32_t t = __byte_perm(w, 0u, i ? 0x3424u : 0x1404u);
-        const __half2 h = bits_as<__half2>((t & 0x80008000u) | ((t >> 1) & 0x3F803F80u));  // value * 2^-8, exact
-#if SDTYPE == 1
-        const float2 v = __half22float2(__hmul2(h, q.s2));
-#else
-        const float2 e = __half22float2(h);
-        float2 v = make_float2(e.x * q.sf, e.y * q.sf);  // sf = 256 s: the exact product for a bf16 scale
-#if SDTYPE == 2
-        v = __bfloat1622float2(__floats2bfloat162_rn(v.x, v.y));
-#endif
-#endif
-        f[2 * i] = v.x;
-        f[2 * i + 1] = v.y;
-    }
-}
 
 // Sums over the block of x[t] . W[r] for r < NR, t < T into tot[r * GEMV_MAX_T + t] (shared; QTHREADS / 32 * NR *
 // GEMV_MAX_T floats). rows: the NR rows' words; srows / zrows: their scale rows and zero-point rows (or NULL).
@@ -276,15 +125,6 @@ __device__ __forceinline__ void qdot(const uint32_t* const (&rows)[NR], const st
         tot[threadIdx.x] = s;  // only this thread touches column threadIdx.x (warp 0's slot of it)
     }
     __syncthreads();
-}
-
-// Pointers of output row `row` of a weight: its words, scale row and zero-point row.
-template <int KIND>
-__device__ __forceinline__ void row_ptrs(const uint32_t* q, const st* s, const uint8_t* z, int row, int Kp, int G,
-                                         int srow, const uint32_t*& qr, const st*& sr, const uint8_t*& zr) {
-    qr = q + (size_t)row * (Kp / Codes<KIND>::PER);
-    sr = s + (size_t)(row / srow) * G;
-    zr = z ? z + (size_t)row * G : nullptr;
 }
 
 template <int KIND>

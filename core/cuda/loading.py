@@ -10,9 +10,11 @@ Quantized checkpoints (issue 16): core.load asks quantized_nbytes for each quant
 core.quant.QuantizedTensor, not dequantized) and hands those it gets a size for to convert_quantized, which repacks
 its stored parts into the device layout (qlayout.py) and uploads them as a QTensor; the products of qlinear.py read
 it. Kept quantized (QUANT_ROLES): the projections of the standard blocks and lm_head (when a checkpoint quantizes it),
-which every kernel reads through linear.py; not the stacked experts (moe.cu reads dense [E, out, in]), nor the weights
-of a plugin's own sublayer function (it may hand them to a custom op). Everything else, and a weight whose data the
-layout cannot hold (convert_quantized returns None), is loaded dense through convert, as before.
+which every kernel reads through linear.py, and the experts (EXPERT_ROLES: a core.quant.QuantizedStack, one stacked
+QTensor [E, out, in] that moe.py's quantized kernels read); not the weights of a plugin's own sublayer function (it
+may hand them to a custom op). Everything else, and a weight whose data the layout cannot hold (convert_quantized
+returns None; for experts also a layout that differs between experts, or act-order), is loaded dense through
+convert, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from ..checkpoint import float32_to_bf16_bits, to_float32
 from ..errors import DeviceError, DeviceMemoryError
+from ..quant.base import QuantizedStack
 from .capabilities import missing_capabilities
 from .geometry import grid1
 from .memory import mib
@@ -34,7 +37,8 @@ CONVERT_CHUNK = 1 << 24  # elements converted on the host per upload step (64 MB
 ATTENTION_ROLES = frozenset({"q.weight", "k.weight", "v.weight", "o.weight"})
 MLP_ROLES = frozenset({"gate.weight", "up.weight", "down.weight", "shared.gate.weight", "shared.up.weight",
                        "shared.down.weight"})
-QUANT_ROLES = ATTENTION_ROLES | MLP_ROLES | {"lm_head"}  # kept quantized: every product with them is linear.py's
+EXPERT_ROLES = frozenset({"experts.gate.weight", "experts.up.weight", "experts.down.weight"})  # read by moe.py only
+QUANT_ROLES = ATTENTION_ROLES | MLP_ROLES | EXPERT_ROLES | {"lm_head"}  # kept quantized
 SCALE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -98,16 +102,19 @@ class LoadingMixin:
         return DTensor(alloc, int(alloc), bits.shape, self.dtype)
 
     def quantized_nbytes(self, q, role: str, config) -> int | None:
-        """GPU bytes of quantized checkpoint weight `q` (a core.quant.QuantizedTensor) if it is kept quantized for
-        `role`, else None: it is then loaded dense (see the module docstring for which roles)."""
+        """GPU bytes of quantized checkpoint weight `q` (a core.quant.QuantizedTensor, or a QuantizedStack for an
+        expert role) if it is kept quantized for `role`, else None: it is then loaded dense (see the module
+        docstring for which roles)."""
         if role not in QUANT_ROLES or (config.attention_block is not None and role in ATTENTION_ROLES) or (
-                config.mlp_block is not None and role in MLP_ROLES):
+                config.mlp_block is not None and role in MLP_ROLES | EXPERT_ROLES) or (
+                (role in EXPERT_ROLES) != isinstance(q, QuantizedStack)):
             return None
         return device_nbytes(q)
 
     def convert_quantized(self, q, role: str) -> QTensor | None:
         """`q` repacked from its stored parts (qlayout.py) and uploaded, or None when its data does not fit the
-        layout (a g_idx that is not a permutation of groups, a zero point out of range): load it dense then."""
+        layout (a g_idx that is not a permutation of groups, a zero point out of range; experts in different
+        layouts): load it dense then."""
         p = repack(q)
         return None if p is None else self.upload_packed(p, role)
 
@@ -134,7 +141,7 @@ class LoadingMixin:
         q, s = next(ptrs), next(ptrs)
         z = next(ptrs) if p.zeros is not None else 0
         perm = next(ptrs) if p.perm is not None else 0
-        return QTensor(p.shape, p.kind, SCALE_DTYPES[p.sdtype], p.kp, p.lg, p.scales.shape[1], p.srow,
+        return QTensor(p.shape, p.kind, SCALE_DTYPES[p.sdtype], p.kp, p.lg, p.scales.shape[-1], p.srow,
                        (q, s, z, perm), p.nbytes)
 
     def random_weight(self, shape, seed: int, scale: float, center: float = 0.0) -> DTensor:

@@ -36,6 +36,8 @@ def variants(name: str) -> list[dict[str, int]]:
                 + [dict(d, GEMV_MAX_T=1, GEMV_UNROLL=u) for d in dtypes for u in (3, 4)])  # K <= 4096 in one pass
     if name == "gemv_q.cu":  # quantized weights: every weight type x scale type, one token and up to GEMV_MAX_T
         return [dict(d, SDTYPE=s, GEMV_MAX_T=t) for d in dtypes for s in DTYPE_CODES.values() for t in (1, 4)]
+    if name == "moe_q.cu":  # quantized experts: every weight type (the biases) x scale type
+        return [dict(d, SDTYPE=s) for d in dtypes for s in DTYPE_CODES.values()]
     if name == "norm.cu":
         return [dict(d, NORM_VPT=2) for d in dtypes]
     if name == "attention_tc.cu":  # tensor-core prefill: half types, head sizes that are multiples of 16

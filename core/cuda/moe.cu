@@ -106,25 +106,6 @@ moe_route(int* __restrict__ ids,             // int32 [T, k]
     }
 }
 
-// Sums over the block of acc[r] (each thread's partial dot of row r) into tot[r] (shared, NR values).
-template <int NR>
-__device__ __forceinline__ void block_rows_sum(float (&acc)[NR], float (*part)[NR], float* tot) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int r = 0; r < NR; ++r) {
-        const float v = warp_sum(acc[r]);
-        if (lane == 0) part[warp][r] = v;
-    }
-    __syncthreads();
-    if (threadIdx.x < NR) {
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < MOE_THREADS / 32; ++w) v += part[w][threadIdx.x];
-        tot[threadIdx.x] = v;
-    }
-    __syncthreads();
-}
-
 // One 128-bit chunk of weights (VEC values) times VEC floats of x at xp (16-byte aligned), added to acc.
 __device__ __forceinline__ float dot_chunk(const uint4& wv, const float* xp, float acc) {
     const wt* we = reinterpret_cast<const wt*>(&wv);
@@ -192,7 +173,7 @@ __device__ __forceinline__ void moe_up_body(
             for (int r = 0; r < NR; ++r) acc[r] += to_f(rows[r][i]) * xv;
         }
     }
-    block_rows_sum<NR>(acc, part, tot);
+    block_rows_sum<NR, MOE_THREADS>(acc, part, tot);
     if (threadIdx.x < MOE_ROWS) {
         const int row = r0 + threadIdx.x;
         if (row < I) {
@@ -272,7 +253,7 @@ moe_down(float* __restrict__ y,            // float32 [T, D]
             for (int r = 0; r < MOE_ROWS; ++r) acc[r] += to_f(base[roff[r]]) * xv;
         }
     }
-    block_rows_sum<MOE_ROWS>(acc, part, tot);
+    block_rows_sum<MOE_ROWS, MOE_THREADS>(acc, part, tot);
     if (threadIdx.x < MOE_ROWS) {
         const int row = r0 + threadIdx.x;
         if (row < D) {

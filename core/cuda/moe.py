@@ -17,7 +17,14 @@ expert ids (int32) and weights (float32) in device memory. Then:
   its tokens' rows; a token picks an expert at most once, so a launch writes each element once). Experts go in
   ascending id order, the reference's order of summation.
 
-Expert weights are the stacked [E, out, in] tensors loading makes (experts.*.weight), biases [E, out].
+Expert weights are the stacked [E, out, in] tensors loading makes (experts.*.weight), biases [E, out]. A quantized
+checkpoint's experts may instead be stacked QTensors (qlayout.py's stacked layout, loading.py): decode then takes
+moe_q.cu's versions of the grouped GEMVs, which dequantize the selected experts in registers and so read only their
+quantized bytes (x staged to the weights' padded width; h's rows as long as the down product's padded width, zero
+past I); gate and up go through one kernel when they share a layout, and when they do not (one dense, or two
+layouts) both are dequantized, every expert, for moe.cu's kernel: correct, slow, and not what loading makes of a
+checkpoint quantized in one scheme. Prefill hands each expert's slice (QTensor.expert) to the products as any
+quantized weight (qlinear.py: dequantized for the GEMM).
 """
 
 from __future__ import annotations
@@ -26,11 +33,15 @@ import numpy as np
 
 from ..errors import DeviceError
 from .geometry import GEMV_MAX_T, MOE_ROWS, MOE_THREADS, ROUTE_WARPS, grid1
-from .tensors import DTensor, Lazy
+from .modules import DTYPE_CODES
+from .tensors import DTensor, Lazy, QTensor
 
 MOE_DECODE_T = GEMV_MAX_T  # up to this many tokens take the grouped GEMVs; more are grouped per expert
 SCORINGS = {"softmax": 0, "sigmoid": 1}
 MAX_GRID_Y = 65535
+# PyCUDA argument formats of moe_q.cu's kernels (the same for each kind; tests/test_quant_moe.py checks them against
+# the preprocessed source)
+Q_FORMATS = {"moe_q_up": "P" * 12 + "i" * 10, "moe_q_down": "P" * 8 + "i" * 8}
 
 
 class MoeMixin:
@@ -38,7 +49,7 @@ class MoeMixin:
 
     Uses the backend's dtype, capture, drv and stream; alloc() / from_host() / to_host() (memory.py), kernel() /
     launch() / check() (launch.py), flush_pending() (deferred.py), linears() / gated_linear() / linear_act()
-    (linear.py), act_code() (elementwise.py)."""
+    (linear.py), qstaged() / qdense() (qlinear.py), act_code() (elementwise.py)."""
 
     def moe(self, x, router_w, router_b, gate, up, down, routing, biases=(None, None, None)):
         """Mixture of experts on x [T, D] (core.ops.moe; routing: core.config.MoeRouting) → float32 [T, D]."""
@@ -99,7 +110,9 @@ class MoeMixin:
         bad = [f"{role} is {list(t.shape)} (expected {list(shape)})" for role, (t, shape) in want.items()
                if t is not None and tuple(t.shape) != shape]
         bad += [f"{role} is {t.dtype} (the backend's weights are {self.dtype})" for role, (t, _) in want.items()
-                if t is not None and t.dtype != self.dtype]
+                if t is not None and not isinstance(t, QTensor) and t.dtype != self.dtype]
+        bad += [f"{role} is quantized (only the expert weights may be, unpermuted)" for role, (t, _) in want.items()
+                if isinstance(t, QTensor) and (not role.startswith("experts.") or role.endswith(".bias") or t.perm)]
         if x.dtype != "float32":
             bad.append(f"x is {x.dtype}, not float32")
         if bad:
@@ -113,19 +126,55 @@ class MoeMixin:
         return E, I, D, k
 
     def _moe_decode(self, x, ids, wts, gate, up, down, bg, bu, bd, act, T, E, I, D, k) -> DTensor:
-        """The grouped GEMVs for a few tokens (module docstring): device-side from the ids on, graph-capturable."""
-        h, y = self.alloc((T, k, I)), self.alloc((T, D))
-        gated = gate is not None
-        fmt = "PPPPPPPPiiiii"
-        fn = self.kernel("moe.cu", "moe_gate_up" if gated else "moe_up", fmt)
-        if I:
-            self.launch("moe(gate_up)" if gated else "moe(up)", fn, (-(-I // MOE_ROWS), T * k, 1), (MOE_THREADS, 1, 1),
-                        h, x, ids, wts, gate if gated else None, bg if gated else None, up, bu, k, E, I, D, act)
+        """The grouped GEMVs for a few tokens (module docstring): device-side from the ids on, graph-capturable;
+        moe_q.cu's for quantized experts."""
+        qdown = isinstance(down, QTensor)
+        H = down.kp if qdown else I  # h's row: what the down product reads
+        if isinstance(up, QTensor) and (gate is None or isinstance(gate, QTensor)
+                                        and gate.layout_key() == up.layout_key()):
+            h = self._moe_q_up(x, ids, wts, gate, up, bg, bu, act, T, E, I, H, k)
+        else:
+            gate, up = (self.qdense(w) if isinstance(w, QTensor) else w for w in (gate, up))
+            h = self._moe_up(x, ids, wts, gate, up, bg, bu, act, T, E, I, D, k)
+            if H != I:
+                h = self.qstaged(h.reshape(T * k, I), T * k, down)
+        y = self.alloc((T, D))
+        if qdown:
+            fn = self.kernel("moe_q.cu", f"moe_q_down_{down.kind}", Q_FORMATS["moe_q_down"],
+                             SDTYPE=DTYPE_CODES[down.sdtype])
+            if D:
+                self.launch("moe(down)(quantized)", fn, (-(-D // MOE_ROWS), T, 1), (MOE_THREADS, 1, 1), y, h, ids, wts,
+                            down.q, down.s, down.z, bd, k, E, D, down.kp, down.lg, down.G, down.srow, down.strides[1])
+            return y
         fn = self.kernel("moe.cu", "moe_down", "PPPPPPiiii")
         if D:
             self.launch("moe(down)", fn, (-(-D // MOE_ROWS), T, 1), (MOE_THREADS, 1, 1), y, h, ids, wts, down, bd,
                         k, E, I, D)
         return y
+
+    def _moe_up(self, x, ids, wts, gate, up, bg, bu, act, T, E, I, D, k) -> DTensor:
+        """moe.cu's moe_gate_up (moe_up without a gate): h [T, k, I] from dense experts."""
+        h = self.alloc((T, k, I))
+        gated = gate is not None
+        fn = self.kernel("moe.cu", "moe_gate_up" if gated else "moe_up", "PPPPPPPPiiiii")
+        if I:
+            self.launch("moe(gate_up)" if gated else "moe(up)", fn, (-(-I // MOE_ROWS), T * k, 1), (MOE_THREADS, 1, 1),
+                        h, x, ids, wts, gate if gated else None, bg if gated else None, up, bu, k, E, I, D, act)
+        return h
+
+    def _moe_q_up(self, x, ids, wts, gate, up, bg, bu, act, T, E, I, H, k) -> DTensor:
+        """moe_q.cu's moe_q_gate_up (moe_q_up without a gate): h [T, k, H] from quantized experts sharing a layout,
+        rows zero past I; x staged to their padded width first when it is not that already."""
+        xs = self.qstaged(x, T, up)
+        h = self.alloc((T, k, H))
+        gated = gate is not None
+        name = "gate_up" if gated else "up"
+        fn = self.kernel("moe_q.cu", f"moe_q_{name}_{up.kind}", Q_FORMATS["moe_q_up"], SDTYPE=DTYPE_CODES[up.sdtype])
+        g = (gate.q, gate.s, gate.z, bg) if gated else (None, None, None, None)
+        if H:
+            self.launch(f"moe({name})(quantized)", fn, (-(-H // MOE_ROWS), T * k, 1), (MOE_THREADS, 1, 1), h, xs, ids,
+                        wts, *g, up.q, up.s, up.z, bu, k, E, I, H, up.kp, up.lg, up.G, up.srow, up.strides[1], act)
+        return h
 
     def _moe_grouped(self, x, ids, wts, gate, up, down, bg, bu, bd, kind, T, E, D, k) -> DTensor:
         """Many tokens (prefill, not captured): tokens grouped per expert on the host, each expert's rows through
@@ -158,5 +207,7 @@ class MoeMixin:
 
     @staticmethod
     def _expert(w, e: int):
-        """Expert e's slice of a stacked [E, ...] weight (a view), or None."""
+        """Expert e's slice of a stacked [E, ...] weight (a view; QTensor.expert of a quantized one), or None."""
+        if isinstance(w, QTensor):
+            return w.expert(e)
         return None if w is None else w[e:e + 1].reshape(w.shape[1:])

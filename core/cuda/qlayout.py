@@ -24,8 +24,21 @@ exactly as core/quant/dequant.py computes it: `dense()` of a repacked weight equ
 (tests/test_cuda_quant.py). 4- and 8-bit integers and E4M3 are covered; a group of input columns must be a power of
 two of at least one word's codes. An act-order g_idx must be a permutation of whole groups (as GPTQ writes it: every
 group g columns), which becomes `perm`. Anything else — 2-bit codes, E5M2, other group sizes, a g_idx that is not
-such a permutation, a zero point outside [0, 2**bits), an fp8 F16 scale over 255, transposed (Conv1D) or stacked
-(experts) weights — returns None from `repack`, and the weight is loaded dense as before.
+such a permutation, a zero point outside [0, 2**bits), an fp8 F16 scale over 255, transposed (Conv1D) weights —
+returns None from `repack`, and the weight is loaded dense as before.
+
+Mixture-of-experts roles (experts.gate / up / down, [E, out, in] once stacked) are one Packed with a leading expert
+axis, the checkpoint's per-expert QuantizedTensors (a core.quant.QuantizedStack) repacked one by one and stacked:
+
+    words   uint32 [E, N, Kp / per]     expert e's weight is words[e], scales[e], zeros[e] as above
+    scales  [E, R, G]
+    zeros   uint8 [E, N, G] or None     None only when no expert has zero points; a symmetric expert among
+                                        asymmetric ones gets its 2**(bits - 1) written out
+    perm    None                        always: a permutation per expert would need x staged per expert
+
+so that expert e starts e * N * Kp / per words, e * R * G scales and e * N * G zero points in (moe_q.cu's strides,
+QTensor.expert's views). Every expert must come out in one layout (kind, shape, scale dtype, group, scale rows and
+columns) and without act-order (refused from the headers already, `covered`); otherwise the role is loaded dense.
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ import math
 import attrs
 import numpy as np
 
-from ..quant.base import QuantizedTensor, read_part
+from ..quant.base import QuantizedStack, QuantizedTensor, read_part
 from ..quant.dequant import ct_packed_zero
 from ..quant.pack import AWQ_ORDER, fp8_to_float32, gptq_v1_zeros, round_to, unpack
 from ..safetensors_io import to_float32
@@ -49,17 +62,18 @@ FP8_SCALE = 256.0  # fp8 scales are stored times this (see the module docstring)
 
 @attrs.frozen
 class Packed:
-    """One weight [N, K] in the device layout (see the module docstring); numpy arrays, uploaded as they are."""
+    """One weight [N, K], or the experts' weights stacked [E, N, K], in the device layout (see the module docstring);
+    numpy arrays, uploaded as they are."""
 
     kind: str  # "int4", "int8" or "fp8"
-    shape: tuple[int, int]  # (N, K)
-    words: np.ndarray  # uint32 [N, Kp / (32 / bits)]
-    scales: np.ndarray  # [R, G] stored bits: float16 (F16), uint16 (BF16) or float32 (F32)
+    shape: tuple[int, ...]  # (N, K), or (E, N, K) stacked
+    words: np.ndarray  # uint32 [(E,) N, Kp / (32 / bits)]
+    scales: np.ndarray  # [(E,) R, G] stored bits: float16 (F16), uint16 (BF16) or float32 (F32)
     sdtype: str  # the scales' safetensors dtype, which is the dequantized weight's: "F16", "BF16" or "F32"
     lg: int  # log2 of the input columns sharing a scale (WHOLE_ROW when G == 1)
     srow: int = 1  # output rows sharing a scale row
-    zeros: np.ndarray | None = None  # uint8 [N, G]; None: 2**(bits - 1)
-    perm: np.ndarray | None = None  # int32 [K]
+    zeros: np.ndarray | None = None  # uint8 [(E,) N, G]; None: 2**(bits - 1)
+    perm: np.ndarray | None = None  # int32 [K]; never stacked
 
     @property
     def bits(self) -> int:
@@ -69,12 +83,22 @@ class Packed:
     @property
     def kp(self) -> int:
         """K padded to whole 16-byte chunks."""
-        return self.words.shape[1] * (32 // self.bits)
+        return self.words.shape[-1] * (32 // self.bits)
 
     @property
     def nbytes(self) -> int:
         """Bytes on the device: words, scales, zeros and perm."""
         return sum(a.nbytes for a in (self.words, self.scales, self.zeros, self.perm) if a is not None)
+
+    @property
+    def experts(self) -> int | None:
+        """E of a stack, None for one weight."""
+        return self.shape[0] if len(self.shape) == 3 else None
+
+    def expert(self, e: int) -> Packed:
+        """Expert e of a stack as one weight [N, K] (views of the stacked arrays)."""
+        return Packed(self.kind, self.shape[1:], self.words[e], self.scales[e], self.sdtype, self.lg, self.srow,
+                      None if self.zeros is None else self.zeros[e])
 
 
 def chunk_codes(kind: str) -> int:
@@ -254,9 +278,15 @@ def _checked(kind, shape, words, scales, sdtype, lg, srow, z, perm) -> Packed | 
 
 # -- a QuantizedTensor → Packed -----------------------------------------------------------------------------------
 
-def covered(q: QuantizedTensor) -> str | None:
+def covered(q: QuantizedTensor | QuantizedStack) -> str | None:
     """The layout kind a QuantizedTensor would get, judged from its headers (None: it loads dense). `repack` may still
-    return None for what only the data shows (a g_idx that is not a permutation of groups, zero points out of range)."""
+    return None for what only the data shows (a g_idx that is not a permutation of groups, zero points out of range).
+    A QuantizedStack is covered when every expert is, in one kind and shape, without act-order."""
+    if isinstance(q, QuantizedStack):
+        kinds = {covered(e) for e in q.experts}
+        if len(kinds) != 1 or None in kinds or len({(e.shape, e.dtype) for e in q.experts}) != 1:
+            return None
+        return None if any(e.scheme.act_order for e in q.experts) else kinds.pop()
     s = q.scheme
     if s is None or q.transposed or len(q.shape) != 2 or s.layout == "dense":
         return None
@@ -266,25 +296,46 @@ def covered(q: QuantizedTensor) -> str | None:
     return f"int{s.bits}" if s.bits in (4, 8) else None
 
 
-def device_nbytes(q: QuantizedTensor) -> int | None:
+def device_nbytes(q: QuantizedTensor | QuantizedStack) -> int | None:
     """The bytes `repack(q)` puts on the device at most (from the headers; None when it is not covered): words,
-    scales, zero points and the act-order permutation."""
+    scales, zero points and the act-order permutation; of a QuantizedStack, its experts' (zero points for every
+    expert when one has them)."""
     kind = covered(q)
     if kind is None:
         return None
+    if isinstance(q, QuantizedStack):
+        zeros = any(_zero_part(e) is not None for e in q.experts)
+        return sum(_estimate(e, kind, zeros) for e in q.experts)
+    return _estimate(q, kind, _zero_part(q) is not None) + (4 * q.shape[1] if q.scheme.act_order else 0)
+
+
+def _zero_part(q: QuantizedTensor):
+    """The stored part holding q's zero points (GPTQ / AWQ qzeros, compressed-tensors weight_zero_point), or None."""
+    return q.part("qzeros") or q.part("weight_zero_point")
+
+
+def _estimate(q: QuantizedTensor, kind: str, zeros: bool) -> int:
+    """Words, scales and (if `zeros`) uint8 zero points [N, G] of one weight, from its headers."""
     n, k = q.shape
     scales = [i for name, i in q.parts if name in ("scales", "weight_scale", "weight_scale_inv")]
-    zeros = q.part("qzeros") or q.part("weight_zero_point")  # uint8 [N, G] (at most: dropped when all 2**(bits-1))
-    extra = n * max(1, sum(i.numel for i in scales) // n) if zeros is not None else 0
-    extra += 4 * k if q.scheme.act_order else 0
+    extra = n * max(1, sum(i.numel for i in scales) // n) if zeros else 0
     return n * padded_k(kind, k) * KINDS[kind] // 8 + sum(i.nbytes for i in scales) + extra
 
 
-def repack(q: QuantizedTensor) -> Packed | None:
-    """The device layout of `q`, from its stored parts (see the module docstring), or None: load it dense."""
-    kind, s = covered(q), q.scheme
+def repack(q: QuantizedTensor | QuantizedStack) -> Packed | None:
+    """The device layout of `q`, from its stored parts (see the module docstring), or None: load it dense. A
+    QuantizedStack is repacked expert by expert and stacked (`stack`)."""
+    kind = covered(q)
     if kind is None:
         return None
+    if isinstance(q, QuantizedStack):
+        packs = []
+        for e in q.experts:
+            packs.append(repack(e))
+            if packs[-1] is None or packs[-1].perm is not None:
+                return None  # this expert's data does not fit: the whole role goes dense
+        return stack(packs)
+    s = q.scheme
     n, k = q.shape
     if s.method == "gptq":
         return from_gptq(read_part(q, "qweight"), read_part(q, "qzeros"), read_part(q, "scales"),
@@ -304,6 +355,26 @@ def repack(q: QuantizedTensor) -> Packed | None:
                     packed)
 
 
+def stack(packs: list[Packed | None]) -> Packed | None:
+    """The experts' weights as one stacked Packed [E, N, K] (see the module docstring), or None when one is missing,
+    permuted or stacked already, or they disagree in layout (kind, shape, scale dtype and geometry)."""
+    if not packs or any(p is None or p.perm is not None or p.experts is not None for p in packs):
+        return None
+    p0 = packs[0]
+
+    def layout(p):
+        return p.kind, p.shape, p.sdtype, p.lg, p.srow, p.words.shape, p.scales.shape, p.scales.dtype
+
+    if any(layout(p) != layout(p0) for p in packs):
+        return None
+    zeros = None
+    if any(p.zeros is not None for p in packs):
+        sym = np.full((p0.shape[0], p0.scales.shape[1]), 1 << (p0.bits - 1), np.uint8)
+        zeros = np.stack([sym if p.zeros is None else p.zeros for p in packs])
+    return Packed(p0.kind, (len(packs),) + tuple(p0.shape), np.stack([p.words for p in packs]),
+                  np.stack([p.scales for p in packs]), p0.sdtype, p0.lg, p0.srow, zeros)
+
+
 # -- the layout's numpy reference -----------------------------------------------------------------------------------
 
 def codes_of(p: Packed) -> np.ndarray:
@@ -312,8 +383,10 @@ def codes_of(p: Packed) -> np.ndarray:
 
 
 def dense(p: Packed) -> np.ndarray:
-    """The weight float32 [N, K] the layout means, rounded to the scale dtype as the reference rounds it: what every
-    gemv_q.cu kernel multiplies x by."""
+    """The weight float32 [N, K] (a stack: [E, N, K]) the layout means, rounded to the scale dtype as the reference
+    rounds it: what every gemv_q.cu and moe_q.cu kernel multiplies x by."""
+    if p.experts is not None:
+        return np.stack([dense(p.expert(e)) for e in range(p.experts)])
     n, k = p.shape
     kp = p.kp
     col = np.minimum(np.arange(kp) >> p.lg, p.scales.shape[1] - 1)
@@ -334,7 +407,11 @@ def dense(p: Packed) -> np.ndarray:
 
 
 def packed_shape_ok(p: Packed) -> bool:
-    """The invariants the kernels rely on: whole chunks per row, a scale row for every output row."""
+    """The invariants the kernels rely on: whole chunks per row, a scale row for every output row; of a stack, every
+    expert's, and no permutation."""
+    if p.experts is not None:
+        lead = {a.shape[0] for a in (p.words, p.scales, p.zeros) if a is not None}
+        return p.perm is None and lead == {p.experts} and all(packed_shape_ok(p.expert(e)) for e in range(p.experts))
     n, k = p.shape
     return (p.words.shape[0] == n and p.kp == padded_k(p.kind, k) and p.scales.shape[0] == math.ceil(
         n / min(p.srow, n)) and (p.zeros is None or p.zeros.shape == (n, p.scales.shape[1])))

@@ -73,7 +73,7 @@ class QuantLinearMixin:
             return self.gated_act(*self.qlinears(x, [(wg, bg), (wu, bu)]), kind)
         N = wg.shape[0]
         y = self.alloc(x.shape[:-1] + (N,))
-        xs = self._qstage(x, M, wg)
+        xs = self.qstaged(x, M, wg)
         fn = self.kernel("gemv_q.cu", f"qgemv_gated_{wg.kind}", FORMATS["qgemv_gated"], **self._qdefines(wg, M))
         if N:
             self.launch(f"gated_linear({kind})(qgemv)", fn, (-(-N // QROWS), 1, 1), (QTHREADS, 1, 1), y, xs, M,
@@ -82,14 +82,17 @@ class QuantLinearMixin:
 
     def qdense(self, w: QTensor) -> DTensor:
         """w dequantized into a pooled buffer [N, K] of the backend's dtype (act-order columns back in place): the
-        weight a dense load makes from the same checkpoint, for the GEMM of many tokens."""
-        N, K = w.shape
-        out = self.alloc((N, K), self.dtype)
+        weight a dense load makes from the same checkpoint, for the GEMM of many tokens. A stack of experts comes
+        out [E, N, K], one launch an expert (moe.py, when its pair of weights cannot share a quantized kernel)."""
+        out = self.alloc(w.shape, self.dtype)
+        N, K = w.shape[-2:]
         kw = w.kp * (4 if w.kind == "int4" else 8) // 32  # words a row
         fn = self.kernel("gemv_q.cu", f"qdequant_{w.kind}", FORMATS["qdequant"], **self._qdefines(w, GEMV_MAX_T))
-        if N and K:
-            self.launch("linear(dequantize)", fn, grid1(N * kw), (256, 1, 1), out, w.q, w.s, w.z, w.perm, N, K, w.kp,
-                        w.lg, w.G, w.srow)
+        parts = [(w.expert(e), out[e:e + 1]) for e in range(w.shape[0])] if w.ndim == 3 else [(w, out)]
+        for we, oe in parts:
+            if N and K:
+                self.launch("linear(dequantize)", fn, grid1(N * kw), (256, 1, 1), oe, we.q, we.s, we.z, we.perm, N, K,
+                            w.kp, w.lg, w.G, w.srow)
         return out
 
     def _qinput(self, x, pairs, op: str):
@@ -113,9 +116,9 @@ class QuantLinearMixin:
     def _qdefines(self, w: QTensor, M: int) -> dict:
         return {"SDTYPE": DTYPE_CODES[w.sdtype], "GEMV_MAX_T": 1 if M == 1 else GEMV_MAX_T}
 
-    def _qstage(self, x, M: int, w: QTensor):
-        """x as the GEMV reads it: [M, kp] float32, 16-byte aligned, permuted for an act-order weight, zero past K
-        (a new buffer when x is not that already)."""
+    def qstaged(self, x, M: int, w: QTensor):
+        """x [M, K] as the quantized GEMVs read it for weight w (gemv_q.cu, moe_q.cu): [M, kp] float32, 16-byte
+        aligned, permuted for an act-order weight, zero past K (a new buffer when x is not that already)."""
         K = x.shape[-1]
         if not w.perm and w.kp == K and x.ptr % 16 == 0:
             return x
@@ -127,7 +130,7 @@ class QuantLinearMixin:
     def _qgemv(self, x, M: int, pairs, act: int, op: str) -> list:
         """One qgemv launch for up to 3 QTensors sharing a layout (QTensor.layout_key), activation `act` (-1: none)."""
         w0 = pairs[0][0]
-        xs = self._qstage(x, M, w0)
+        xs = self.qstaged(x, M, w0)
         segs, ys = [], []
         for w, b in pairs:
             ys.append(self.alloc(x.shape[:-1] + (w.shape[0],)))

@@ -105,7 +105,8 @@ class QTensor:
     """A weight [N, K] kept quantized in GPU memory, in core/cuda/qlayout.py's layout (loading.py uploads a Packed):
     `kind` ("int4", "int8", "fp8"), `sdtype` (the scales' dtype, which gemv_q.cu rounds the weight to), the layout's
     kp / lg / G / srow, and the device pointers of its words, scales, zero points and act-order permutation (0: none).
-    linear.py routes every product with one to qlinear.py; nothing else reads it."""
+    linear.py routes every product with one to qlinear.py. A stack of experts' weights [E, N, K] (qlayout.py's
+    stacked layout, never permuted) is read by moe.py, whole (moe_q.cu) or one expert at a time (`expert`)."""
 
     __slots__ = ("shape", "kind", "sdtype", "kp", "lg", "G", "srow", "q", "s", "z", "perm", "nbytes")
     quantized = True  # core/bench_shapes.py counts its nbytes, not size x the dtype's
@@ -121,13 +122,28 @@ class QTensor:
 
     @property
     def ndim(self) -> int:
-        return 2
+        return len(self.shape)
+
+    @property
+    def strides(self) -> tuple[int, int, int]:
+        """Elements from one expert to the next in a stack: (words, scales, zero points) = (N Kp / per, R G, N G)."""
+        n = self.shape[-2]
+        per = 32 // (4 if self.kind == "int4" else 8)
+        return n * self.kp // per, -(-n // min(self.srow, n)) * self.G if n else 0, n * self.G
+
+    def expert(self, e: int) -> QTensor:
+        """Expert e of a stack [E, N, K]: a QTensor [N, K] viewing its words, scales and zero points."""
+        words, scales, zeros = self.strides
+        z = self.z + e * zeros if self.z else 0
+        ptrs = (self.q + 4 * e * words, self.s + ITEMSIZE[self.sdtype] * e * scales, z, 0)
+        return QTensor(self.shape[1:], self.kind, self.sdtype, self.kp, self.lg, self.G, self.srow, ptrs,
+                       self.nbytes // self.shape[0])
 
     def layout_key(self) -> tuple:
         """What weights read by one launch must share (one x, one scale geometry): kind, scale dtype, K, kp, lg, G,
         srow; a permuted one shares with none (its x is its own permutation)."""
         own = id(self) if self.perm else None
-        return (self.kind, self.sdtype, self.shape[1], self.kp, self.lg, self.G, self.srow, own)
+        return (self.kind, self.sdtype, self.shape[-1], self.kp, self.lg, self.G, self.srow, own)
 
     def __repr__(self):
         return f"QTensor({self.kind}, {self.sdtype} scales, {list(self.shape)}, {self.nbytes:,} bytes)"

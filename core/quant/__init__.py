@@ -26,7 +26,7 @@ from ..safetensors_io import PLAIN_DTYPES, TensorInfo, _short
 from ..config import read_json
 from ..errors import QuantizationError, UnsupportedDtypeError
 from ..log import warn_once
-from .base import QuantizedTensor, Scheme, read_part  # noqa: F401  (read_part: part of core.quant's surface)
+from .base import QuantizedStack, QuantizedTensor, Scheme, read_part  # noqa: F401  (core.quant's surface)
 from .ctensors import CompressedTensors
 from .formats import AWQ, FP8, GPTQ, Reader
 

@@ -1,6 +1,6 @@
 """The pieces every quantized format's reader builds on: Scheme (what one quantized weight is), QuantizedTensor (the
-stand-in for a plain weight) and read_part. (core/quant/__init__.py's view() drives the readers in formats.py and
-ctensors.py.)"""
+stand-in for a plain weight), QuantizedStack (a per-expert role's QuantizedTensors, as a backend is handed them) and
+read_part. (core/quant/__init__.py's view() drives the readers in formats.py and ctensors.py.)"""
 
 from __future__ import annotations
 
@@ -61,6 +61,25 @@ class QuantizedTensor(TensorInfo):
         """The same weight as [in, out]: quantized formats store a Linear's [out, in] orientation, and a family whose
         plain checkpoints hold [in, out] (GPT-2's Conv1D) asks for that layout."""
         return attrs.evolve(self, shape=tuple(self.shape[::-1]), transposed=not self.transposed)
+
+
+@attrs.frozen
+class QuantizedStack:
+    """The quantized weights of a per-expert role, one QuantizedTensor per expert in expert order (a family's
+    `experts.{expert}` tensors, which loading stacks into the role's [num_experts, out, in]): what core.load hands a
+    backend that keeps experts quantized (core.weights Source.stored), instead of the stacked dense weight."""
+
+    experts: tuple[QuantizedTensor, ...]
+
+    @property
+    def name(self) -> str:
+        """The first expert's weight name (for messages)."""
+        return self.experts[0].name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """[num_experts, out, in]: the stacked role's shape."""
+        return (len(self.experts),) + tuple(self.experts[0].shape)
 
 
 def read_part(q: QuantizedTensor, suffix: str) -> np.ndarray | None:
