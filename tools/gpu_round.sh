@@ -52,7 +52,7 @@ for step in $steps; do
                --json "$OUT/benchq-$scheme.json" 2>&1 | tee "$OUT/benchq-$scheme.log" | tail -6; done ;;
     moe) timeout "${MOE_S:-200}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda_moe.py 2>&1 \
                | tee "$OUT/moe.log" | tail -25 ;;
-    paged) timeout "${PAGED_S:-150}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda_paged.py 2>&1 \
+    paged) timeout "${PAGED_S:-150}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda_paged.py tests/test_cuda_exit.py 2>&1 \
                | tee "$OUT/paged.log" | tail -25 ;;
     serve) timeout "${SERVE_S:-300}" python3 -m core bench --serve --device cuda ${SERVE_CONFIGS:---model tinyllama-1.1b} \
                ${SERVE_CONC:-} --compare-hf --json "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log" | tail -20 ;;

@@ -56,7 +56,7 @@ from .kvcache import KVCacheMixin
 from .launch import LaunchMixin
 from .linear import LinearMixin
 from .loading import LoadingMixin
-from .memory import MemoryMixin
+from .memory import MemoryMixin, stop_pool_at_exit
 from .modules import DTYPE_CODES
 from .batch_step import BatchGraphMixin
 from .moe import MoeMixin
@@ -111,6 +111,7 @@ class CudaBackend(MemoryMixin, LaunchMixin, DeferredMixin, KVCacheMixin, Loading
             raise DeviceError(f"{self.device.name()} has compute capability {cc[0]}.{cc[1]}; archkit's kernels need 8.0+")
         self.stream = drv.Stream()
         self.pool = DeviceMemoryPool()
+        stop_pool_at_exit(self)  # before PyCUDA pops the context (memory.py)
         self.weight_bytes = 0
         self.capture = None          # set by core.cuda.graph while a decode step is being captured
         self.graphs, self.fused, self.fold, self.fold_ln = opts.graphs, opts.fused, opts.fold, opts.fold_ln

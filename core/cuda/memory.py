@@ -8,7 +8,10 @@ element a kernel fails to write shows up in the result.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import math
+import weakref
 
 import numpy as np
 
@@ -20,6 +23,28 @@ from .tensors import ITEMSIZE, DTensor, Lazy
 def mib(n: int) -> str:
     """n bytes in MiB, for messages ("1,024.0 MiB")."""
     return f"{n / (1 << 20):,.1f} MiB"
+
+
+def stop_pool_at_exit(be) -> None:
+    """At interpreter exit, while the CUDA context still exists, collect what is garbage and make the backend's
+    DeviceMemoryPool stop holding blocks: registered after PyCUDA's exit hook (which pops the context), so it runs
+    first. A pool that still holds blocks when the interpreter tears it down aborts the process ("terminate called
+    ... explicit_context_dependent failed: no currently active context?", inducer/pycuda#74, whose workaround this
+    is; the message that ends engine runs on CUDA here). Blocks still in use then go straight to the driver when
+    their owners are collected, which PyCUDA tolerates on a dead context."""
+    ref = weakref.ref(be)
+    atexit.register(_stop_pool, ref)
+
+
+def _stop_pool(ref) -> None:
+    be = ref()
+    if be is None:
+        return
+    try:
+        gc.collect()
+        be.pool.stop_holding()
+    except Exception:  # noqa: BLE001 - exiting anyway; a failed clean-up must not hide the real exit status
+        pass
 
 
 class MemoryMixin:
