@@ -47,7 +47,7 @@ CONFIG = (
     ConfigKey("hidden_size", ("hidden_size",), 4096),
     ConfigKey("num_layers", ("num_hidden_layers",), 64),
     ConfigKey("num_heads", ("num_attention_heads",), 80),
-    ConfigKey("num_kv_heads", ("num_key_value_heads",), 8),
+    ConfigKey("num_kv_heads", ("num_key_value_heads",), 8, null_is_value=True),  # null: num_heads, as transformers
     ConfigKey("head_dim", ("head_dim",), 128),  # explicit, not hidden_size / num_heads
     ConfigKey("intermediate_size", ("intermediate_size",), 27648),
     ConfigKey("max_position_embeddings", ("max_position_embeddings",), 524288),

@@ -74,6 +74,23 @@ def test_greedy_tokens_match_transformers(tmp_path, dtype):
     assert core.load(path, device="cpu", quiet=True).generate(prompt, max_new_tokens=24) == want
 
 
+def test_null_kv_heads_means_one_per_query_head(tmp_path):
+    """SeedOssConfig reads num_key_value_heads: null as num_attention_heads (absent means 8): an MHA model whose
+    config.json says null loads as MHA and matches transformers."""
+    import json
+
+    path = save_random(tmp_path, num_key_value_heads=4, head_dim=16)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_key_value_heads"] = None
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = core.load(path, device="cpu", quiet=True)
+    assert model.config.num_kv_heads == 4
+    ids = np.random.default_rng(2).integers(0, BASE["vocab_size"], 24)
+    with torch.no_grad():
+        want = reference(path)(torch.as_tensor(ids)[None]).logits[0].numpy()
+    assert np.linalg.norm(model.logits(ids) - want) / np.linalg.norm(want) < 1e-4
+
+
 def test_a_missing_bias_is_reported_by_name(tmp_path):
     """config.json says attention_out_bias, the tensors lack it: a WeightsError that names the tensors."""
     import json
