@@ -147,7 +147,7 @@ class NumpyBackend:
 
     def norm(self, x, w, b, eps, kind, offset=0.0):
         if kind == "layernorm":
-            return ops.layer_norm(x, w, b, eps)
+            return ops.layer_norm(x, w, b, eps, offset)
         return ops.rms_norm(x, w, eps, offset)
 
     def add_norm(self, x, delta, w, b, eps, kind, offset=0.0):

@@ -25,11 +25,11 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndar
     return y + b if b is not None else y
 
 
-def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, eps: float) -> np.ndarray:
-    """LayerNorm over the last axis (biased variance, as torch)."""
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, eps: float, offset: float = 0.0) -> np.ndarray:
+    """LayerNorm over the last axis (biased variance, as torch); weight applied as (offset + w) (Nemotron's 1.0)."""
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    y = (x - mu) / np.sqrt(var + eps) * w
+    y = (x - mu) / np.sqrt(var + eps) * (offset + w)
     return y + b if b is not None else y
 
 

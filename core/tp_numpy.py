@@ -219,7 +219,8 @@ class TensorParallelNumpy:
         if kind == "layernorm":
             mu = self.comm.all_reduce([p.sum(-1, keepdims=True) for p in xs]) / d
             var = self.comm.all_reduce([((p - mu) ** 2).sum(-1, keepdims=True) for p in xs]) / d
-            return tuple((p - mu) / np.sqrt(var + eps) * w + (0 if b is None else b) for p, w, b in zip(xs, ws, bs))
+            return tuple((p - mu) / np.sqrt(var + eps) * (offset + w) + (0 if b is None else b)
+                         for p, w, b in zip(xs, ws, bs))
         ms = self.comm.all_reduce([(p * p).sum(-1, keepdims=True) for p in xs]) / d
         return tuple(p / np.sqrt(ms + eps) * (offset + w) for p, w in zip(xs, ws))
 

@@ -186,8 +186,6 @@ def test_folded_norm_and_residual(dtype, K, N, offset, eps, bias, kind, seed, no
     r = rng(seed)
     with backend(dtype) as be:
         wo, wor = upload_weight(be, r.normal(size=(K, N)) / np.sqrt(N))
-        if norm == "layernorm":
-            offset = 0.0
         be.fold_ln = True  # (off by default: slower for GPT-2; the folded path is tested all the same)
         g, gr = upload_weight(be, r.normal(size=K) * 0.3 + (0.0 if offset else 1.0))
         nb, nbr = upload_weight(be, r.normal(size=K)) if norm == "layernorm" and bias else (None, None)
@@ -203,7 +201,7 @@ def test_folded_norm_and_residual(dtype, K, N, offset, eps, bias, kind, seed, no
         lin = be.linear(h, ws[2][0], bs[2][0])
         got = [be.to_host(t) for t in (s, *qkv, gated, up, lin, h)]
     sw = x0.astype(np.float64) + ops.linear(a.astype(np.float64), wor, None)
-    hw = ops.rms_norm(sw, gr, eps, offset) if norm == "rmsnorm" else ops.layer_norm(sw, gr, nbr, eps)
+    hw = ops.rms_norm(sw, gr, eps, offset) if norm == "rmsnorm" else ops.layer_norm(sw, gr, nbr, eps, offset)
     want = [sw] + [ops.linear(hw, wr, br) for (_, wr), (_, br) in zip(ws, bs)]
     l0 = ops.linear(hw, ws[0][1], bs[0][1])
     want += [ops.ACT[kind](l0) * l0, ops.ACT[kind](ops.linear(hw, ws[1][1], bs[1][1])),
@@ -331,8 +329,8 @@ def test_add_of_pending_results(dtype, K, N, bias, which, seed):
        offset=st.sampled_from([0.0, 1.0]), mean=st.sampled_from([0.0, 3.0]), seed=S.seed)
 def test_head_norm_kinds(dtype, T, H, Dh, kind, per_head, bias, offset, mean, seed):
     """Per-head RMSNorm or LayerNorm over Dh, gain (and LayerNorm bias) shared [Dh] or per head [H, Dh] (Cohere,
-    StableLM, Phi's q/k LayerNorm); arguments read as NumpyBackend.head_norm reads them (RMSNorm ignores a bias,
-    LayerNorm the offset)."""
+    StableLM, Phi's q/k LayerNorm); arguments read as NumpyBackend.head_norm reads them (RMSNorm ignores a bias;
+    both apply the offset)."""
     r = rng(seed)
     shape = (H, Dh) if per_head else (Dh,)
     with backend(dtype) as be:

@@ -1,4 +1,4 @@
-"""archkit's architecture vocabulary tried from outside: seven families archkit does not ship, each written as a
+"""archkit's architecture vocabulary tried from outside: eight families archkit does not ship, each written as a
 plugin author would (tests/vocab_plugins/archkit_<family>.py: a docstring citing transformers' modeling file,
 WEIGHTS, CONFIG with the transformers config class's own defaults, SPEC, one hook; at most 100 lines, nothing
 but `core` imported), loaded with Registry.discover(extra=[module]).
@@ -43,7 +43,7 @@ from test_families import cached_logits, prompt
 pytestmark = needs_torch
 
 PLUGINS = Path(__file__).parent / "vocab_plugins"
-FAMILIES = ("olmo2", "granite", "cohere", "stablelm", "gptj", "qwen2_moe", "olmoe")
+FAMILIES = ("olmo2", "granite", "cohere", "stablelm", "gptj", "qwen2_moe", "olmoe", "nemotron")
 TOL = 1e-4  # fp32 logits, relative
 NEW = 20  # greedy tokens compared
 VOCAB = 256
@@ -230,6 +230,20 @@ def hf_default(cfg, key: str):
     """A transformers config's value for a config.json key (rope keys live in rope_parameters in transformers 5)."""
     rope = getattr(cfg, "rope_parameters", None) or {}
     return rope[key] if key in rope else getattr(cfg, key)
+
+
+@FEW
+@given(heads=S.heads, layers=S.layers, bias=st.booleans(), mlp_bias=st.booleans(), rotary=st.sampled_from([0.5, 1.0]),
+       tie=st.booleans(), seed=S.seed)
+def test_nemotron_parity(heads, layers, bias, mlp_bias, rotary, tie, seed):
+    """LayerNorm with its weight applied as (1 + w) everywhere (norm_offset under norm="layernorm"), relu2."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build("nemotron", tmp, seed, **dims(heads, layers), partial_rotary_factor=rotary, attention_bias=bias,
+                     mlp_bias=mlp_bias, tie_word_embeddings=tie)
+        model = assert_parity("nemotron", ckpt, prompt(seed, 16))
+        c = model.config
+        assert (c.norm, c.norm_offset) == ("layernorm", 1.0)
+        assert c.rope.rotary_dims(c.head_dim) == int(c.head_dim * rotary)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -429,6 +443,9 @@ BROKEN = {
     "olmoe": ("router.weight", "qk_norm",
               W(("router.weight", "shared_gate.weight"), L + "mlp.gates.weight", split=("num_experts", "num_experts")),
               "role 'shared_gate.weight' has no checkable size"),
+    "nemotron": ("up.weight", "norm",
+                 W(("up.weight", "down.weight"), L + "mlp.up_down.weight", split=("intermediate_size", "intermediate_size")),
+                 "role 'down.weight' has hidden_size rows, not 'intermediate_size'"),
 }
 
 

@@ -77,10 +77,10 @@ class DeferredMixin:
             y = self.alloc(x.shape)
             self.norm_kind(op, y, None, x, None, w, b, eps, kind, offset)
             return y
-        if kind == "layernorm":  # as norm_kind: LayerNorm takes a bias and no weight offset
+        if kind == "layernorm":  # as norm_kind: LayerNorm takes a bias (zeros when it has none)
             if b is None:
                 b = self._zeros_wt(x.shape[-1])
-            return Lazy(x.shape, "norm", (x, w, b, float(eps), 0.0, "_ln"), run)
+            return Lazy(x.shape, "norm", (x, w, b, float(eps), float(offset), "_ln"), run)
         return Lazy(x.shape, "norm", (x, w, None, float(eps), float(offset), "_norm"), run)
 
     @staticmethod

@@ -271,7 +271,7 @@ __device__ __forceinline__ void gemv_rows_body(const float* __restrict__ x,  // 
           int act,                      // ACT_* code applied after the bias, or -1 for none
           const wt* __restrict__ g,     // wt [K]: the folded norm's gain (MODE != FOLD_NONE)
           const wt* __restrict__ lb,    // wt [K]: the folded LayerNorm's bias (MODE == FOLD_LN)
-          float eps, float off,         // the folded norm's epsilon; RMSNorm gain applied as (off + g)
+          float eps, float off,         // the folded norm's epsilon; its gain applied as (off + g)
           const float* __restrict__ resid,  // float32 [T, n0] added to segment 0's result (residual), or NULL
           float* y0, const wt* __restrict__ w0, const wt* __restrict__ b0, int n0,  // segment 0
           float* y1, const wt* __restrict__ w1, const wt* __restrict__ b1, int n1,  // segment 1 (n1 = 0: none)

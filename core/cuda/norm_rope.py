@@ -87,9 +87,9 @@ class NormRopeMixin:
     def norm_kind(self, op, y, xsum, x, delta, w, b, eps, kind, offset):
         """Launch norm `kind` of x (+ delta, whose sum goes to xsum when given) into y, as NumpyBackend.norm
         reads its arguments."""
-        # As the numpy reference: LayerNorm takes a bias and no weight offset; RMSNorm the reverse.
+        # As the numpy reference: both apply the weight as (offset + w); only LayerNorm takes a bias.
         if kind == "layernorm":
-            self._norm_rows(op, y, xsum, x, delta, w, b, x.shape[-1], False, eps, 0.0)
+            self._norm_rows(op, y, xsum, x, delta, w, b, x.shape[-1], False, eps, offset)
         else:
             self._norm_rows(op, y, xsum, x, delta, w, None, x.shape[-1], True, eps, offset)
 
@@ -108,7 +108,7 @@ class NormRopeMixin:
 
     def head_norm(self, x: DTensor, w, eps, offset=0.0, b=None, kind="rmsnorm") -> DTensor:
         """RMSNorm or LayerNorm of each head of x [T, H, Dh] over Dh, as NumpyBackend.norm reads its arguments
-        (LayerNorm: bias b, no offset; RMSNorm: offset, no bias); w (and b) [Dh] shared by the heads or [H, Dh]."""
+        (both: weight as (offset + w); LayerNorm: bias b); w (and b) [Dh] shared by the heads or [H, Dh]."""
         if isinstance(x, Lazy):
             x = x.materialize()
         H, Dh = x.shape[-2], x.shape[-1]
@@ -125,7 +125,7 @@ class NormRopeMixin:
         fn = self.kernel("norm.cu", "head_norm", "PPPPiiiiiff", NORM_VPT=NORM_VPT)
         if R:
             self.launch("head_norm", fn, (-(-R // 4), 1, 1), (128, 1, 1), y, x, w, None if rms else b, R, H, Dh,
-                        Dh if per_head else 0, int(rms), float(eps), float(offset) if rms else 0.0)
+                        Dh if per_head else 0, int(rms), float(eps), float(offset))
         return y
 
     def _freq(self, table) -> DTensor:
