@@ -145,6 +145,16 @@ __device__ __forceinline__ void block_rows_sum(float (&acc)[NR], float (*part)[N
     __syncthreads();
 }
 
+// One row of h in the grouped up-GEMVs' epilogue (moe.cu, moe_q.cu): the routing weight w times act(gate + bg) *
+// (up + bu) when GATED, else act(up + bu); bu / bg wt [E, I] or NULL, b the row's index in them.
+template <bool GATED>
+__device__ __forceinline__ float moe_up_value(float up, float gate, const wt* __restrict__ bu, const wt* __restrict__ bg,
+                                              size_t b, int act, float w) {
+    const float u = up + (bu ? to_f(bu[b]) : 0.f);
+    if (!GATED) return activate_any(u, act) * w;
+    return activate_any(gate + (bg ? to_f(bg[b]) : 0.f), act) * u * w;
+}
+
 // The paged KV pools of batched steps (core/cuda/paged.py): per layer wt [num_blocks, Hkv, block_size, Dh], so
 // that one kv head's block_size keys are one contiguous run. Offset (in elements) of the row of cache slot
 // `slot` (= block * bs + position % bs) and kv head hk; used by paged.cu and paged_attn.cu.

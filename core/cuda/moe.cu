@@ -36,12 +36,6 @@ static_assert(MOE_ROWS >= 1 && MOE_ROWS <= 8, "MOE_ROWS must be in [1, 8]");
 static_assert(MOE_UNROLL_UP >= 1 && MOE_UNROLL_UP <= 4 && MOE_UNROLL_DOWN >= 1 && MOE_UNROLL_DOWN <= 4,
               "MOE_UNROLL_* must be in [1, 4]");
 
-// activate_any (every ACT_* code) where common.cuh has it, else activate.
-#ifdef ACT_GEMV_MAX
-#define MOE_ACT activate_any
-#else
-#define MOE_ACT activate
-#endif
 
 // An expert id as read from device memory, kept inside [0, E) so that a corrupt id cannot read out of bounds.
 __device__ __forceinline__ int clamp_expert(int e, int E) { return min(max(e, 0), E - 1); }
@@ -176,18 +170,9 @@ __device__ __forceinline__ void moe_up_body(
     block_rows_sum<NR, MOE_THREADS>(acc, part, tot);
     if (threadIdx.x < MOE_ROWS) {
         const int row = r0 + threadIdx.x;
-        if (row < I) {
-            const size_t b = (size_t)e * I + row;
-            const float u = tot[threadIdx.x] + (bu ? to_f(bu[b]) : 0.f);
-            float v;
-            if (GATED) {
-                const float g = tot[MOE_ROWS + threadIdx.x] + (bg ? to_f(bg[b]) : 0.f);
-                v = MOE_ACT(g, act) * u;
-            } else {
-                v = MOE_ACT(u, act);
-            }
-            h[(size_t)slot * I + row] = v * wts[slot];
-        }
+        if (row < I)
+            h[(size_t)slot * I + row] = moe_up_value<GATED>(tot[threadIdx.x], GATED ? tot[MOE_ROWS + threadIdx.x] : 0.f,
+                                                            bu, bg, (size_t)e * I + row, act, wts[slot]);
     }
 }
 

@@ -146,16 +146,8 @@ __device__ __forceinline__ void moe_q_up_body(
     if (threadIdx.x < MOE_ROWS) {
         const int row = r0 + threadIdx.x;
         if (row < I) {
-            const size_t b = (size_t)e * I + row;
-            const float u = tot[threadIdx.x] + (bu ? to_f(bu[b]) : 0.f);
-            float v;
-            if (GATED) {
-                const float g = tot[MOE_ROWS + threadIdx.x] + (bg ? to_f(bg[b]) : 0.f);
-                v = activate_any(g, act) * u;
-            } else {
-                v = activate_any(u, act);
-            }
-            h[(size_t)slot * H + row] = v * wts[slot];
+            h[(size_t)slot * H + row] = moe_up_value<GATED>(tot[threadIdx.x], GATED ? tot[MOE_ROWS + threadIdx.x] : 0.f,
+                                                            bu, bg, (size_t)e * I + row, act, wts[slot]);
         } else if (row < H) {
             h[(size_t)slot * H + row] = 0.f;
         }
