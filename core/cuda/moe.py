@@ -39,8 +39,8 @@ from .tensors import DTensor, Lazy, QTensor
 MOE_DECODE_T = GEMV_MAX_T  # up to this many tokens take the grouped GEMVs; more are grouped per expert
 SCORINGS = {"softmax": 0, "sigmoid": 1}
 MAX_GRID_Y = 65535
-# PyCUDA argument formats of moe_q.cu's kernels (the same for each kind; tests/test_quant_moe.py checks them against
-# the preprocessed source)
+# PyCUDA argument formats of moe_q.cu's kernels (the same for each kind; tests/test_quant_moe_room.py checks them
+# against the preprocessed source)
 Q_FORMATS = {"moe_q_up": "P" * 12 + "i" * 10, "moe_q_down": "P" * 8 + "i" * 8}
 
 
