@@ -27,9 +27,9 @@ for step in $steps; do
   echo "=== $step ($(date +%T))"
   case $step in
     kernels) timeout "${KERNELS_S:-240}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
-               ${KERNELS_K:+-k "$KERNELS_K"} tests/test_cuda_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+               ${KERNELS_K:+-k "$KERNELS_K"} tests/test_cuda_kernels.py tests/test_cuda_vocab_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     kernels2) timeout "${KERNELS2_S:-240}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
-               ${KERNELS2_K:+-k "$KERNELS2_K"} tests/test_cuda_kernels.py 2>&1 | tee "$OUT/kernels2.log" | tail -30 ;;
+               ${KERNELS2_K:+-k "$KERNELS2_K"} tests/test_cuda_kernels.py tests/test_cuda_vocab_kernels.py 2>&1 | tee "$OUT/kernels2.log" | tail -30 ;;
     cublas) timeout "${CUBLAS_S:-120}" python3 -m pytest -v -rfEs --tb=short -p no:cacheprovider \
                tests/test_cuda_cublas.py 2>&1 | tee "$OUT/cublas.log" | tail -25 ;;
     prefill) timeout "${BENCH_S:-120}" python3 -m core.cuda.bench ${BENCH_CONFIGS:-tinyllama-1.1b qwen3-8b} \
