@@ -20,14 +20,16 @@ HELD_OUT = ("textwrap", "fractions", "statistics")  # = tools/train_demo.py HELD
 PROMPTS = ("Return the number of", "def read_file(path):\n", "class Stack:\n    \"\"\"")
 
 
-def held_out_windows(tokenizer, n: int = 256) -> list[list[int]]:
-    """`n` tokens from the start and from the middle of each held-out module's source, as this Python ships it."""
+def held_out_windows(tokenizer, n: int = 256, whole: bool = False) -> list[list[int]]:
+    """`n` tokens from the start and from the middle of each held-out module's source, as this Python ships it;
+    whole: every full window of `n` tokens of them instead (~30,000 tokens)."""
     import importlib
 
     out = []
     for m in HELD_OUT:
         ids = tokenizer.encode(inspect.getsource(importlib.import_module(m)))
-        out += [ids[:n], ids[len(ids) // 2:len(ids) // 2 + n]]
+        out += ([ids[i:i + n] for i in range(0, len(ids) - n + 1, n)] if whole
+                else [ids[:n], ids[len(ids) // 2:len(ids) // 2 + n]])
     return out
 
 

@@ -9,6 +9,14 @@ stand when its first column is reached, i.e. after the error of the groups befor
 GPTQ's reference code does without act-order. The output is the same (q, scale, zero point) that round-to-nearest
 gives, so the checkpoint written is the same compressed-tensors format, read by the same readers.
 
+The range a row's scales are measured on may also be shrunk (`clip`): GPTQ runs once per shrink factor a, each
+row's group ranges multiplied by a (clipping its outliers, finer steps for the rest), and each row keeps the factor
+whose result has the smallest output error (w - deq) X^T X (w - deq)^T, the quantity GPTQ minimises, so it is never
+worse there than a = 1 alone. Rows are independent in GPTQ, so the factors run as one stacked matrix.
+On the embedded demo models (w4a16 g128, 32,768 calibration tokens, perplexity on the whole held-out modules,
+~30,000 tokens; tests/test_quant_quality.py) it took qwen3 from +7.9% / +7.1% (symmetric / not) to +4.3% / +3.8%
+and llama from +9.7% / +9.8% to +6.7% / +5.6%; the factors 1.0 ... 0.7 in steps of 0.05 were chosen before measuring.
+
 The Hessians come from one pass of the unquantized model over the calibration text (every layer sees the fp32
 model's activations, not those of the layers quantized before it: the one-shot variant, cheaper, and what a single
 forward pass on the CPU allows). Experts of a mixture-of-experts layer are reached through the `moe` op, not through
@@ -24,6 +32,8 @@ from ..errors import QuantizationError
 from .pack import round_to
 
 DAMP = 0.01        # dampening: this fraction of the mean diagonal of H is added to it (GPTQ's default)
+CLIP = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # shrink factors of a row's ranges tried; the best is kept per row
+ROWS = 4096        # rows x factors per stacked GPTQ run (bounds its float64 working set: ROWS x K x 8 bytes)
 BLOCK = 128        # columns per lazy-batch update (GPTQ's default; results do not depend on it)
 WINDOW = 512       # calibration tokens per forward pass
 
@@ -70,25 +80,56 @@ def hessians(model, names_by_array: dict[int, str], windows) -> dict[str, tuple[
 
 
 def gptq_int(w: np.ndarray, xtx: np.ndarray, bits: int, group: int, symmetric: bool, scale_dtype: str,
-             damp: float | None = None):
+             damp: float | None = None, clip: tuple[float, ...] = CLIP):
     """GPTQ of w [N, K] (float32) with the input Gram matrix xtx = X^T X [K, K]: returns what rtn_int returns,
-    (q int8 [N, K], scale bits [N, G] in scale_dtype, zero point int8 [N, G] or None), W ≈ (q - z) * s per group."""
+    (q int8 [N, K], scale bits [N, G] in scale_dtype, zero point int8 [N, G] or None), W ≈ (q - z) * s per group.
+    clip: the shrink factors of each row's ranges tried (module docstring); (1.0,) is plain GPTQ."""
     n, k = w.shape
     g = k if group == -1 else group
     if k % g:
         raise QuantizationError(f"GPTQ: group size {g} does not divide the {k} input columns")
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    W = w.astype(np.float64).copy()
-    H = 2.0 * np.asarray(xtx, np.float64)
-    dead = np.diag(H) == 0  # inputs that were always zero: their weights cannot matter, so they are zeroed
+    if not clip or any(not 0 < a <= 1 for a in clip):
+        raise QuantizationError(f"GPTQ: clip factors {clip!r} must be in (0, 1]")
+    xtx = np.asarray(xtx, np.float64)
+    Hinv, dead = _hinv(xtx, damp), np.diag(xtx) == 0
+    step = max(1, ROWS // len(clip))
+    parts = []
+    for r0 in range(0, n, step):  # rows are independent: each slab x every factor as one stacked matrix
+        wr = w[r0:r0 + step]
+        m = wr.shape[0]
+        alpha = np.repeat(np.asarray(clip, np.float64), m)
+        Q, S, Z = _gptq_rows(np.tile(wr, (len(clip), 1)), Hinv, dead, alpha, bits, g, symmetric, scale_dtype)
+        d = np.tile(wr.astype(np.float64), (len(clip), 1)) - _dequant(Q, S, Z, g, scale_dtype)
+        err = ((d @ xtx) * d).sum(1).reshape(len(clip), m)  # each row's output error on the calibration inputs
+        best = np.argmin(err, axis=0) * m + np.arange(m)  # first (largest) factor on ties: 1.0 when it is tried
+        parts.append((Q[best], S[best], None if Z is None else Z[best]))
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            None if symmetric else np.concatenate([p[2] for p in parts]))
+
+
+def _hinv(xtx: np.ndarray, damp: float | None) -> np.ndarray:
+    """The upper Cholesky factor of (2 X^T X + dampening)^-1, as GPTQ's reference uses it; dead inputs (always zero)
+    get a unit diagonal (_gptq_rows zeroes their weights)."""
+    k = xtx.shape[0]
+    H = 2.0 * xtx
+    dead = np.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     H[np.diag_indices(k)] += (DAMP if damp is None else damp) * np.mean(np.diag(H))
-    try:  # the upper Cholesky factor of H^-1, as GPTQ's reference uses it
-        Hinv = np.linalg.cholesky(np.linalg.inv(H)).T
+    try:
+        return np.linalg.cholesky(np.linalg.inv(H)).T
     except np.linalg.LinAlgError:
         raise QuantizationError("GPTQ: the calibration Hessian is not positive definite even after dampening "
                                 "(pass more calibration text)") from None
+
+
+def _gptq_rows(w: np.ndarray, Hinv: np.ndarray, dead: np.ndarray, alpha: np.ndarray, bits: int, g: int,
+               symmetric: bool, scale_dtype: str):
+    """GPTQ's column loop over w [N, K] given Hinv, row r's group ranges shrunk by alpha[r], the weights of dead
+    inputs (bool [K]) zeroed: (q, scale bits, z)."""
+    n, k = w.shape
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    W = w.astype(np.float64).copy()
+    W[:, dead] = 0.0  # inputs that were always zero: their weights cannot matter, so they are zeroed
     Q = np.zeros((n, k), np.int8)
     Z = None if symmetric else np.zeros((n, k // g), np.int8)
     S_bits = None
@@ -98,7 +139,7 @@ def gptq_int(w: np.ndarray, xtx: np.ndarray, bits: int, group: int, symmetric: b
         E = np.zeros((n, b1 - b0))
         for i in range(b0, b1):
             if i % g == 0:  # a new group: its scale from its columns as they stand now
-                s, z, s_b = _group_scale(W[:, i:i + g], bits, symmetric, scale_dtype)
+                s, z, s_b = _group_scale(W[:, i:i + g], bits, symmetric, scale_dtype, alpha)
                 if S_bits is None:
                     S_bits = np.zeros((n, k // g), s_b.dtype)
                 S_bits[:, i // g] = s_b
@@ -116,17 +157,25 @@ def gptq_int(w: np.ndarray, xtx: np.ndarray, bits: int, group: int, symmetric: b
     return Q, S_bits, Z
 
 
-def _group_scale(x: np.ndarray, bits: int, symmetric: bool, scale_dtype: str):
-    """(scale float64 [N], zero point [N] or None, scale bits [N]) of columns x [N, g] by the min-max observer,
-    the scale rounded to its stored dtype (quantize.rtn_int's rule)."""
+def _group_scale(x: np.ndarray, bits: int, symmetric: bool, scale_dtype: str, alpha: np.ndarray):
+    """(scale float64 [N], zero point [N] or None, scale bits [N]) of columns x [N, g] by the min-max observer on
+    the range shrunk by alpha [N], the scale rounded to its stored dtype (quantize.rtn_int's rule at alpha 1)."""
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     x = x.astype(np.float32)  # float32 arithmetic, as quantize.rtn_int's
-    lo, hi = np.minimum(x.min(1), 0), np.maximum(x.max(1), 0)
+    a = alpha.astype(np.float32)
+    lo, hi = np.minimum(x.min(1), 0) * a, np.maximum(x.max(1), 0) * a  # exact at a = 1
     s = np.maximum(-lo, hi) / ((qmax - qmin) / 2) if symmetric else (hi - lo) / (qmax - qmin)
     s_bits = round_to(np.where(s > 0, s, 1.0), scale_dtype)
     s = to_float32(s_bits, scale_dtype)
     z = None if symmetric else np.clip(np.rint(qmin - lo / s), qmin, qmax)
     return s.astype(np.float64), z, s_bits
+
+
+def _dequant(q: np.ndarray, s_bits: np.ndarray, z, g: int, scale_dtype: str) -> np.ndarray:
+    """(q - z) * s per group of g columns, float64 [N, K]."""
+    s = to_float32(s_bits, scale_dtype).astype(np.float64)
+    qq = q.reshape(q.shape[0], -1, g).astype(np.float64) - (0 if z is None else z[..., None])
+    return (qq * s[..., None]).reshape(q.shape)
 
 
 def calibration_windows(tokenizer, text: str, tokens: int, window: int = WINDOW) -> list[list[int]]:
