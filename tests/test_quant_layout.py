@@ -28,7 +28,7 @@ import core
 from core.backend import NumpyBackend
 from core.checkpoint import Checkpoint
 from core.cuda import qlayout as L
-from core.cuda.geometry import GEMV_MAX_T, QROWS, QTHREADS
+from core.cuda.geometry import GEMV_MAX_T, QGEO
 from core.cuda.modules import HERE, nvcc_options
 from core.cuda.qlinear import FORMATS
 from core.quant import QuantizedTensor, dequant
@@ -269,7 +269,7 @@ def test_roles_the_cuda_backend_keeps_quantized(tmp_path):
 @pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) is not on PATH")
 def test_kernel_arguments_match_the_launch_formats(tmp_path):
     """The preprocessed gemv_q.cu's kernel parameters (pointer or int) are the PyCUDA formats qlinear.py launches them
-    with, in order; and the geometry the backend computes grids with is the file's."""
+    with, in order; and the file's default geometry is int4's (geometry.QGEO; the builds pass theirs)."""
     defines = {"WDTYPE": 1, "SDTYPE": 1, "GEMV_MAX_T": 4}
     out = subprocess.run([NVCC, "-E", f"-I{HERE}", *nvcc_options(defines), str(HERE / "gemv_q.cu")],
                          capture_output=True, text=True, check=True).stdout
@@ -280,4 +280,5 @@ def test_kernel_arguments_match_the_launch_formats(tmp_path):
         fmt = "".join("P" if "*" in p else "i" for p in params.split(","))
         assert fmt == FORMATS[re.sub(r"_(int4|int8|fp8)$", "", name)], name
     macros = {m[1]: int(m[2]) for m in re.finditer(r"^#define (\w+) (\d+)\b", (HERE / "gemv_q.cu").read_text(), re.M)}
-    assert (macros["QROWS"], macros["QTHREADS"], macros["GEMV_MAX_T"]) == (QROWS, QTHREADS, GEMV_MAX_T)
+    assert (macros["QTHREADS"], macros["QROWS"], macros["QUNROLL"]) == QGEO["int4"]
+    assert macros["GEMV_MAX_T"] == GEMV_MAX_T

@@ -16,7 +16,7 @@ from core import ops
 from core.backend import NumpyBackend
 from core.cuda import qlayout as L
 from core.cuda.elementwise import ACT_CODES
-from core.cuda.geometry import GEMV_MAX_T, QROWS, QTHREADS, grid1
+from core.cuda.geometry import GEMV_MAX_T, QGEO, grid1, qgemv_defines
 from core.cuda.loading import LoadingMixin
 from core.cuda.qlinear import QuantLinearMixin
 from core.cuda.tensors import ITEMSIZE, DTensor, QTensor
@@ -142,7 +142,9 @@ class Fake(LoadingMixin, QuantLinearMixin):
         self.write(xs, out)
 
     def run_qgemv(self, fn, grid, block, x, T, Kp, lg, G, srow, act, *segs):
-        assert block == (QTHREADS, 1, 1) and grid[0] == sum(-(-segs[6 * i + 5] // QROWS) for i in range(3))
+        threads, rows, unroll = QGEO[fn.name.rsplit("_", 1)[1]]
+        assert (fn.defines["QTHREADS"], fn.defines["QROWS"], fn.defines["QUNROLL"]) == (threads, rows, unroll)
+        assert block == (threads, 1, 1) and grid[0] == sum(-(-segs[6 * i + 5] // rows) for i in range(3))
         assert T <= (1 if fn.defines["GEMV_MAX_T"] == 1 else GEMV_MAX_T) and (T == 1) == (fn.defines["GEMV_MAX_T"] == 1)
         assert x % 16 == 0, "the GEMV reads x in 16-byte loads"
         xs = self.read(x, np.float32, (T, Kp)).astype(np.float64)
@@ -153,7 +155,8 @@ class Fake(LoadingMixin, QuantLinearMixin):
                 self.write(y, (ops.ACT[CODES[act]](v) if act >= 0 else v).astype(np.float32))
 
     def run_qgemv_gated(self, fn, grid, block, y, x, T, Kp, lg, G, srow, act, n, qg, sg, zg, bg, qu, su, zu, bu):
-        assert grid[0] == -(-n // QROWS) and x % 16 == 0
+        threads, rows, _ = QGEO[fn.name.rsplit("_", 1)[1]]
+        assert block == (threads, 1, 1) and grid[0] == -(-n // rows) and x % 16 == 0
         xs = self.read(x, np.float32, (T, Kp)).astype(np.float64)
         g = xs @ self._weight(fn, qg, sg, zg, n, Kp, lg, G, srow).T + self.bias(bg, n)
         u = xs @ self._weight(fn, qu, su, zu, n, Kp, lg, G, srow).T + self.bias(bu, n)
@@ -202,7 +205,8 @@ def test_qkv_in_one_launch_beside_a_dense_weight(M):
     names = [n for _, n, _, _ in be.launches]
     assert names == (["qgemv_int4"] if small else ["qdequant_int4"] * 3)
     if small:
-        assert be.launches[0][3] == {"SDTYPE": 1, "GEMV_MAX_T": 1 if M == 1 else GEMV_MAX_T, "GEMV_EARLY_LAUNCH": 0}
+        assert be.launches[0][3] == {"SDTYPE": 1, "GEMV_MAX_T": 1 if M == 1 else GEMV_MAX_T, "GEMV_EARLY_LAUNCH": 0,
+                                     **qgemv_defines("int4")}
     for g, c in zip(got, cs):
         w = c.ref if small else NumpyBackend("float16").convert(c.ref, "F32", "t")
         assert rel_err(g, x.astype(np.float64) @ w.T) < 1e-6

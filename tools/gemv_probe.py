@@ -13,6 +13,22 @@ import statistics
 import numpy as np
 
 
+def launch_us(be, fn, grid, block, args) -> float:
+    """Median GPU microseconds of one launch of fn: CUDA events around 20 launches back to back, 3 times after a
+    warm-up round."""
+    times = []
+    for rep in range(4):
+        e0, e1 = be.drv.Event(), be.drv.Event()
+        e0.record(be.stream)
+        for _ in range(20):
+            be.launch("probe", fn, grid, block, *args)
+        e1.record(be.stream)
+        e1.synchronize()
+        if rep:
+            times.append(e1.time_since(e0) * 1e3 / 20)
+    return statistics.median(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="151936x1024,32000x2048,50257x768,4096x1024,3072x1024,1024x3072,1024x2048")
@@ -41,18 +57,7 @@ def main() -> None:
                 fn = be.kernel("gemv.cu", "gemv_rows" + fold, "PiiiPPffP" + "PPPi" * 3, GEMV_MAX_T=1, GEMV_ROWS=R,
                                 GEMV_UNROLL=U)
                 args = (x, 1, K, -1, g if fold else None, None, 1e-6, 0.0, None, y, w, None, N) + (None, None, None, 0) * 2
-                grid = (-(-N // R), 1, 1)
-                times = []
-                for rep in range(4):
-                    e0, e1 = be.drv.Event(), be.drv.Event()
-                    e0.record(be.stream)
-                    for _ in range(20):
-                        be.launch("probe", fn, grid, (128, 1, 1), *args)
-                    e1.record(be.stream)
-                    e1.synchronize()
-                    if rep:
-                        times.append(e1.time_since(e0) * 1e3 / 20)
-                us = statistics.median(times)
+                us = launch_us(be, fn, (-(-N // R), 1, 1), (128, 1, 1), args)
                 row = {"N": N, "K": K, "rows": R, "unroll": U, "fold": fold or "-", "us": round(us, 2),
                        "pct_copy_bw": round(100 * N * K * 2 / (us * 1e-6) / bw, 1),
                        "regs": fn.num_regs}

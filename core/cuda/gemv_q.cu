@@ -26,12 +26,18 @@
 #ifndef QUNROLL
 #define QUNROLL 2  // chunks per thread whose loads are issued before any is used
 #endif
-#define QTHREADS 128
+#ifndef QPRESCALE
+#define QPRESCALE 0  // load a chunk's scales with its words (1) or when it is used (0)
+#endif
+#ifndef QTHREADS
+#define QTHREADS 128  // threads per block, splitting K
+#endif
 #ifndef GEMV_EARLY_LAUNCH
 #define GEMV_EARLY_LAUNCH 1  // where a block triggers programmatic dependent launch: at its start (1) or after loads
 #endif
 static_assert(GEMV_MAX_T >= 1 && GEMV_MAX_T <= 16, "GEMV_MAX_T must be in [1, 16]");
-static_assert(QROWS >= 1 && QROWS <= 8 && QUNROLL >= 1 && QUNROLL <= 4, "QROWS in [1, 8], QUNROLL in [1, 4]");
+static_assert(QROWS >= 1 && QROWS <= 16 && QUNROLL >= 1 && QUNROLL <= 4, "QROWS in [1, 16], QUNROLL in [1, 4]");
+static_assert(QTHREADS % 32 == 0 && QTHREADS >= 32 && QTHREADS <= 256, "QTHREADS: whole warps, 32 to 256");
 
 // Sums over the block of x[t] . W[r] for r < NR, t < T into tot[r * GEMV_MAX_T + t] (shared; QTHREADS / 32 * NR *
 // GEMV_MAX_T floats). rows: the NR rows' words; srows / zrows: their scale rows and zero-point rows (or NULL).
@@ -53,12 +59,21 @@ __device__ __forceinline__ void qdot(const uint32_t* const (&rows)[NR], const st
     bool waited = false;
     for (int c0 = threadIdx.x; c0 < nch; c0 += QTHREADS * QUNROLL) {
         uint4 wv[QUNROLL][NR];
+        st sv[QUNROLL][NR];  // a chunk's scale and zero point (whole), loaded with its words: not a second latency
+        uint32_t zv[QUNROLL][NR];
 #pragma unroll
         for (int u = 0; u < QUNROLL; ++u) {
             const int c = c0 + u * QTHREADS;
+            const int g = min((c * C::CH) >> lg, G - 1);
 #pragma unroll
             for (int r = 0; r < NR; ++r)
-                if (c < nch) wv[u][r] = __ldg(reinterpret_cast<const uint4*>(rows[r]) + c);
+                if (c < nch) {
+                    wv[u][r] = __ldg(reinterpret_cast<const uint4*>(rows[r]) + c);
+                    if (QPRESCALE && whole) {
+                        sv[u][r] = srows[r][g];
+                        zv[u][r] = zrows[r] ? (uint32_t)zrows[r][g] : C::ZSYM;
+                    }
+                }
         }
         // the first weight loads (no kernel writes weights) are in flight before waiting for x
         if (!waited) { pdl_wait(); waited = true; }
@@ -69,7 +84,9 @@ __device__ __forceinline__ void qdot(const uint32_t* const (&rows)[NR], const st
             QS sc[NR];
             if (whole) {
 #pragma unroll
-                for (int r = 0; r < NR; ++r) sc[r] = scale_of<KIND>(srows[r], zrows[r], min((c * C::CH) >> lg, G - 1));
+                for (int r = 0; r < NR; ++r)
+                    sc[r] = QPRESCALE ? make_qs(sv[u][r], zv[u][r])
+                                      : scale_of<KIND>(srows[r], zrows[r], min((c * C::CH) >> lg, G - 1));
             }
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -118,13 +135,16 @@ __device__ __forceinline__ void qdot(const uint32_t* const (&rows)[NR], const st
             if (lane == 0) tot[warp * NS + r * GEMV_MAX_T + t] = v;
         }
     __syncthreads();
-    if (threadIdx.x < NS) {
-        float s = 0.f;
+    if (QTHREADS > 32) {  // one warp: its lane 0 wrote the sums already
+        for (int i = threadIdx.x; i < NS; i += QTHREADS) {
+            float s = 0.f;
 #pragma unroll
-        for (int w = 0; w < QTHREADS / 32; ++w) s += tot[w * NS + threadIdx.x];
-        tot[threadIdx.x] = s;  // only this thread touches column threadIdx.x (warp 0's slot of it)
+            for (int w = 0; w < QTHREADS / 32; ++w) s += tot[w * NS + i];
+            tot[i] = s;  // only this thread touches column i (warp 0's slot of it)
+        }
+        __syncthreads();
     }
-    __syncthreads();
+    // one warp: its lane 0's sums, written before the barrier above, are the totals
 }
 
 template <int KIND>
@@ -152,13 +172,13 @@ __device__ __forceinline__ void qgemv_body(
 #pragma unroll
     for (int r = 0; r < QROWS; ++r)  // clamped rows are read, never written
         row_ptrs<KIND>(q, s, z, min(r0 + r, n - 1), Kp, G, srow, rows[r], srows[r], zrows[r]);
-    const int er = threadIdx.x / GEMV_MAX_T, et = threadIdx.x % GEMV_MAX_T, erow = r0 + er;
-    const bool epi = threadIdx.x < QROWS * GEMV_MAX_T && et < T && erow < n;
-    const float bv = epi && b ? to_f(b[erow]) : 0.f;
     qdot<KIND, QROWS>(rows, srows, zrows, x, T, Kp, lg, G, tot);
-    if (epi) {
-        const float v = tot[er * GEMV_MAX_T + et] + bv;
-        y[(size_t)et * n + erow] = act >= 0 ? activate(v, act) : v;
+    for (int i = threadIdx.x; i < QROWS * GEMV_MAX_T; i += QTHREADS) {
+        const int et = i % GEMV_MAX_T, erow = r0 + i / GEMV_MAX_T;
+        if (et < T && erow < n) {
+            const float v = tot[i] + (b ? to_f(b[erow]) : 0.f);
+            y[(size_t)et * n + erow] = act >= 0 ? activate(v, act) : v;
+        }
     }
 }
 
@@ -183,8 +203,8 @@ __device__ __forceinline__ void qgemv_gated_body(
         row_ptrs<KIND>(qu, su, zu, row, Kp, G, srow, rows[QROWS + r], srows[QROWS + r], zrows[QROWS + r]);
     }
     qdot<KIND, 2 * QROWS>(rows, srows, zrows, x, T, Kp, lg, G, tot);
-    if (threadIdx.x < QROWS * GEMV_MAX_T) {
-        const int r = threadIdx.x / GEMV_MAX_T, t = threadIdx.x % GEMV_MAX_T, row = r0 + r;
+    for (int i = threadIdx.x; i < QROWS * GEMV_MAX_T; i += QTHREADS) {
+        const int r = i / GEMV_MAX_T, t = i % GEMV_MAX_T, row = r0 + r;
         if (t < T && row < n) {
             const float gv = tot[r * GEMV_MAX_T + t] + (bg ? to_f(bg[row]) : 0.f);
             const float u = tot[(QROWS + r) * GEMV_MAX_T + t] + (bu ? to_f(bu[row]) : 0.f);

@@ -13,7 +13,9 @@ from .tensors import ITEMSIZE
 CUBLAS_WORKSPACE = 32 << 20  # bytes of the cuBLAS handle's fixed workspace (NVIDIA's advice for Hopper: 32 MiB)
 GEMV_MAX_T = 4        # gemv.cu handles up to this many tokens per weight read; more go to the GEMM
 GEMV_ROWS, GEMV_THREADS = 4, 128  # gemv.cu gemv_rows / gemv_gated: output rows and threads per block
-QROWS, QTHREADS = 4, 128  # gemv_q.cu (quantized weights): output rows and threads per block
+# gemv_q.cu (quantized weights), by weight kind: (QTHREADS threads a block, QROWS output rows a block, QUNROLL 16-byte
+# chunks a thread has in flight per row), passed to its build (qgemv_defines); the file's defaults are int4's
+QGEO = {"int4": (128, 4, 2), "int8": (128, 4, 2), "fp8": (128, 4, 2)}
 NORM_VPT = 2          # norm.cu norm_reg: float4 values per thread kept in registers
 PREFILL_NQ, PREFILL_BK = 16, 32  # attention.cu: queries per block, keys per tile
 TC_FQ, TC_FK, TC_NW = 64, 64, 4  # attention_tc.cu: queries per block, keys per tile, warps (TC_SMEM_BYTES there)
@@ -23,6 +25,12 @@ PAGED_MAX_GROUP = 16   # paged_attn.cu GROUP bound: query heads per decode block
 PAGED_MAX_DH = 256     # paged_attn.cu HEAD_DIM bound (shared memory); capabilities.py refuses larger heads
 PAGED_SPLIT_KEYS = 64  # fewest keys a decode slice takes (two 32-key tiles: below that the merge costs more)
 PAGED_SMEM_LIMIT = 99 * 1024  # dynamic shared memory every sm_80+ card grants a block (sm_86 / sm_89: 99 KB)
+
+
+def qgemv_defines(kind: str) -> dict[str, int]:
+    """The geometry macros of gemv_q.cu's build for weights of `kind` (QGEO); the launches use the same numbers."""
+    threads, rows, unroll = QGEO[kind]
+    return {"QTHREADS": threads, "QROWS": rows, "QUNROLL": unroll}
 
 
 def grid1(n: int, block: int = 256) -> tuple:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .geometry import QGEO, qgemv_defines
+
 HERE = Path(__file__).resolve().parent
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}  # WDTYPE in common.cuh
 BASE_OPTIONS = ("-std=c++17", "-O3")  # no --use_fast_math: fp32 parity needs accurate expf/sincosf/erff
@@ -34,8 +36,11 @@ def variants(name: str) -> list[dict[str, int]]:
         return ([dict(d, GEMV_MAX_T=t) for d in dtypes for t in (1, 4)]
                 + [dict(d, GEMV_MAX_T=1, GEMV_ROWS=8, GEMV_UNROLL=1) for d in dtypes]
                 + [dict(d, GEMV_MAX_T=1, GEMV_UNROLL=u) for d in dtypes for u in (3, 4)])  # K <= 4096 in one pass
-    if name == "gemv_q.cu":  # quantized weights: every weight type x scale type, one token and up to GEMV_MAX_T
-        return [dict(d, SDTYPE=s, GEMV_MAX_T=t) for d in dtypes for s in DTYPE_CODES.values() for t in (1, 4)]
+    if name == "gemv_q.cu":  # quantized weights: every weight type x scale type, one token and up to GEMV_MAX_T, each
+        # kind's geometry (geometry.QGEO; kinds sharing one share the build)
+        geos = {tuple(sorted(qgemv_defines(kind).items())): qgemv_defines(kind) for kind in QGEO}
+        return [dict(d, SDTYPE=s, GEMV_MAX_T=t, **g) for g in geos.values() for d in dtypes
+                for s in DTYPE_CODES.values() for t in (1, 4)]
     if name == "moe_q.cu":  # quantized experts: every weight type (the biases) x scale type
         return [dict(d, SDTYPE=s) for d in dtypes for s in DTYPE_CODES.values()]
     if name == "norm.cu":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..errors import DeviceError
 from .elementwise import GEMV_ACT_MAX
-from .geometry import GEMV_MAX_T, QROWS, QTHREADS, grid1
+from .geometry import GEMV_MAX_T, QGEO, grid1, qgemv_defines
 from .modules import DTYPE_CODES
 from .tensors import DTensor, Lazy, QTensor
 
@@ -75,8 +75,9 @@ class QuantLinearMixin:
         y = self.alloc(x.shape[:-1] + (N,))
         xs = self.qstaged(x, M, wg)
         fn = self.kernel("gemv_q.cu", f"qgemv_gated_{wg.kind}", FORMATS["qgemv_gated"], **self._qdefines(wg, M))
+        threads, rows, _ = QGEO[wg.kind]
         if N:
-            self.launch(f"gated_linear({kind})(qgemv)", fn, (-(-N // QROWS), 1, 1), (QTHREADS, 1, 1), y, xs, M,
+            self.launch(f"gated_linear({kind})(qgemv)", fn, (-(-N // rows), 1, 1), (threads, 1, 1), y, xs, M,
                         wg.kp, wg.lg, wg.G, wg.srow, code, N, wg.q, wg.s, wg.z, bg, wu.q, wu.s, wu.z, bu)
         return y
 
@@ -114,7 +115,7 @@ class QuantLinearMixin:
         return [self.linear(x, self.qdense(w), b) for w, b in pairs]
 
     def _qdefines(self, w: QTensor, M: int) -> dict:
-        return {"SDTYPE": DTYPE_CODES[w.sdtype], "GEMV_MAX_T": 1 if M == 1 else GEMV_MAX_T}
+        return {"SDTYPE": DTYPE_CODES[w.sdtype], "GEMV_MAX_T": 1 if M == 1 else GEMV_MAX_T, **qgemv_defines(w.kind)}
 
     def qstaged(self, x, M: int, w: QTensor):
         """x [M, K] as the quantized GEMVs read it for weight w (gemv_q.cu, moe_q.cu): [M, kp] float32, 16-byte
@@ -139,7 +140,8 @@ class QuantLinearMixin:
         # as gemv_geometry: the q/k/v product (three outputs) triggers the next launch only after its loads
         early = {"GEMV_EARLY_LAUNCH": 0} if len(pairs) == 3 else {}
         fn = self.kernel("gemv_q.cu", f"qgemv_{w0.kind}", FORMATS["qgemv"], **self._qdefines(w0, M), **early)
-        blocks = sum(-(-w.shape[0] // QROWS) for w, _ in pairs)
+        threads, rows, _ = QGEO[w0.kind]
+        blocks = sum(-(-w.shape[0] // rows) for w, _ in pairs)
         if blocks:
-            self.launch(op, fn, (blocks, 1, 1), (QTHREADS, 1, 1), xs, M, w0.kp, w0.lg, w0.G, w0.srow, act, *segs)
+            self.launch(op, fn, (blocks, 1, 1), (threads, 1, 1), xs, M, w0.kp, w0.lg, w0.G, w0.srow, act, *segs)
         return ys

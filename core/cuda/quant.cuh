@@ -76,11 +76,9 @@ struct QS {
     st2 z2;     // MAGIC + zero point in both halves (int, st half / bf16)
 };
 
-template <int KIND>
-__device__ __forceinline__ QS scale_of(const st* __restrict__ srow, const uint8_t* __restrict__ zrow, int g) {
+// From a scale s and a zero point z already loaded (the GEMVs load them with the weights, not after them).
+__device__ __forceinline__ QS make_qs(st s, uint32_t z) {
     QS q;
-    const st s = srow[g];
-    const uint32_t z = zrow ? (uint32_t)zrow[g] : Codes<KIND>::ZSYM;
     q.sf = to_f(s);
     q.zf = __uint_as_float(MAGIC32 | z);
 #if SDTYPE == 0
@@ -91,6 +89,11 @@ __device__ __forceinline__ QS scale_of(const st* __restrict__ srow, const uint8_
     q.z2 = bits_as<st2>(MAGIC2 | z | (z << 16));
 #endif
     return q;
+}
+
+template <int KIND>
+__device__ __forceinline__ QS scale_of(const st* __restrict__ srow, const uint8_t* __restrict__ zrow, int g) {
+    return make_qs(srow[g], zrow ? (uint32_t)zrow[g] : Codes<KIND>::ZSYM);
 }
 
 // The PER weights of word w (code i at bits i * BITS), dequantized as the reference does (see the file comment).
