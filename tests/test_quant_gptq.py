@@ -115,6 +115,14 @@ def test_cli_calibrate(tmp_path, capsys):
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "pack-quantized" and qc["config_groups"]["group_0"]["weights"]["group_size"] == 128
     assert math.isfinite(core.load(tmp_path / "q", device="cpu", quiet=True).logits([1, 2, 3]).sum())
+    plain = tmp_path / "plain"
+    assert cli_main(["quantize", str(demo_checkpoint("llama")), str(plain), "--scheme", "w4a16", "--calibrate",
+                     str(text), "--calibration-tokens", "2048", "--no-clip-search"]) == 0
+    assert "42 by GPTQ" in capsys.readouterr().out
+    # the default searched the shrink factors: some rows kept one other than 1, so some codes differ from plain GPTQ's
+    from safetensors.numpy import load_file
+    a, b = load_file(tmp_path / "q" / "model.safetensors"), load_file(plain / "model.safetensors")
+    assert set(a) == set(b) and any(not np.array_equal(a[k], b[k]) for k in a if k.endswith("weight_packed"))
     text.write_bytes(b"\xff\xfe bad")
     assert cli_main(["quantize", str(demo_checkpoint("llama")), str(tmp_path / "q2"), "--scheme", "w4a16",
                      "--calibrate", str(text)]) == 1

@@ -70,7 +70,7 @@ def main() -> None:
             G = max(1, K >> lg)
             mats = []
             for _ in range(2 if gated else 1):
-                q = be.random_weight((N, K // per // 2), 1, 1.0)  # any bits are valid codes
+                q = be.random_weight((N, 2 * K // per), 1, 1.0)  # K / per 32-bit words a row; any bits are codes
                 s = be.random_weight((N // srow, G), 2, 0.001, 0.01)
                 mats.append((q, s))
             nbytes = len(mats) * (N * K * 4 // per + (N // srow) * G * 2)
