@@ -172,8 +172,19 @@ __device__ __forceinline__ void qgemv_body(
 #pragma unroll
     for (int r = 0; r < QROWS; ++r)  // clamped rows are read, never written
         row_ptrs<KIND>(q, s, z, min(r0 + r, n - 1), Kp, G, srow, rows[r], srows[r], zrows[r]);
+    if (QROWS * GEMV_MAX_T <= QTHREADS) {  // one output a thread: its bias loaded before the dot product
+        const int er = threadIdx.x / GEMV_MAX_T, et = threadIdx.x % GEMV_MAX_T, erow = r0 + er;
+        const bool epi = threadIdx.x < QROWS * GEMV_MAX_T && et < T && erow < n;
+        const float bv = epi && b ? to_f(b[erow]) : 0.f;
+        qdot<KIND, QROWS>(rows, srows, zrows, x, T, Kp, lg, G, tot);
+        if (epi) {
+            const float v = tot[er * GEMV_MAX_T + et] + bv;
+            y[(size_t)et * n + erow] = act >= 0 ? activate(v, act) : v;
+        }
+        return;
+    }
     qdot<KIND, QROWS>(rows, srows, zrows, x, T, Kp, lg, G, tot);
-    for (int i = threadIdx.x; i < QROWS * GEMV_MAX_T; i += QTHREADS) {
+    for (int i = threadIdx.x; i < QROWS * GEMV_MAX_T; i += QTHREADS) {  // more outputs than threads
         const int et = i % GEMV_MAX_T, erow = r0 + i / GEMV_MAX_T;
         if (et < T && erow < n) {
             const float v = tot[i] + (b ? to_f(b[erow]) : 0.f);

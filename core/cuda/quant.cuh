@@ -76,7 +76,7 @@ struct QS {
     st2 z2;     // MAGIC + zero point in both halves (int, st half / bf16)
 };
 
-// From a scale s and a zero point z already loaded (the GEMVs load them with the weights, not after them).
+// From a scale s and a zero point z already loaded (gemv_q.cu with QPRESCALE loads them with the weights).
 __device__ __forceinline__ QS make_qs(st s, uint32_t z) {
     QS q;
     q.sf = to_f(s);
