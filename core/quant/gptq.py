@@ -15,7 +15,8 @@ whose result has the smallest output error (w - deq) X^T X (w - deq)^T, the quan
 worse there than a = 1 alone. Rows are independent in GPTQ, so the factors run as one stacked matrix.
 On the embedded demo models (w4a16 g128, 32,768 calibration tokens, perplexity on the whole held-out modules,
 ~30,000 tokens; tests/test_quant_quality.py) it took qwen3 from +7.9% / +7.1% (symmetric / not) to +4.3% / +3.8%
-and llama from +9.7% / +9.8% to +6.7% / +5.6%; the factors 1.0 ... 0.7 in steps of 0.05 were chosen before measuring.
+and llama from +9.7% / +9.8% to +6.7% / +5.6%; the factors 1.0 ... 0.7 in steps of 0.05 were the first grid tried
+(two others were tried on a 1,536-token sample only, where the differences were within its noise).
 
 The Hessians come from one pass of the unquantized model over the calibration text (every layer sees the fp32
 model's activations, not those of the layers quantized before it: the one-shot variant, cheaper, and what a single
