@@ -14,8 +14,8 @@ row's group ranges multiplied by a (clipping its outliers, finer steps for the r
 whose result has the smallest output error (w - deq) X^T X (w - deq)^T, the quantity GPTQ minimises, so it is never
 worse there than a = 1 alone. Rows are independent in GPTQ, so the factors run as one stacked matrix.
 On the embedded demo models (w4a16 g128, 32,768 calibration tokens, perplexity on the whole held-out modules,
-~30,000 tokens; tests/test_quant_quality.py) it took qwen3 from +7.9% / +7.1% (symmetric / not) to +4.3% / +3.8%
-and llama from +9.7% / +9.8% to +6.7% / +5.6%; the factors 1.0 ... 0.7 in steps of 0.05 were the first grid tried
+~30,000 tokens; tests/test_quant_quality.py) it took qwen3 from +7.9% / +7.1% (symmetric / not) to +4.3% / +3.9%
+and llama from +9.7% / +9.8% to +6.7% / +5.5%; the factors 1.0 ... 0.7 in steps of 0.05 were the first grid tried
 (two others were tried on a 1,536-token sample only, where the differences were within its noise).
 
 The Hessians come from one pass of the unquantized model over the calibration text (every layer sees the fp32
@@ -30,6 +30,7 @@ import numpy as np
 
 from ..checkpoint import to_float32
 from ..errors import QuantizationError
+from .dequant import int_weight
 from .pack import round_to
 
 DAMP = 0.01        # dampening: this fraction of the mean diagonal of H is added to it (GPTQ's default)
@@ -100,7 +101,7 @@ def gptq_int(w: np.ndarray, xtx: np.ndarray, bits: int, group: int, symmetric: b
         m = wr.shape[0]
         alpha = np.repeat(np.asarray(clip, np.float64), m)
         Q, S, Z = _gptq_rows(np.tile(wr, (len(clip), 1)), Hinv, dead, alpha, bits, g, symmetric, scale_dtype)
-        d = np.tile(wr.astype(np.float64), (len(clip), 1)) - _dequant(Q, S, Z, g, scale_dtype)
+        d = np.tile(wr.astype(np.float64), (len(clip), 1)) - int_weight(Q, S, scale_dtype, Z, (1, g))
         err = ((d @ xtx) * d).sum(1).reshape(len(clip), m)  # each row's output error on the calibration inputs
         best = np.argmin(err, axis=0) * m + np.arange(m)  # first (largest) factor on ties: 1.0 when it is tried
         parts.append((Q[best], S[best], None if Z is None else Z[best]))
@@ -170,13 +171,6 @@ def _group_scale(x: np.ndarray, bits: int, symmetric: bool, scale_dtype: str, al
     s = to_float32(s_bits, scale_dtype)
     z = None if symmetric else np.clip(np.rint(qmin - lo / s), qmin, qmax)
     return s.astype(np.float64), z, s_bits
-
-
-def _dequant(q: np.ndarray, s_bits: np.ndarray, z, g: int, scale_dtype: str) -> np.ndarray:
-    """(q - z) * s per group of g columns, float64 [N, K]."""
-    s = to_float32(s_bits, scale_dtype).astype(np.float64)
-    qq = q.reshape(q.shape[0], -1, g).astype(np.float64) - (0 if z is None else z[..., None])
-    return (qq * s[..., None]).reshape(q.shape)
 
 
 def calibration_windows(tokenizer, text: str, tokens: int, window: int = WINDOW) -> list[list[int]]:
