@@ -21,7 +21,8 @@ import core
 from core import ops, testing
 from core.config import MoeRouting
 from core.cuda import qlayout as L
-from core.cuda.geometry import GEMV_MAX_T
+from core.cuda.geometry import GEMV_MAX_T, qgemv_rounds
+from core.cuda.moe import MOE_DECODE_T
 from core.load import cuda_available
 from core.testing import EXACT, TOL, rel_err, rng, upload_weight
 from quantcases import ct_int_case, expert_cases, fp8_case, gptq_case, moe_quantized
@@ -34,16 +35,34 @@ ACTS = st.sampled_from(["silu", "gelu", "gelu_pytorch_tanh", "relu", "quick_gelu
 
 
 def stacked(be, cases):
-    """(stacked QTensor on the device, float64 [E, N, K] of the reference weights) of one expert each case."""
+    """(stacked QTensor on the device, float64 [E, N, K] of the reference weights, float64 [E, N, K] of the weights
+    gemv_q.cu's GEMV multiplies by: the integer kinds' unrounded, geometry.qgemv_rounds) of one expert each case."""
     p = L.stack([c.packed for c in cases])
     assert p is not None
-    return be.upload_packed(p, "experts"), L.dense(p).astype(np.float64)
+    return (be.upload_packed(p, "experts"), L.dense(p).astype(np.float64),
+            L.dense(p, rounded=qgemv_rounds(p.kind)).astype(np.float64))
+
+
+def per_expert(w, counts):
+    """A (device, reference, GEMV reference) triple as the pair the per-expert path computes with: an expert given
+    at most GEMV_MAX_T tokens goes through gemv_q.cu's GEMV, one given more through the dequantized GEMM."""
+    if len(w) == 2 or w[0] is None:  # dense (upload_weight's pair) or no such weight
+        return w[:2]
+    return w[0], np.where((counts <= GEMV_MAX_T)[:, None, None], w[2], w[1])
 
 
 def run(be, r, T, D, E, k, gate, up, down, bias, routing):
-    """(GPU result, core.ops.moe's float64 result) for expert pairs (device weight, float64 reference)."""
+    """(GPU result, core.ops.moe's float64 result) for expert triples (device weight, float64 reference, float64
+    GEMV reference; see stacked)."""
     x = r.normal(size=(T, D)).astype(np.float32)
     rw, rb = exact_router(r, E, D, x, False)
+    if T <= MOE_DECODE_T:  # the grouped GEMVs (moe_q.cu): the reference's weights
+        gate, up, down = (w[:2] for w in (gate, up, down))
+    else:
+        top, _ = ops.moe_route(x.astype(np.float64), rw.astype(np.float64), None, routing.top_k, routing.scoring,
+                               routing.renormalize, routing.routed_scale)
+        counts = np.bincount(top.ravel(), minlength=E)
+        gate, up, down = (per_expert(w, counts) for w in (gate, up, down))
     I = up[1].shape[1]
     bs = [upload_weight(be, r.normal(size=s) * 0.5) if bias else (None, None) for s in ((E, I), (E, I), (E, D))]
     got = be.to_host(be.moe(be.from_host(x), upload_weight(be, rw)[0], None, gate[0], up[0], down[0], routing,
@@ -65,7 +84,7 @@ def test_quantized_experts_match_the_reference(dtype, T, E, D, I, gated, bias, a
     down = data.draw(expert_cases(D, I, E), label="down")
     with testing.cuda_backend(dtype, gemm=data.draw(st.sampled_from(["own", "auto"]))) as be:
         up = stacked(be, pair[E:])
-        gate = stacked(be, pair[:E]) if gated else (None, None)
+        gate = stacked(be, pair[:E]) if gated else (None, None, None)
         got, want = run(be, rng(seed), T, D, E, k, gate, up, stacked(be, down), bias,
                         MoeRouting(k, scoring, renorm, act, 1.5, gated))
     assert got.shape == (T, D)

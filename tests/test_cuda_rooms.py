@@ -235,7 +235,7 @@ def test_the_switches_are_read_from_the_environment_in_options_alone():
     from_env = next(n for n in ast.walk(parse(CUDA / "options.py"))
                     if isinstance(n, ast.FunctionDef) and n.name == "from_env")
     names = [n.value for n in ast.walk(from_env) if isinstance(n, ast.Constant) and str(n.value).startswith("ARCHKIT_")]
-    switches = ("POISON", "SYNC", "GRAPHS", "FUSED", "PDL", "FOLD", "FOLD_LN", "GEMM", "ATTN")
+    switches = ("POISON", "SYNC", "GRAPHS", "FUSED", "PDL", "FOLD", "FOLD_LN", "GEMM", "ATTN", "QTC")
     assert sorted(names) == sorted(f"ARCHKIT_CUDA_{k}" for k in switches)
     assert env_reads(ast.parse("os.environ.get('A'); os.environ['B']; os.getenv('C')")) == ["A", "B", "C"]
 
@@ -245,12 +245,12 @@ def test_options_from_the_environment():
 
     assert Options.from_env({}) == Options()
     assert Options() == Options(poison=False, sync_each=False, graphs=True, fused=True, pdl=True, fold=True,
-                                fold_ln=False, gemm="auto", attn="tc")
+                                fold_ln=False, gemm="auto", attn="tc", qtc=False)
     env = {"ARCHKIT_CUDA_POISON": "1", "ARCHKIT_CUDA_SYNC": "1", "ARCHKIT_CUDA_GRAPHS": "0", "ARCHKIT_CUDA_FUSED": "0",
            "ARCHKIT_CUDA_PDL": "0", "ARCHKIT_CUDA_FOLD": "0", "ARCHKIT_CUDA_FOLD_LN": "1", "ARCHKIT_CUDA_GEMM": "own",
-           "ARCHKIT_CUDA_ATTN": "simt"}
-    assert Options.from_env(env) == Options(True, True, False, False, False, False, True, "own", "simt")
-    # as before: POISON / SYNC / FOLD_LN are on only at "1", the others off only at "0"
+           "ARCHKIT_CUDA_ATTN": "simt", "ARCHKIT_CUDA_QTC": "1"}
+    assert Options.from_env(env) == Options(True, True, False, False, False, False, True, "own", "simt", True)
+    # as before: POISON / SYNC / FOLD_LN / QTC are on only at "1", the others off only at "0"
     assert Options.from_env({k: "yes" for k in env if k[13:] not in ("GEMM", "ATTN")}) == Options()
     with pytest.raises(DeviceError, match=r"ARCHKIT_CUDA_GEMM='tf32': choose 'auto', 'own' or 'cublas'"):
         Options.from_env({"ARCHKIT_CUDA_GEMM": "tf32"})

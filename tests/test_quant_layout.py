@@ -28,7 +28,7 @@ import core
 from core.backend import NumpyBackend
 from core.checkpoint import Checkpoint
 from core.cuda import qlayout as L
-from core.cuda.geometry import GEMV_MAX_T, QGEO
+from core.cuda.geometry import GEMV_MAX_T, QGEO, QTC_STEP
 from core.cuda.modules import HERE, nvcc_options
 from core.cuda.qlinear import FORMATS
 from core.quant import QuantizedTensor, dequant
@@ -48,6 +48,9 @@ def test_repacked_layout_decodes_to_the_reference(case):
     assert p is not None and L.packed_shape_ok(p)
     assert p.kp % L.chunk_codes(p.kind) == 0 and p.words.dtype == np.uint32
     assert np.array_equal(L.dense(p), case.ref)
+    # the integer GEMVs' unrounded weight (gemv_q.cu QFOLD) is exact: rounded to the scale dtype it is the reference's
+    exact = L.dense(p, rounded=False)
+    assert np.array_equal(to_float32(round_to(exact.astype(np.float32), p.sdtype), p.sdtype), case.ref)
 
 
 @pytest.mark.parametrize("bits, sym, desc_act, v1", [(4, True, False, True), (4, False, True, True),
@@ -280,5 +283,15 @@ def test_kernel_arguments_match_the_launch_formats(tmp_path):
         fmt = "".join("P" if "*" in p else "i" for p in params.split(","))
         assert fmt == FORMATS[re.sub(r"_(int4|int8|fp8)$", "", name)], name
     macros = {m[1]: int(m[2]) for m in re.finditer(r"^#define (\w+) (\d+)\b", (HERE / "gemv_q.cu").read_text(), re.M)}
-    assert (macros["QTHREADS"], macros["QROWS"], macros["QUNROLL"]) == QGEO["int4"]
+    assert (macros["QTHREADS"], macros["QROWS"], macros["QUNROLL"], macros["QWORDS_INT4"]) == QGEO["int4"]
+    assert macros["QWORDS_INT8"] == QGEO["int8"][3]
     assert macros["GEMV_MAX_T"] == GEMV_MAX_T
+    # gemv_qtc.cu: the same arguments as gemv_q.cu's GEMVs (qlinear.py launches either with the same values)
+    out = subprocess.run([NVCC, "-E", f"-I{HERE}", *nvcc_options(defines), str(HERE / "gemv_qtc.cu")],
+                         capture_output=True, text=True, check=True).stdout
+    head = r'extern "C" __attribute__\(\(global\)\) void (?:__attribute__\(\(launch_bounds\([\d *]+\)\)\) )?'
+    sigs = {m[1]: m[2] for m in re.finditer(head + r"(\w+)\(([^()]*)\)", out)}
+    assert set(sigs) == {f"{b}_tc_{k}" for b in ("qgemv", "qgemv_gated") for k in QTC_STEP}
+    for name, params in sigs.items():
+        fmt = "".join("P" if "*" in p else "i" for p in params.split(","))
+        assert fmt == FORMATS[re.sub(r"_tc_(int4|int8)$", "", name)], name

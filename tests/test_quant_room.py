@@ -16,7 +16,7 @@ from core import ops
 from core.backend import NumpyBackend
 from core.cuda import qlayout as L
 from core.cuda.elementwise import ACT_CODES
-from core.cuda.geometry import GEMV_MAX_T, QGEO, grid1, qgemv_defines
+from core.cuda.geometry import GEMV_MAX_T, QGEO, QTC_STEP, QTC_WARPS, grid1, qgemv_defines, qtc_smem
 from core.cuda.loading import LoadingMixin
 from core.cuda.qlinear import QuantLinearMixin
 from core.cuda.tensors import ITEMSIZE, DTensor, QTensor
@@ -116,13 +116,14 @@ class Fake(LoadingMixin, QuantLinearMixin):
 
     # -- kernels
     def kernel(self, file, name, fmt, **defines):
-        assert file == "gemv_q.cu"
+        assert file == ("gemv_qtc.cu" if "_tc_" in name else "gemv_q.cu"), (file, name)
         return SimpleNamespace(name=name, fmt=fmt, defines=defines)
 
     def launch(self, op, fn, grid, block, *args, shared=0):
         args = [a.ptr if isinstance(a, DTensor) else 0 if a is None else a for a in args]
         assert len(args) == len(fn.fmt) and all(isinstance(a, int) for a in args), (fn.name, args)
         self.launches.append((op, fn.name, grid, dict(fn.defines)))
+        self.shared = shared
         base = fn.name.rsplit("_", 1)[0] if fn.name != "qstage" else "qstage"
         getattr(self, "run_" + base)(fn, grid, block, *args)
 
@@ -142,11 +143,30 @@ class Fake(LoadingMixin, QuantLinearMixin):
         self.write(xs, out)
 
     def run_qgemv(self, fn, grid, block, x, T, Kp, lg, G, srow, act, *segs):
-        threads, rows, unroll = QGEO[fn.name.rsplit("_", 1)[1]]
+        threads, rows, unroll, words = QGEO[fn.name.rsplit("_", 1)[1]]
+        kind = fn.name.rsplit("_", 1)[1]
         assert (fn.defines["QTHREADS"], fn.defines["QROWS"], fn.defines["QUNROLL"]) == (threads, rows, unroll)
+        assert self.shared == 0 and (kind == "fp8" or fn.defines[f"QWORDS_{kind.upper()}"] == words)
         assert block == (threads, 1, 1) and grid[0] == sum(-(-segs[6 * i + 5] // rows) for i in range(3))
         assert T <= (1 if fn.defines["GEMV_MAX_T"] == 1 else GEMV_MAX_T) and (T == 1) == (fn.defines["GEMV_MAX_T"] == 1)
         assert x % 16 == 0, "the GEMV reads x in 16-byte loads"
+        self._qgemv_math(fn, x, T, Kp, lg, G, srow, act, segs)
+
+    def run_qgemv_tc(self, fn, grid, block, x, T, Kp, lg, G, srow, act, *segs):
+        """gemv_qtc.cu's qgemv: one token, 16 rows a block, its staged x in `shared` bytes."""
+        kind = fn.name.rsplit("_", 1)[1]
+        assert T == 1 and fn.defines["QTC_WARPS"] == QTC_WARPS and block == (32 * QTC_WARPS, 1, 1)
+        assert grid[0] == sum(-(-segs[6 * i + 5] // 16) for i in range(3)) and self.shared == qtc_smem(kind, Kp)
+        assert G == 1 or (1 << lg) >= QTC_STEP[kind], "every step of K in one scale group"
+        self._qgemv_math(fn, x, T, Kp, lg, G, srow, act, segs)
+
+    def run_qgemv_gated_tc(self, fn, grid, block, y, x, T, Kp, lg, G, srow, act, n, *w):
+        kind = fn.name.rsplit("_", 1)[1]
+        assert T == 1 and block == (32 * QTC_WARPS, 1, 1) and grid[0] == -(-n // 16)
+        assert self.shared == qtc_smem(kind, Kp) and (G == 1 or (1 << lg) >= QTC_STEP[kind])
+        self._gated_math(fn, y, x, T, Kp, lg, G, srow, act, n, *w)
+
+    def _qgemv_math(self, fn, x, T, Kp, lg, G, srow, act, segs):
         xs = self.read(x, np.float32, (T, Kp)).astype(np.float64)
         for i in range(3):
             y, q, s, z, b, n = segs[6 * i:6 * i + 6]
@@ -154,9 +174,12 @@ class Fake(LoadingMixin, QuantLinearMixin):
                 v = xs @ self._weight(fn, q, s, z, n, Kp, lg, G, srow).T + self.bias(b, n)
                 self.write(y, (ops.ACT[CODES[act]](v) if act >= 0 else v).astype(np.float32))
 
-    def run_qgemv_gated(self, fn, grid, block, y, x, T, Kp, lg, G, srow, act, n, qg, sg, zg, bg, qu, su, zu, bu):
-        threads, rows, _ = QGEO[fn.name.rsplit("_", 1)[1]]
-        assert block == (threads, 1, 1) and grid[0] == -(-n // rows) and x % 16 == 0
+    def run_qgemv_gated(self, fn, grid, block, y, x, T, Kp, lg, G, srow, act, n, *w):
+        threads, rows = QGEO[fn.name.rsplit("_", 1)[1]][:2]
+        assert block == (threads, 1, 1) and grid[0] == -(-n // rows) and x % 16 == 0 and self.shared == 0
+        self._gated_math(fn, y, x, T, Kp, lg, G, srow, act, n, *w)
+
+    def _gated_math(self, fn, y, x, T, Kp, lg, G, srow, act, n, qg, sg, zg, bg, qu, su, zu, bu):
         xs = self.read(x, np.float32, (T, Kp)).astype(np.float64)
         g = xs @ self._weight(fn, qg, sg, zg, n, Kp, lg, G, srow).T + self.bias(bg, n)
         u = xs @ self._weight(fn, qu, su, zu, n, Kp, lg, G, srow).T + self.bias(bu, n)
@@ -245,6 +268,36 @@ def test_gated_and_act_epilogues():
     be.launches.clear()
     be.qgated(xd, wg, None, other, None, "silu")  # two layouts: two products, then gated_act
     assert [n for _, n, _, _ in be.launches] == ["qgemv_int8", "qgemv_int4"]
+
+
+@pytest.mark.parametrize("qtc", [True, False])
+def test_one_token_of_integer_weights_goes_to_tensor_cores(qtc):
+    """One token of int8 per channel or int4 with groups of 128: gemv_qtc.cu's qgated (16 rows a block, x staged in
+    shared memory); the plain products, groups shorter than a step, fp8, more tokens, or the qtc switch off:
+    gemv_q.cu's."""
+    be = Fake("float16")
+    be.qtc = qtc
+    q4 = [gptq_case(i, 4, n, 256, 128, False, False, True, "F16") for i, n in enumerate([40, 8, 8])]
+    g8, u8 = (ct_int_case(s, 8, 24, 128, "channel", None, False, False, True, "F16") for s in (4, 5))
+    short = gptq_case(6, 4, 24, 256, 64, False, False, True, "F16")
+    f8 = fp8_case(7, 24, 256, (128, 128), "F16")
+    x, xd = run(be, 1, 256)
+    ys = be.linears(xd, [(be.upload_packed(c.packed, "q"), None) for c in q4])
+    g4 = be.qgated(xd, be.upload_packed(q4[1].packed, "g"), None, be.upload_packed(q4[2].packed, "u"), None, "gelu")
+    x8, xd8 = run(be, 1, 128, seed=1)
+    gated = be.qgated(xd8, be.upload_packed(g8.packed, "g"), None, be.upload_packed(u8.packed, "u"), None, "silu")
+    be.linear(xd, be.upload_packed(short.packed, "s"))
+    be.linear(xd, be.upload_packed(f8.packed, "f"))
+    be.linear(be.from_host(np.ones((2, 256), np.float32)), be.upload_packed(q4[0].packed, "q"))
+    tc = "_tc" if qtc else ""
+    assert [n for _, n, _, _ in be.launches] == ["qgemv_int4", f"qgemv_gated{tc}_int4", f"qgemv_gated{tc}_int8",
+                                                 "qgemv_int4", "qgemv_fp8", "qgemv_int4"]
+    for y, c in zip(ys, q4):
+        assert rel_err(be.host(y), x.astype(np.float64) @ c.ref.T) < 1e-6
+    want4 = ops.ACT["gelu"](x.astype(np.float64) @ q4[1].ref.T) * (x.astype(np.float64) @ q4[2].ref.T)
+    assert rel_err(be.host(g4), want4) < 1e-6
+    x64 = x8.astype(np.float64)
+    assert rel_err(be.host(gated), ops.ACT["silu"](x64 @ g8.ref.T) * (x64 @ u8.ref.T)) < 1e-6
 
 
 def test_a_wrong_width_is_named():

@@ -13,15 +13,15 @@ import statistics
 import numpy as np
 
 
-def launch_us(be, fn, grid, block, args) -> float:
-    """Median GPU microseconds of one launch of fn: CUDA events around 20 launches back to back, 3 times after a
-    warm-up round."""
+def launch_us(be, fn, grid, block, args, shared: int = 0) -> float:
+    """Median GPU microseconds of one launch of fn (`shared` bytes of dynamic shared memory): CUDA events around 20
+    launches back to back, 3 times after a warm-up round."""
     times = []
     for rep in range(4):
         e0, e1 = be.drv.Event(), be.drv.Event()
         e0.record(be.stream)
         for _ in range(20):
-            be.launch("probe", fn, grid, block, *args)
+            be.launch("probe", fn, grid, block, *args, shared=shared)
         e1.record(be.stream)
         e1.synchronize()
         if rep:

@@ -1,8 +1,12 @@
 """GPU time of one quantized decode GEMV launch (gemv_q.cu) for the Qwen3-8B layer shapes and several block
-geometries (threads x rows x unroll x scales-with-words): how close each comes to the copy bandwidth on the bytes it reads (codes and
+geometries (threads x rows x unroll x scales-with-words x QFOLD x QWORDS x QDIAG): how close each comes to the copy bandwidth on the bytes it reads (codes and
 scales). CUDA events, launches back to back, median of 3 x 20. Device only.
 
-    python tools/qgemv_probe.py [--kinds int4,fp8] [--geos 128x4x2x1,64x8x2x0,...] [--tokens 1,4] [--json F]
+    python tools/qgemv_probe.py [--kinds int4,fp8] [--geos 128x4x2x1,64x8x2x0x0,...] [--tokens 1,4] [--json F]
+
+A geometry "tcWxUxS" is gemv_qtc.cu's tensor-core kernel instead (int4 / int8): W warps (a block of 16 rows), U steps
+in flight a warp, S = QTC_SUB. A geometry's fields after the third default to 1 (scales loaded with the words), geometry.QFOLD, 4 (words a lane
+loads at once) and 0 (QDIAG: 1 reads x from L1 only, 2 the weights from L2 only, 3 both; results then wrong).
 """
 
 from __future__ import annotations
@@ -22,14 +26,34 @@ SHAPES = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 1228
 
 
 def _geo(geo: str) -> list[int]:
-    """threads, rows, unroll, scales-with-words of a geometry string "THxRxU[xP]"."""
-    return (list(map(int, geo.split("x"))) + [1])[:4]
+    """threads, rows, unroll, scales-with-words, QFOLD, QWORDS, QDIAG of a geometry string "THxRxU[xP[xF[xW[xD]]]]"."""
+    from core.cuda.geometry import QFOLD
+
+    given = list(map(int, geo.split("x")))
+    return (given + [1, int(QFOLD), 4, 0][len(given) - 3:])[:7]
+
+
+def _tc(geo: str) -> list[int] | None:
+    """warps, unroll, QTC_SUB of a tensor-core geometry "tcWxUxS" (None for gemv_q.cu's)."""
+    return (list(map(int, geo[2:].split("x"))) + [4, 1][len(geo[2:].split("x")) - 1:])[:3] if geo.startswith("tc") \
+        else None
+
+
+def _tc_smem(kind: str, kp: int, warps: int) -> int:
+    """geometry.qtc_smem for a block of `warps` warps."""
+    from core.cuda.geometry import QTC_STEP
+
+    nsteps = -(-kp // QTC_STEP[kind])
+    return nsteps * (8 if kind == "int4" else 4) * 64 + 4 * (2 * nsteps + warps * 2 * 16 + warps + 1)
 
 
 def _defines(kind: str, T: int, geo: str) -> dict:
-    th, R, U, P = _geo(geo)
+    if _tc(geo):
+        W, U, S = _tc(geo)
+        return dict(SDTYPE=1, QTC_WARPS=W, QTC_UNROLL=U, QTC_SUB=S)
+    th, R, U, P, F, W, D = _geo(geo)
     return dict(SDTYPE=1, GEMV_MAX_T=1 if T == 1 else 4, QTHREADS=th, QROWS=R, QUNROLL=U,
-                QPRESCALE=P)
+                QPRESCALE=P, QFOLD=F, QWORDS_INT4=W, QWORDS_INT8=W, QDIAG=D)
 
 
 def main() -> None:
@@ -57,7 +81,8 @@ def main() -> None:
               for T in map(int, a.tokens.split(",")) for geo in a.geos.split(",")}
     arch = warm_kernels._arch()
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        list(pool.map(warm_kernels._compile, [("gemv_q.cu", dict(b, WDTYPE=1), arch) for b in builds]))
+        list(pool.map(warm_kernels._compile, [("gemv_qtc.cu" if "QTC_WARPS" in dict(b) else "gemv_q.cu",
+                                               dict(b, WDTYPE=1), arch) for b in builds]))
     bw = copy_bandwidth(be)
     rng = np.random.default_rng(0)
     rows, total = [], {}
@@ -77,20 +102,33 @@ def main() -> None:
             for T in map(int, a.tokens.split(",")):
                 x = be.from_host(rng.normal(size=(T, K)).astype(np.float32))
                 y = be.alloc((T, N))
+                first = None
                 for geo in a.geos.split(","):
-                    th, R, U, P = _geo(geo)
+                    if _tc(geo) and (T > 1 or kind == "fp8"):
+                        continue
                     defs = _defines(kind, T, geo)
+                    src, mid, shared = "gemv_q.cu", "", 0
+                    if _tc(geo):
+                        warps = _tc(geo)[0]
+                        th, R, src, mid, shared = 32 * warps, 16, "gemv_qtc.cu", "_tc", _tc_smem(kind, K, warps)
+                    else:
+                        th, R = _geo(geo)[:2]
                     if gated:
-                        fn = be.kernel("gemv_q.cu", f"qgemv_gated_{kind}", FORMATS["qgemv_gated"], **defs)
+                        fn = be.kernel(src, f"qgemv_gated{mid}_{kind}", FORMATS["qgemv_gated"], **defs)
                         args = (y, x, T, K, lg, G, srow, 2, N, mats[0][0], mats[0][1], None, None,
                                 mats[1][0], mats[1][1], None, None)
                     else:
-                        fn = be.kernel("gemv_q.cu", f"qgemv_{kind}", FORMATS["qgemv"], **defs)
+                        fn = be.kernel(src, f"qgemv{mid}_{kind}", FORMATS["qgemv"], **defs)
                         args = (x, T, K, lg, G, srow, -1, y, mats[0][0], mats[0][1], None, None, N) + (
                             None, None, None, None, None, 0) * 2
-                    us = gemv_probe.launch_us(be, fn, (-(-N // R), 1, 1), (th, 1, 1), args)
+                    if shared > 48 * 1024:
+                        fn.set_attribute(be.drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
+                    us = gemv_probe.launch_us(be, fn, (-(-N // R), 1, 1), (th, 1, 1), args, shared)
+                    out = be.to_host(y).astype(np.float64)  # the first geometry's output is the others' yardstick
+                    first = first if geo != a.geos.split(",")[0] else out
                     row = {"kind": kind, "shape": name, "N": N, "K": K, "T": T, "geo": geo, "us": round(us, 2),
-                           "pct_copy_bw": round(100 * nbytes / (us * 1e-6) / bw, 1), "regs": fn.num_regs}
+                           "pct_copy_bw": round(100 * nbytes / (us * 1e-6) / bw, 1), "regs": fn.num_regs,
+                           "rel_err_vs_first": float(np.linalg.norm(out - first) / np.linalg.norm(first))}
                     rows.append(row)
                     total.setdefault((kind, T, geo), 0.0)
                     total[(kind, T, geo)] += us

@@ -13,9 +13,20 @@ from .tensors import ITEMSIZE
 CUBLAS_WORKSPACE = 32 << 20  # bytes of the cuBLAS handle's fixed workspace (NVIDIA's advice for Hopper: 32 MiB)
 GEMV_MAX_T = 4        # gemv.cu handles up to this many tokens per weight read; more go to the GEMM
 GEMV_ROWS, GEMV_THREADS = 4, 128  # gemv.cu gemv_rows / gemv_gated: output rows and threads per block
-# gemv_q.cu (quantized weights), by weight kind: (QTHREADS threads a block, QROWS output rows a block, QUNROLL 16-byte
-# chunks a thread has in flight per row), passed to its build (qgemv_defines); the file's defaults are int4's
-QGEO = {"int4": (128, 4, 2), "int8": (128, 4, 2), "fp8": (128, 4, 2)}
+# gemv_q.cu (quantized weights), by weight kind: (QTHREADS threads a block, QROWS output rows a block, QUNROLL pieces
+# a thread has in flight per row, QWORDS_<kind> 32-bit words a piece), passed to its build (qgemv_defines); the
+# file's defaults are int4's. int4 reads 8-byte pieces: ~10% less time a Qwen3-8B layer than 16-byte ones on an H100
+# (tools/qgemv_probe.py, BENCHMARKS.md); int8 saw no difference, and fp8 (no QFOLD) reads 16 bytes
+QGEO = {"int4": (128, 4, 2, 2), "int8": (128, 4, 2, 4), "fp8": (128, 4, 2, 4)}
+# gemv_q.cu QFOLD: the integer kinds' GEMVs take the scale out of the inner loop and multiply x by (u - z) s unrounded
+# (qlayout.dense(p, rounded=False)); fp8's, and every other reader's, by the weight rounded to the scale type
+QFOLD = True
+# gemv_qtc.cu: one-token int4 / int8 GEMVs on tensor cores, QTC_WARPS warps a block of 16 rows splitting K in steps
+# of QTC_STEP codes (16 words a row), taken where every step lies in one scale group and the staged x fits
+# QTC_SMEM_LIMIT (the dynamic shared memory every sm_80+ card grants a block)
+QTC_WARPS = 8
+QTC_STEP = {"int4": 128, "int8": 64}
+QTC_SMEM_LIMIT = 99 * 1024
 NORM_VPT = 2          # norm.cu norm_reg: float4 values per thread kept in registers
 PREFILL_NQ, PREFILL_BK = 16, 32  # attention.cu: queries per block, keys per tile
 TC_FQ, TC_FK, TC_NW = 64, 64, 4  # attention_tc.cu: queries per block, keys per tile, warps (TC_SMEM_BYTES there)
@@ -29,8 +40,23 @@ PAGED_SMEM_LIMIT = 99 * 1024  # dynamic shared memory every sm_80+ card grants a
 
 def qgemv_defines(kind: str) -> dict[str, int]:
     """The geometry macros of gemv_q.cu's build for weights of `kind` (QGEO); the launches use the same numbers."""
-    threads, rows, unroll = QGEO[kind]
-    return {"QTHREADS": threads, "QROWS": rows, "QUNROLL": unroll}
+    threads, rows, unroll, _ = QGEO[kind]
+    # every kind's words a piece: one build holds all kinds' kernels, so kinds of one geometry share it
+    return {"QTHREADS": threads, "QROWS": rows, "QUNROLL": unroll, "QWORDS_INT4": QGEO["int4"][3],
+            "QWORDS_INT8": QGEO["int8"][3], "QFOLD": int(QFOLD)}
+
+
+def qtc_smem(kind: str, kp: int) -> int:
+    """Bytes of dynamic shared memory gemv_qtc.cu's block takes for rows of kp codes (its layout: B fragments, the
+    steps' x sums, the cross-warp sums of two tiles, sigma's scratch)."""
+    nsteps = -(-kp // QTC_STEP[kind])
+    return nsteps * (8 if kind == "int4" else 4) * 64 + 4 * (2 * nsteps + QTC_WARPS * 2 * 16 + QTC_WARPS + 1)
+
+
+def qgemv_rounds(kind: str) -> bool:
+    """Whether gemv_q.cu's GEMV for weights of `kind` multiplies by the weight rounded to the scale type (as the
+    reference dequantization and every other kernel do) rather than by (u - z) s unrounded (QFOLD, integer kinds)."""
+    return kind == "fp8" or not QFOLD
 
 
 def grid1(n: int, block: int = 256) -> tuple:

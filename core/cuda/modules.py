@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .geometry import QGEO, qgemv_defines
+from .geometry import QGEO, QTC_WARPS, qgemv_defines
 
 HERE = Path(__file__).resolve().parent
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}  # WDTYPE in common.cuh
@@ -41,6 +41,8 @@ def variants(name: str) -> list[dict[str, int]]:
         geos = {tuple(sorted(qgemv_defines(kind).items())): qgemv_defines(kind) for kind in QGEO}
         return [dict(d, SDTYPE=s, GEMV_MAX_T=t, **g) for g in geos.values() for d in dtypes
                 for s in DTYPE_CODES.values() for t in (1, 4)]
+    if name == "gemv_qtc.cu":  # one-token integer GEMVs on tensor cores: every weight type x scale type
+        return [dict(d, SDTYPE=s, QTC_WARPS=QTC_WARPS) for d in dtypes for s in DTYPE_CODES.values()]
     if name == "moe_q.cu":  # quantized experts: every weight type (the biases) x scale type
         return [dict(d, SDTYPE=s) for d in dtypes for s in DTYPE_CODES.values()]
     if name == "norm.cu":

@@ -9,6 +9,7 @@
     ARCHKIT_CUDA_FOLD_LN=1  fold LayerNorm too
     ARCHKIT_CUDA_GEMM=auto|own|cublas   prefill matrix products
     ARCHKIT_CUDA_ATTN=tc|simt           prefill attention
+    ARCHKIT_CUDA_QTC=1      one-token int4 / int8 gate-and-up GEMVs on tensor cores (gemv_qtc.cu; see below)
 
 CudaBackend copies the record into plain attributes of the same names (be.fused, be.gemm, ...), which
 benchmarks and tests may flip on a live backend; graph.py captures a step anew when one changes. Where
@@ -49,6 +50,11 @@ class Options:
     # Prefill attention (T > 1): the tensor-core kernel (attention_tc.cu, "tc") for half-precision caches and
     # head sizes that are multiples of 16, else (or with "simt") the SIMT kernel.
     attn: str = "tc"
+    # One-token gate-and-up GEMVs of int4 / int8 weights on tensor cores (gemv_qtc.cu) where their groups and K
+    # allow (qlinear.py). Off by default: the kernel is right (tests/test_cuda_quant.py) but stages x in every block,
+    # and on an H100 it was faster than gemv_q.cu only for the gated product (Qwen3-8B gate_up 33.8 us against 42.8)
+    # and slower for the others; the gated-only choice has not been timed end to end (BENCHMARKS.md).
+    qtc: bool = False
 
     def __attrs_post_init__(self):
         if self.gemm not in ("auto", "own", "cublas"):
@@ -68,4 +74,5 @@ class Options:
                    fold=env.get("ARCHKIT_CUDA_FOLD", "1") != "0",
                    fold_ln=env.get("ARCHKIT_CUDA_FOLD_LN") == "1",
                    gemm=env.get("ARCHKIT_CUDA_GEMM", "auto"),
-                   attn=env.get("ARCHKIT_CUDA_ATTN", "tc"))
+                   attn=env.get("ARCHKIT_CUDA_ATTN", "tc"),
+                   qtc=env.get("ARCHKIT_CUDA_QTC") == "1")

@@ -382,11 +382,12 @@ def codes_of(p: Packed) -> np.ndarray:
     return unpack(p.words.view(np.int32), p.bits, axis=1).astype(np.int64)
 
 
-def dense(p: Packed) -> np.ndarray:
+def dense(p: Packed, rounded: bool = True) -> np.ndarray:
     """The weight float32 [N, K] (a stack: [E, N, K]) the layout means, rounded to the scale dtype as the reference
-    rounds it: what every gemv_q.cu and moe_q.cu kernel multiplies x by."""
+    rounds it: what moe_q.cu's kernels, the dequantized GEMM and the fp8 GEMV multiply x by. rounded=False: integer
+    kinds' (u - z) s unrounded, float64 (exact), what gemv_q.cu's integer GEMVs multiply by (geometry.QFOLD)."""
     if p.experts is not None:
-        return np.stack([dense(p.expert(e)) for e in range(p.experts)])
+        return np.stack([dense(p.expert(e), rounded) for e in range(p.experts)])
     n, k = p.shape
     kp = p.kp
     col = np.minimum(np.arange(kp) >> p.lg, p.scales.shape[1] - 1)
@@ -397,7 +398,8 @@ def dense(p: Packed) -> np.ndarray:
         w = to_float32(round_to(exact.astype(np.float32), p.sdtype), p.sdtype)
     else:
         z = (1 << (p.bits - 1)) if p.zeros is None else p.zeros.astype(np.int64)[:, col]
-        w = to_float32(round_to((u - z).astype(np.float32) * s, p.sdtype), p.sdtype)
+        w = (u - z) * s.astype(np.float64) if not rounded else to_float32(
+            round_to((u - z).astype(np.float32) * s, p.sdtype), p.sdtype)
     w = w[:, :k]
     if p.perm is None:
         return np.ascontiguousarray(w)

@@ -3,7 +3,10 @@
 - A few tokens (M <= GEMV_MAX_T: decode): gemv_q.cu's GEMVs, which read the packed words and dequantize in
   registers: up to 3 weights sharing a layout (q, k, v) in one launch, an activation in the epilogue (linear_act), or
   gate and up together with act(gate) * up (gated_linear). x is staged first (qstage) when the kernel cannot read it
-  as it is: an act-order weight's permutation, K short of the padded row, a row not 16-byte aligned.
+  as it is: an act-order weight's permutation, K short of the padded row, a row not 16-byte aligned. With the qtc
+  switch (ARCHKIT_CUDA_QTC=1), one token of int4 / int8 gate and up goes to gemv_qtc.cu's tensor-core form of
+  qgemv_gated instead (use_qtc), where each group of scales holds whole steps of K and the staged x fits the block's
+  shared memory.
 - More tokens (prefill): the weight is dequantized into a pooled scratch buffer of the backend's dtype (qdequant_*,
   the dense weight loading would have made, bit for bit) and the product goes to the GEMM as any dense one does
   (cuBLAS or ours, linear.py). Dequantized tiles fed straight to tensor cores would save that round trip, which
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 from ..errors import DeviceError
 from .elementwise import GEMV_ACT_MAX
-from .geometry import GEMV_MAX_T, QGEO, grid1, qgemv_defines
+from .geometry import (GEMV_MAX_T, QGEO, QTC_SMEM_LIMIT, QTC_STEP, QTC_WARPS, grid1, qgemv_defines,
+                       qtc_smem)
 from .modules import DTYPE_CODES
 from .tensors import DTensor, Lazy, QTensor
 
@@ -74,12 +78,33 @@ class QuantLinearMixin:
         N = wg.shape[0]
         y = self.alloc(x.shape[:-1] + (N,))
         xs = self.qstaged(x, M, wg)
-        fn = self.kernel("gemv_q.cu", f"qgemv_gated_{wg.kind}", FORMATS["qgemv_gated"], **self._qdefines(wg, M))
-        threads, rows, _ = QGEO[wg.kind]
+        fn, threads, rows, smem = self._qgemv_kernel("qgemv_gated", wg, M)
         if N:
             self.launch(f"gated_linear({kind})(qgemv)", fn, (-(-N // rows), 1, 1), (threads, 1, 1), y, xs, M,
-                        wg.kp, wg.lg, wg.G, wg.srow, code, N, wg.q, wg.s, wg.z, bg, wu.q, wu.s, wu.z, bu)
+                        wg.kp, wg.lg, wg.G, wg.srow, code, N, wg.q, wg.s, wg.z, bg, wu.q, wu.s, wu.z, bu, shared=smem)
         return y
+
+    def use_qtc(self, base: str, w: QTensor, M: int) -> bool:
+        """Whether gemv_qtc.cu (tensor cores) takes the GEMV `base` of M tokens of weight w: the qtc switch on (off
+        by default: options.py), the gated form (the only one it made faster on an H100: BENCHMARKS.md), one token,
+        int4 / int8, every step of QTC_STEP codes inside one scale group, the staged x within QTC_SMEM_LIMIT."""
+        step = QTC_STEP.get(w.kind)
+        return (base == "qgemv_gated" and bool(getattr(self, "qtc", False)) and M == 1 and step is not None
+                and (w.G == 1 or w.lg >= step.bit_length() - 1) and qtc_smem(w.kind, w.kp) <= QTC_SMEM_LIMIT)
+
+    def _qgemv_kernel(self, base: str, w: QTensor, M: int, **extra):
+        """(kernel, threads, rows a block, dynamic shared bytes) of the GEMV `base` (qgemv / qgemv_gated) for M
+        tokens of weight w: gemv_qtc.cu's where use_qtc, else gemv_q.cu's."""
+        if self.use_qtc(base, w, M):
+            fn = self.kernel("gemv_qtc.cu", f"{base}_tc_{w.kind}", FORMATS[base], SDTYPE=DTYPE_CODES[w.sdtype],
+                             QTC_WARPS=QTC_WARPS, **extra)
+            smem = qtc_smem(w.kind, w.kp)
+            if smem > 48 * 1024 and getattr(fn, "_smem", 0) < smem:
+                fn.set_attribute(self.drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+                fn._smem = smem
+            return fn, 32 * QTC_WARPS, 16, smem
+        fn = self.kernel("gemv_q.cu", f"{base}_{w.kind}", FORMATS[base], **self._qdefines(w, M), **extra)
+        return fn, QGEO[w.kind][0], QGEO[w.kind][1], 0
 
     def qdense(self, w: QTensor) -> DTensor:
         """w dequantized into a pooled buffer [N, K] of the backend's dtype (act-order columns back in place): the
@@ -139,9 +164,9 @@ class QuantLinearMixin:
         segs += [None, None, None, None, None, 0] * (3 - len(pairs))
         # as gemv_geometry: the q/k/v product (three outputs) triggers the next launch only after its loads
         early = {"GEMV_EARLY_LAUNCH": 0} if len(pairs) == 3 else {}
-        fn = self.kernel("gemv_q.cu", f"qgemv_{w0.kind}", FORMATS["qgemv"], **self._qdefines(w0, M), **early)
-        threads, rows, _ = QGEO[w0.kind]
+        fn, threads, rows, smem = self._qgemv_kernel("qgemv", w0, M, **early)
         blocks = sum(-(-w.shape[0] // rows) for w, _ in pairs)
         if blocks:
-            self.launch(op, fn, (blocks, 1, 1), (threads, 1, 1), xs, M, w0.kp, w0.lg, w0.G, w0.srow, act, *segs)
+            self.launch(op, fn, (blocks, 1, 1), (threads, 1, 1), xs, M, w0.kp, w0.lg, w0.G, w0.srow, act, *segs,
+                        shared=smem)
         return ys

@@ -170,3 +170,15 @@ __device__ __forceinline__ void row_ptrs(const uint32_t* q, const st* s, const u
     sr = s + (size_t)(row / srow) * G;
     zr = z ? z + (size_t)row * G : nullptr;
 }
+
+// The arguments of the one-to-three-product GEMV and of the gated GEMV, shared by gemv_q.cu and gemv_qtc.cu (the
+// backend launches either with the same values).
+#define QGEMV_ARGS const float* __restrict__ x, int T, int Kp, int lg, int G, int srow, int act, \
+    float* y0, const uint32_t* q0, const st* s0, const uint8_t* z0, const wt* b0, int n0, \
+    float* y1, const uint32_t* q1, const st* s1, const uint8_t* z1, const wt* b1, int n1, \
+    float* y2, const uint32_t* q2, const st* s2, const uint8_t* z2, const wt* b2, int n2
+#define QGEMV_PASS x, T, Kp, lg, G, srow, act, y0, q0, s0, z0, b0, n0, y1, q1, s1, z1, b1, n1, y2, q2, s2, z2, b2, n2
+#define QGATED_ARGS float* __restrict__ y, const float* __restrict__ x, int T, int Kp, int lg, int G, int srow, \
+    int act, int n, const uint32_t* qg, const st* sg, const uint8_t* zg, const wt* bg, const uint32_t* qu, \
+    const st* su, const uint8_t* zu, const wt* bu
+#define QGATED_PASS y, x, T, Kp, lg, G, srow, act, n, qg, sg, zg, bg, qu, su, zu, bu
