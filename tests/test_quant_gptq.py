@@ -11,6 +11,9 @@
   (tests/test_quant_quality.py): qwen3 +4.3% (the issue's bar, 5%, met; round-to-nearest +11.6%), llama +6.7% (bar
   not met; round-to-nearest +13.2%), pinned here so a regression fails. The written checkpoint is the same
   compressed-tensors format as round-to-nearest's; the CLI takes the text from a file.
+- fp8 (gptq_fp8: the E4M3 grid, one scale per row): the same identity and output-error checks against
+  quantize.rtn_fp8, and the demo qwen3 within the issue's 1% (+0.90%; round-to-nearest +1.04%; llama +0.22% against
+  +0.44%, not pinned here: its round-to-nearest already meets the bar, tests/test_quant_quality.py).
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from core.checkpoint import to_float32
 from core.demo import demo_checkpoint
 from core.errors import QuantizationError
 import core.quant.gptq as gptq_mod
-from core.quant.gptq import gptq_int
-from core.quant.quantize import quantize, rtn_int
+from core.quant.gptq import gptq_fp8, gptq_int
+from core.quant.pack import fp8_to_float32
+from core.quant.quantize import quantize, rtn_fp8, rtn_int
 
 CALIBRATION_MODULES = ("json.decoder", "csv", "string", "heapq", "bisect", "queue", "calendar", "argparse", "logging",
                        "pathlib", "typing", "collections")  # trained on by tools/train_demo.py; none is held out
@@ -79,15 +83,51 @@ def test_output_error_is_below_round_to_nearest(seed, bits, group, symmetric):
     assert err["gptq"] < 0.9 * err["rtn"], err
 
 
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 24), k=st.sampled_from([8, 40, 128]), dtype=st.sampled_from(["F32", "F16", "BF16"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_identity_hessian_is_round_to_nearest_fp8(n, k, dtype, seed):
+    r = np.random.default_rng(seed)
+    w = (r.standard_normal((n, k)) * r.uniform(0.01, 3)).astype(np.float32)
+    want, got = rtn_fp8(w, dtype), gptq_fp8(w, np.eye(k), dtype)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_output_error_is_below_round_to_nearest_fp8(seed):
+    r = np.random.default_rng(seed)
+    n, k, rows = 48, 128, 2000
+    mix = r.standard_normal((k, k)) / np.sqrt(k) + np.eye(k) * 0.2
+    x = r.standard_normal((rows, k)) @ mix * r.uniform(0.2, 3, k)
+    w = r.standard_normal((n, k)).astype(np.float32)
+    err = {}
+    for name, (c, s) in {"rtn": rtn_fp8(w, "F32"), "gptq": gptq_fp8(w, x.T @ x, "F32")}.items():
+        err[name] = np.linalg.norm((w - fp8_to_float32(c, "F8_E4M3") * to_float32(s, "F32")) @ x.T)
+    assert err["gptq"] < 0.9 * err["rtn"], err
+
+
+def test_calibrated_demo_fp8_perplexity(tmp_path):
+    """qwen3's demo, fp8 per channel: round-to-nearest is +1.04% (the issue's bar is 1%), GPTQ +0.90%."""
+    from test_quant_quality import perplexity
+
+    base = perplexity(core.load(demo_checkpoint("qwen3"), device="cpu", quiet=True))
+    out = quantize(demo_checkpoint("qwen3"), tmp_path / "q", "fp8", calibration=calibration_text())
+    assert out["calibrated"] == out["quantized"] == 42
+    ratio = perplexity(core.load(tmp_path / "q", device="cpu", quiet=True)) / base
+    print(f"qwen3 fp8 GPTQ: perplexity x{ratio:.4f}")
+    assert ratio < 1.01, f"perplexity {ratio:.4f}x the fp32 model's"
+
+
 def test_dead_inputs_and_bad_arguments():
-    """An input that is always zero gets a zero weight (it cannot matter); fp8 and a too-short text are refused."""
+    """An input that is always zero gets a zero weight (it cannot matter), fp8's too; a too-short text is refused."""
     r = np.random.default_rng(0)
     x = r.standard_normal((500, 32))
     x[:, 5] = 0
     q, s, _ = gptq_int(r.standard_normal((4, 32)).astype(np.float32), x.T @ x, 4, 16, True, "F32")
     assert (q[:, 5] == 0).all()
-    with pytest.raises(QuantizationError, match="int schemes"):
-        quantize(demo_checkpoint("llama"), "/nonexistent/x", "fp8", calibration="some text")
+    c, _ = gptq_fp8(r.standard_normal((4, 32)).astype(np.float32), x.T @ x, "F32")
+    assert (fp8_to_float32(c[:, 5], "F8_E4M3") == 0).all()
     with pytest.raises(QuantizationError, match="calibration-tokens"):
         quantize(demo_checkpoint("llama"), "/nonexistent/x", "w4a16", calibration="some text", calibration_tokens=1)
 

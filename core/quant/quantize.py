@@ -49,8 +49,8 @@ def add_arguments(p) -> None:
     p.add_argument("--group-size", type=int, help="input columns sharing a scale (w4a16 default 128; -1 = per "
                    "channel, the w8a16 default); a weight whose columns it does not divide stays unquantized")
     p.add_argument("--asym", action="store_true", help="int schemes: a zero point per scale (default symmetric)")
-    p.add_argument("--calibrate", metavar="TEXT_FILE", help="int schemes: GPTQ instead of round-to-nearest, "
-                   "measuring each layer's inputs on this UTF-8 text (core/quant/gptq.py)")
+    p.add_argument("--calibrate", metavar="TEXT_FILE", help="GPTQ instead of round-to-nearest, measuring each "
+                   "layer's inputs on this UTF-8 text (core/quant/gptq.py)")
     p.add_argument("--calibration-tokens", type=int, default=32768, help="tokens of --calibrate's text to use "
                    "(default 32768)")
     p.add_argument("--no-clip-search", action="store_true", help="with --calibrate: plain GPTQ, min-max ranges only "
@@ -101,10 +101,15 @@ def rtn_int(w: np.ndarray, bits: int, group: int, symmetric: bool, scale_dtype: 
     return q, s_bits, None if z is None else z.astype(np.int8)
 
 
+def fp8_scale(w: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """The bits [N, 1] (scale_dtype) of FP8's per-channel scale of w [N, K]: each row's absolute maximum over 448."""
+    amax = np.abs(w).max(axis=1, keepdims=True)
+    return round_to(np.where(amax > 0, amax / 448.0, 1.0), scale_dtype)
+
+
 def rtn_fp8(w: np.ndarray, scale_dtype: str):
     """FP8 (e4m3) quantization of w [N, K] with one scale per output channel: (codes uint8 [N, K], scale [N, 1])."""
-    amax = np.abs(w).max(axis=1, keepdims=True)
-    s_bits = round_to(np.where(amax > 0, amax / 448.0, 1.0), scale_dtype)
+    s_bits = fp8_scale(w, scale_dtype)
     return float32_to_e4m3(w / to_float32(s_bits, scale_dtype)), s_bits
 
 
@@ -151,10 +156,10 @@ def _outputs(info: TensorInfo, kind: str, bits: int, group: int, symmetric: bool
 
 def _arrays(info: TensorInfo, kind: str, bits: int, group: int, symmetric: bool, solved=None) -> list[np.ndarray]:
     """The data of _outputs(info, ...), computed from the stored weight (or given: GPTQ's (q, s, z))."""
+    if kind == "float":
+        return list(solved if solved is not None else rtn_fp8(to_float32(read_tensor(info), info.dtype), info.dtype))
     if solved is None:
         w = to_float32(read_tensor(info), info.dtype)
-        if kind == "float":
-            return list(rtn_fp8(w, info.dtype))
     q, s, z = solved if solved is not None else rtn_int(w, bits, group, symmetric, info.dtype)
     off = 1 << (bits - 1)  # pack_to_int32 stores q + 2**(bits - 1), unsigned
     out = [pack((q.astype(np.int32) + off).astype(np.uint8), bits, axis=1), s, np.asarray(info.shape, np.int64)]
@@ -210,7 +215,7 @@ def quantize(src, dst, scheme: str, group_size: int | None = None, symmetric: bo
     """Quantize checkpoint `src` into a new compressed-tensors checkpoint `dst` (see the module docstring).
 
     progress: called as progress(done_bytes, total_bytes, file_number, num_files), as core.load's is.
-    calibration: text to run the model on for GPTQ (core/quant/gptq.py; int schemes), its first
+    calibration: text to run the model on for GPTQ (core/quant/gptq.py; every scheme), its first
     `calibration_tokens` tokens; None quantizes round-to-nearest. clip_search: GPTQ tries seven shrink factors of
     each row's ranges and keeps the best (core/quant/gptq.py); False runs plain GPTQ.
 
@@ -229,8 +234,6 @@ def quantize(src, dst, scheme: str, group_size: int | None = None, symmetric: bo
                                 f"output channel")
     if kind == "float" and not symmetric:
         raise QuantizationError("fp8 has no zero point: --asym applies to the int schemes")
-    if calibration is not None and kind == "float":
-        raise QuantizationError("--calibrate (GPTQ) applies to the int schemes; fp8 is round-to-nearest")
     if calibration is not None and (not isinstance(calibration_tokens, int) or calibration_tokens < 2):
         raise QuantizationError(f"--calibration-tokens {calibration_tokens!r} must be an integer >= 2")
     dst = Path(dst)
@@ -241,8 +244,8 @@ def quantize(src, dst, scheme: str, group_size: int | None = None, symmetric: bo
         raise QuantizationError(f"{ckpt.path}: the checkpoint is already quantized ({ckpt.quantization.method}); "
                                 f"quantize a plain one")
     chosen, ignore = _choose(ckpt, arch, group)
-    solved = _calibrate(ckpt, arch, chosen, calibration, calibration_tokens, bits, group, symmetric, clip_search) \
-        if calibration is not None else {}
+    solved = _calibrate(ckpt, arch, chosen, calibration, calibration_tokens, kind, bits, group, symmetric,
+                        clip_search) if calibration is not None else {}
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -258,12 +261,12 @@ def quantize(src, dst, scheme: str, group_size: int | None = None, symmetric: bo
             "calibrated": len(solved)}
 
 
-def _calibrate(ckpt: Checkpoint, arch: str | None, chosen: set, text: str, tokens: int, bits: int, group: int,
-               symmetric: bool, clip_search: bool = True) -> dict:
-    """{tensor name: (q, scale bits, zero point)} by GPTQ for every chosen weight a linear saw on the calibration
-    text (core/quant/gptq.py); the others (experts behind the moe op) stay round-to-nearest."""
+def _calibrate(ckpt: Checkpoint, arch: str | None, chosen: set, text: str, tokens: int, kind: str, bits: int,
+               group: int, symmetric: bool, clip_search: bool = True) -> dict:
+    """{tensor name: (q, scale bits, zero point)} (fp8: (codes, scale bits)) by GPTQ for every chosen weight a linear
+    saw on the calibration text (core/quant/gptq.py); the others (experts behind the moe op) stay round-to-nearest."""
     from ..load import load
-    from .gptq import CLIP, calibration_windows, gptq_int, hessians
+    from .gptq import CLIP, calibration_windows, gptq_fp8, gptq_int, hessians
 
     if not isinstance(text, str):
         raise QuantizationError(f"the calibration text must be a str, got {type(text).__name__}")
@@ -281,8 +284,9 @@ def _calibrate(ckpt: Checkpoint, arch: str | None, chosen: set, text: str, token
     out = {}
     for name, (xtx, _) in stats.items():
         info = ckpt.tensors[name]
-        out[name] = gptq_int(to_float32(read_tensor(info), info.dtype), xtx, bits, group, symmetric, info.dtype,
-                             clip=CLIP if clip_search else (1.0,))
+        w = to_float32(read_tensor(info), info.dtype)
+        out[name] = gptq_fp8(w, xtx, info.dtype) if kind == "float" else gptq_int(
+            w, xtx, bits, group, symmetric, info.dtype, clip=CLIP if clip_search else (1.0,))
     logger.info("GPTQ: %d of %d weights calibrated on %d tokens", len(out), len(chosen),
                 min(tokens, len(model.tokenizer.encode(text))))
     return out
