@@ -22,7 +22,7 @@
 //         nibbles m + 2, m + 6 into 2t + 8, 2t + 9: (word >> 4m) & 0x000F000F and (word >> 4(m + 2)) & 0x000F000F;
 //   int8: product i takes bytes 0, 2 and 1, 3: word & 0x00FF00FF and (word >> 8) & 0x00FF00FF.
 // The block stages x once: B fragments for every product in that order, and the steps' sums, in shared memory
-// (the backend passes their size: qtc_smem in qlinear.py).
+// (the backend passes their size: geometry.qtc_smem).
 //
 // qgemv_tc_<kind>: up to 3 products of x (q, k, v) in one launch, as gemv_q.cu's qgemv (the same arguments; T = 1).
 // qgemv_gated_tc_<kind>: act(x wg^T + bg) * (x wu^T + bu), as qgemv_gated.
@@ -50,7 +50,7 @@ template <int KIND> struct Tc {
     static constexpr int PER = KIND == KIND_INT4 ? 8 : 4;       // codes a word
 };
 
-// Shared memory of a block for nsteps steps (the backend's qtc_smem mirrors it): B fragments (uint2 [nsteps][MMAS]
+// Shared memory of a block for nsteps steps (geometry.qtc_smem mirrors it): B fragments (uint2 [nsteps][MMAS]
 // [4][2]: lane t's two registers for column hi / lo), the steps' x sums (float [nsteps][2]), the cross-warp sums
 // (float [QTC_WARPS][2][16]), sigma's scratch (float [QTC_WARPS + 1]).
 template <int KIND> __host__ __device__ constexpr int qtc_frag_bytes(int nsteps) { return nsteps * Tc<KIND>::MMAS * 64; }
