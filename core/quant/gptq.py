@@ -35,7 +35,7 @@ import numpy as np
 from ..checkpoint import to_float32
 from ..errors import QuantizationError
 from .dequant import int_weight
-from .pack import round_to
+from .pack import float32_to_e4m3, fp8_scale, fp8_to_float32, round_to
 
 DAMP = 0.01        # dampening: this fraction of the mean diagonal of H is added to it (GPTQ's default)
 CLIP = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # shrink factors of a row's ranges tried; the best is kept per row
@@ -178,8 +178,6 @@ def gptq_fp8(w: np.ndarray, xtx: np.ndarray, scale_dtype: str, damp: float | Non
     (the row's absolute maximum over 448, measured before any error is spread): returns what rtn_fp8 returns,
     (codes uint8 [N, K], scale bits [N, 1]). A column pushed past 448 times its scale by the spread error saturates,
     as the E4M3 cast does."""
-    from .pack import float32_to_e4m3, fp8_to_float32
-    from .quantize import fp8_scale
 
     s_bits = fp8_scale(w, scale_dtype)
     s = to_float32(s_bits, scale_dtype)[:, 0]

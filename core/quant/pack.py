@@ -135,3 +135,10 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return float32_to_bf16_bits(x)
     return np.asarray(x, np.float32)
+
+
+def fp8_scale(w: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """The bits [N, 1] (scale_dtype) of FP8's per-channel scale of w [N, K]: each row's absolute maximum over 448
+    (compressed-tensors' min-max observer), 1 for an all-zero row."""
+    amax = np.abs(w).max(axis=1, keepdims=True)
+    return round_to(np.where(amax > 0, amax / E4M3_MAX, 1.0), scale_dtype)

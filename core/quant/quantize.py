@@ -26,7 +26,7 @@ import numpy as np
 from ..checkpoint import Checkpoint, TensorInfo, read_tensor, to_float32
 from ..errors import QuantizationError
 from ..log import logger
-from .pack import float32_to_e4m3, pack, round_to
+from .pack import float32_to_e4m3, fp8_scale, pack, round_to
 
 SCHEMES = {  # name → (type, bits, default group size; -1 = one scale per output channel)
     "w4a16": ("int", 4, 128),
@@ -99,12 +99,6 @@ def rtn_int(w: np.ndarray, bits: int, group: int, symmetric: bool, scale_dtype: 
     q = np.rint(x / s[..., None]) + (0 if z is None else z[..., None])
     q = np.clip(q, qmin, qmax).astype(np.int8).reshape(n, k)
     return q, s_bits, None if z is None else z.astype(np.int8)
-
-
-def fp8_scale(w: np.ndarray, scale_dtype: str) -> np.ndarray:
-    """The bits [N, 1] (scale_dtype) of FP8's per-channel scale of w [N, K]: each row's absolute maximum over 448."""
-    amax = np.abs(w).max(axis=1, keepdims=True)
-    return round_to(np.where(amax > 0, amax / 448.0, 1.0), scale_dtype)
 
 
 def rtn_fp8(w: np.ndarray, scale_dtype: str):
