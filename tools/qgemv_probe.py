@@ -39,14 +39,6 @@ def _tc(geo: str) -> list[int] | None:
         else None
 
 
-def _tc_smem(kind: str, kp: int, warps: int) -> int:
-    """geometry.qtc_smem for a block of `warps` warps."""
-    from core.cuda.geometry import QTC_STEP
-
-    nsteps = -(-kp // QTC_STEP[kind])
-    return nsteps * (8 if kind == "int4" else 4) * 64 + 4 * (2 * nsteps + warps * 2 * 16 + warps + 1)
-
-
 def _defines(kind: str, T: int, geo: str) -> dict:
     if _tc(geo):
         W, U, S = _tc(geo)
@@ -68,6 +60,7 @@ def main() -> None:
     import pycuda.autoprimaryctx  # noqa: F401
     from core.cuda.backend import CudaBackend
     from core.cuda.bench import copy_bandwidth
+    from core.cuda.geometry import qtc_smem
     from core.cuda.qlayout import WHOLE_ROW
     from core.cuda.qlinear import FORMATS
 
@@ -110,7 +103,7 @@ def main() -> None:
                     src, mid, shared = "gemv_q.cu", "", 0
                     if _tc(geo):
                         warps = _tc(geo)[0]
-                        th, R, src, mid, shared = 32 * warps, 16, "gemv_qtc.cu", "_tc", _tc_smem(kind, K, warps)
+                        th, R, src, mid, shared = 32 * warps, 16, "gemv_qtc.cu", "_tc", qtc_smem(kind, K, warps)
                     else:
                         th, R = _geo(geo)[:2]
                     if gated:

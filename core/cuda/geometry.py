@@ -46,11 +46,11 @@ def qgemv_defines(kind: str) -> dict[str, int]:
             "QWORDS_INT8": QGEO["int8"][3], "QFOLD": int(QFOLD)}
 
 
-def qtc_smem(kind: str, kp: int) -> int:
-    """Bytes of dynamic shared memory gemv_qtc.cu's block takes for rows of kp codes (its layout: B fragments, the
-    steps' x sums, the cross-warp sums of two tiles, sigma's scratch)."""
+def qtc_smem(kind: str, kp: int, warps: int = QTC_WARPS) -> int:
+    """Bytes of dynamic shared memory gemv_qtc.cu's block of `warps` warps takes for rows of kp codes (its layout: B
+    fragments, the steps' x sums, the cross-warp sums of two tiles, sigma's scratch)."""
     nsteps = -(-kp // QTC_STEP[kind])
-    return nsteps * (8 if kind == "int4" else 4) * 64 + 4 * (2 * nsteps + QTC_WARPS * 2 * 16 + QTC_WARPS + 1)
+    return nsteps * (8 if kind == "int4" else 4) * 64 + 4 * (2 * nsteps + warps * 2 * 16 + warps + 1)
 
 
 def qgemv_rounds(kind: str) -> bool:
