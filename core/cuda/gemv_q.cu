@@ -63,9 +63,6 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
     return d;
 }
 
-// A code or zero point u < 2^8 as float, by the MAGIC (no conversion instruction).
-__device__ __forceinline__ float code_f(uint32_t u) { return __uint_as_float(MAGIC32 | u) - 8388608.f; }
-
 // Words c * QW .. c * QW + QW - 1 of a row, in one load (the row's words are 16-byte aligned).
 template <int QW>
 __device__ __forceinline__ void load_words(const uint32_t* row, int c, uint32_t (&w)[QW]) {

@@ -68,6 +68,10 @@ __device__ __forceinline__ float2 st2_float2(__nv_bfloat162 v) { return __bfloat
 #endif
 #define MAGIC32 0x4B000000u  // fp32 2^23
 
+// A code or zero point u < 2^8 as float, by the fp32 MAGIC (no conversion instruction; gemv_q.cu's qacc_fold and
+// gemv_qtc.cu, which fold the zero point out of the inner loop).
+__device__ __forceinline__ float code_f(uint32_t u) { return __uint_as_float(MAGIC32 | u) - 8388608.f; }
+
 // A row's scale and zero point for one group, in the forms dequant_word uses.
 struct QS {
     float sf;   // the scale as float (fp8: times 256, as stored)
