@@ -286,12 +286,12 @@ def test_kernel_arguments_match_the_launch_formats(tmp_path):
     assert (macros["QTHREADS"], macros["QROWS"], macros["QUNROLL"], macros["QWORDS_INT4"]) == QGEO["int4"]
     assert macros["QWORDS_INT8"] == QGEO["int8"][3]
     assert macros["GEMV_MAX_T"] == GEMV_MAX_T
-    # gemv_qtc.cu: the same arguments as gemv_q.cu's GEMVs (qlinear.py launches either with the same values)
+    # gemv_qtc.cu: the same arguments as gemv_q.cu's gated GEMV (qlinear.py launches either with the same values)
     out = subprocess.run([NVCC, "-E", f"-I{HERE}", *nvcc_options(defines), str(HERE / "gemv_qtc.cu")],
                          capture_output=True, text=True, check=True).stdout
     head = r'extern "C" __attribute__\(\(global\)\) void (?:__attribute__\(\(launch_bounds\([\d *]+\)\)\) )?'
     sigs = {m[1]: m[2] for m in re.finditer(head + r"(\w+)\(([^()]*)\)", out)}
-    assert set(sigs) == {f"{b}_tc_{k}" for b in ("qgemv", "qgemv_gated") for k in QTC_STEP}
+    assert set(sigs) == {f"qgemv_gated_tc_{k}" for k in QTC_STEP}
     for name, params in sigs.items():
         fmt = "".join("P" if "*" in p else "i" for p in params.split(","))
         assert fmt == FORMATS[re.sub(r"_tc_(int4|int8)$", "", name)], name

@@ -152,14 +152,6 @@ class Fake(LoadingMixin, QuantLinearMixin):
         assert x % 16 == 0, "the GEMV reads x in 16-byte loads"
         self._qgemv_math(fn, x, T, Kp, lg, G, srow, act, segs)
 
-    def run_qgemv_tc(self, fn, grid, block, x, T, Kp, lg, G, srow, act, *segs):
-        """gemv_qtc.cu's qgemv: one token, 16 rows a block, its staged x in `shared` bytes."""
-        kind = fn.name.rsplit("_", 1)[1]
-        assert T == 1 and fn.defines["QTC_WARPS"] == QTC_WARPS and block == (32 * QTC_WARPS, 1, 1)
-        assert grid[0] == sum(-(-segs[6 * i + 5] // 16) for i in range(3)) and self.shared == qtc_smem(kind, Kp)
-        assert G == 1 or (1 << lg) >= QTC_STEP[kind], "every step of K in one scale group"
-        self._qgemv_math(fn, x, T, Kp, lg, G, srow, act, segs)
-
     def run_qgemv_gated_tc(self, fn, grid, block, y, x, T, Kp, lg, G, srow, act, n, *w):
         kind = fn.name.rsplit("_", 1)[1]
         assert T == 1 and block == (32 * QTC_WARPS, 1, 1) and grid[0] == -(-n // 16)

@@ -4,8 +4,9 @@ scales). CUDA events, launches back to back, median of 3 x 20. Device only.
 
     python tools/qgemv_probe.py [--kinds int4,fp8] [--geos 128x4x2x1,64x8x2x0x0,...] [--tokens 1,4] [--json F]
 
-A geometry "tcWxUxS" is gemv_qtc.cu's tensor-core kernel instead (int4 / int8): W warps (a block of 16 rows), U steps
-in flight a warp, S = QTC_SUB. A geometry's fields after the third default to 1 (scales loaded with the words), geometry.QFOLD, 4 (words a lane
+Each geometry's output is compared with the first's (rel_err_vs_first), so put a gemv_q.cu geometry first.
+A geometry "tcWxU" is gemv_qtc.cu's tensor-core kernel instead (int4 / int8, the gated product only): W warps (a
+block of 16 rows), U steps in flight a warp. A geometry's fields after the third default to 1 (scales loaded with the words), geometry.QFOLD, 4 (words a lane
 loads at once) and 0 (QDIAG: 1 reads x from L1 only, 2 the weights from L2 only, 3 both; results then wrong).
 """
 
@@ -34,15 +35,14 @@ def _geo(geo: str) -> list[int]:
 
 
 def _tc(geo: str) -> list[int] | None:
-    """warps, unroll, QTC_SUB of a tensor-core geometry "tcWxUxS" (None for gemv_q.cu's)."""
-    return (list(map(int, geo[2:].split("x"))) + [4, 1][len(geo[2:].split("x")) - 1:])[:3] if geo.startswith("tc") \
-        else None
+    """warps, unroll of a tensor-core geometry "tcWxU" (None for gemv_q.cu's)."""
+    return (list(map(int, geo[2:].split("x"))) + [2])[:2] if geo.startswith("tc") else None
 
 
 def _defines(kind: str, T: int, geo: str) -> dict:
     if _tc(geo):
-        W, U, S = _tc(geo)
-        return dict(SDTYPE=1, QTC_WARPS=W, QTC_UNROLL=U, QTC_SUB=S)
+        W, U = _tc(geo)
+        return dict(SDTYPE=1, QTC_WARPS=W, QTC_UNROLL=U)
     th, R, U, P, F, W, D = _geo(geo)
     return dict(SDTYPE=1, GEMV_MAX_T=1 if T == 1 else 4, QTHREADS=th, QROWS=R, QUNROLL=U,
                 QPRESCALE=P, QFOLD=F, QWORDS_INT4=W, QWORDS_INT8=W, QDIAG=D)
@@ -97,7 +97,7 @@ def main() -> None:
                 y = be.alloc((T, N))
                 first = None
                 for geo in a.geos.split(","):
-                    if _tc(geo) and (T > 1 or kind == "fp8"):
+                    if _tc(geo) and (T > 1 or kind == "fp8" or not gated):
                         continue
                     defs = _defines(kind, T, geo)
                     src, mid, shared = "gemv_q.cu", "", 0
@@ -111,7 +111,7 @@ def main() -> None:
                         args = (y, x, T, K, lg, G, srow, 2, N, mats[0][0], mats[0][1], None, None,
                                 mats[1][0], mats[1][1], None, None)
                     else:
-                        fn = be.kernel(src, f"qgemv{mid}_{kind}", FORMATS["qgemv"], **defs)
+                        fn = be.kernel("gemv_q.cu", f"qgemv_{kind}", FORMATS["qgemv"], **defs)
                         args = (x, T, K, lg, G, srow, -1, y, mats[0][0], mats[0][1], None, None, N) + (
                             None, None, None, None, None, 0) * 2
                     if shared > 48 * 1024:
@@ -126,7 +126,7 @@ def main() -> None:
                     total.setdefault((kind, T, geo), 0.0)
                     total[(kind, T, geo)] += us
                     print(json.dumps(row), flush=True)
-    print("layer total (us, the four launches) by geometry:")
+    print("layer total (us, the four launches; a tc geometry's is its gate + up alone) by geometry:")
     for (kind, T, geo), us in sorted(total.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[1])):
         print(f"  {kind} T={T} {geo:>9}: {us:8.1f}")
     if a.json:

@@ -1,4 +1,5 @@
-// The one-token decode GEMV of integer weights (int4, int8: qlayout.py's words) on tensor cores (issue 16).
+// The one-token gated decode GEMV of integer weights (int4, int8: qlayout.py's words) on tensor cores (issue 16),
+// behind the qtc switch (options.py; off by default: BENCHMARKS.md).
 //
 // Why: gemv_q.cu's qacc_fold spends ~3.6 instructions a weight (LOP3, FADD, FFMA, x scaling), which caps a Qwen3-8B
 // layer at ~9 weights per SM clock on an H100 even with every byte in cache (tools/qgemv_probe.py QDIAG 3), a third
@@ -8,7 +9,7 @@
 //
 // The arithmetic, exact up to fp32 summation (as qacc_fold; reference: qlayout.dense(p, rounded=False)):
 //   A (16 rows x 16 k): the codes u themselves. Masked in place, a code's bits are the mantissa of an fp16 subnormal,
-//     u 2^-24, exactly (u < 2^10); the products are scaled back by 2^24. QTC_SUB 0: MAGIC 1024 + u, minus 1024 (exact).
+//     u 2^-24, exactly (u < 2^10); the products are scaled back by 2^24.
 //   B (16 k x 8 columns): x of the one token, split as x sigma = hi + lo (two fp16; sigma a power of two putting
 //     max |x| in [2^12, 2^13), so hi cannot overflow): column 0 hi, column 4 lo, the rest zero. hi + lo carries 22
 //     bits of x sigma; what fp16 cannot hold of lo (below 2^-24) is < 2^-38 max |x| sigma.
@@ -19,14 +20,16 @@
 // columns 2t, 2t + 1. Which k each operand slot stands for is free as long as A and B agree: lane t reads words
 // 4t .. 4t + 3 of the step (one 16-byte load a row), and
 //   int4: product (i, m) of the step (i: the word, m = 0, 1) takes nibbles m, m + 4 into slot pair 2t, 2t + 1 and
-//         nibbles m + 2, m + 6 into 2t + 8, 2t + 9: (word >> 4m) & 0x000F000F and (word >> 4(m + 2)) & 0x000F000F;
+//         nibbles m + 2, m + 6 into 2t + 8, 2t + 9: word & (0x000F000F << 4m) and (word >> 8) & (0x000F000F << 4m),
+//         so m = 1's codes enter as 16 u and their x is staged over 16 (exact);
 //   int8: product i takes bytes 0, 2 and 1, 3: word & 0x00FF00FF and (word >> 8) & 0x00FF00FF.
 // The block stages x once: B fragments for every product in that order, and the steps' sums, in shared memory
 // (the backend passes their size: geometry.qtc_smem).
 //
-// qgemv_tc_<kind>: up to 3 products of x (q, k, v) in one launch, as gemv_q.cu's qgemv (the same arguments; T = 1).
-// qgemv_gated_tc_<kind>: act(x wg^T + bg) * (x wu^T + bu), as qgemv_gated.
-// A block owns 16 rows (a pair of tiles for the gated form) and its QTC_WARPS warps split the steps.
+// qgemv_gated_tc_<kind>: act(x wg^T + bg) * (x wu^T + bu), as gemv_q.cu's qgemv_gated (the same arguments; T = 1).
+// A block owns 16 rows of both (a pair of tiles) and its QTC_WARPS warps split the steps. (A form for the plain
+// products was measured too: over a layer's q/k/v, o and down it lost to gemv_q.cu's, by 1.2-1.9x on down:
+// BENCHMARKS.md; it is gone.)
 #include "quant.cuh"
 
 #ifndef QTC_WARPS
@@ -34,9 +37,6 @@
 #endif
 #ifndef QTC_UNROLL
 #define QTC_UNROLL 2  // steps whose loads a warp issues before using any
-#endif
-#ifndef QTC_SUB
-#define QTC_SUB 1  // codes into the MMA as fp16 subnormals (1) or as MAGIC 1024 + u minus 1024 (0)
 #endif
 #ifndef GEMV_EARLY_LAUNCH
 #define GEMV_EARLY_LAUNCH 1
@@ -62,19 +62,7 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// A operand register from a word already shifted: two codes as fp16 (see the file comment).
-__device__ __forceinline__ uint32_t qtc_code2(uint32_t w, uint32_t mask) {
-#if QTC_SUB
-    return w & mask;
-#else
-    const __half2 h = __hsub2(bits_as<__half2>((w & mask) | 0x64006400u), bits_as<__half2>(0x64006400u));
-    return as_bits(h);
-#endif
-}
-#define QTC_UNSCALE (QTC_SUB ? 16777216.f : 1.f)
-
-// A zero point u < 2^8 as float, by the fp32 MAGIC (no conversion instruction).
-__device__ __forceinline__ float qtc_code_f(uint32_t u) { return __uint_as_float(MAGIC32 | u) - 8388608.f; }
+#define QTC_UNSCALE 16777216.f  // 2^24: A holds u 2^-24 (see the file comment)
 
 // Stages x [Kp] (float32, one token) into the B fragments and step sums; returns 1 / sigma. Every thread calls it.
 template <int KIND>
@@ -211,8 +199,7 @@ __device__ __forceinline__ void qtc_dot(const uint32_t* const (&q)[NT], const st
                         // int4: nibbles m, m + 4 in place (m = 1: 16 u, its x staged over 16) and m + 2, m + 6 from
                         // the word shifted by 8; int8: bytes 0, 2 in place and 1, 3 shifted by 8
                         const uint32_t mask = KIND == KIND_INT4 && m ? C::MASK << 4 : C::MASK;
-                        const uint32_t a[4] = {qtc_code2(wg, mask), qtc_code2(wh, mask), qtc_code2(wg >> 8, mask),
-                                               qtc_code2(wh >> 8, mask)};
+                        const uint32_t a[4] = {wg & mask, wh & mask, (wg >> 8) & mask, (wh >> 8) & mask};
                         mma16816(d[j], a, b.x, b.y);
                     }
                 }
@@ -222,7 +209,7 @@ __device__ __forceinline__ void qtc_dot(const uint32_t* const (&q)[NT], const st
             for (int j = 0; j < NT; ++j)
 #pragma unroll
                 for (int h = 0; h < 2; ++h)  // d[j][2h]: row g + 8h, column 2t
-                    acc[j][h] = fmaf(fmaf(d[j][2 * h], QTC_UNSCALE, -qtc_code_f(zv[u][j][h]) * sxc), to_f(sv[u][j][h]),
+                    acc[j][h] = fmaf(fmaf(d[j][2 * h], QTC_UNSCALE, -code_f(zv[u][j][h]) * sxc), to_f(sv[u][j][h]),
                                      acc[j][h]);
         }
     }
@@ -243,32 +230,6 @@ __device__ __forceinline__ void qtc_dot(const uint32_t* const (&q)[NT], const st
         out[i] = v;
     }
     __syncthreads();
-}
-
-template <int KIND>
-__device__ __forceinline__ void qgemv_tc_body(
-    const float* __restrict__ x, int T, int Kp, int lg, int G, int srow, int act,  // as qgemv_body; T = 1
-    float* y0, const uint32_t* q0, const st* s0, const uint8_t* z0, const wt* b0, int n0,
-    float* y1, const uint32_t* q1, const st* s1, const uint8_t* z1, const wt* b1, int n1,
-    float* y2, const uint32_t* q2, const st* s2, const uint8_t* z2, const wt* b2, int n2) {
-    extern __shared__ __align__(16) unsigned char qtc_smem[];
-    __shared__ float tot[16];
-    int blk = blockIdx.x;
-    const int nb0 = (n0 + 15) / 16, nb1 = (n1 + 15) / 16;
-    float* y = y0; const uint32_t* q = q0; const st* s = s0; const uint8_t* z = z0; const wt* b = b0; int n = n0;
-    if (blk >= nb0 + nb1) { blk -= nb0 + nb1; y = y2; q = q2; s = s2; z = z2; b = b2; n = n2; }
-    else if (blk >= nb0) { blk -= nb0; y = y1; q = q1; s = s1; z = z1; b = b1; n = n1; }
-    const int r0 = blk * 16;
-    if (r0 >= n) { pdl_wait(); return; }  // whole block
-    const uint32_t* qs[1] = {q};
-    const st* ss[1] = {s};
-    const uint8_t* zs[1] = {z};
-    qtc_dot<KIND, 1>(qs, ss, zs, r0, n, x, Kp, lg, G, srow, qtc_smem, tot);
-    if (threadIdx.x < 16 && r0 + threadIdx.x < n) {
-        const int row = r0 + threadIdx.x;
-        const float v = tot[threadIdx.x] + (b ? to_f(b[row]) : 0.f);
-        y[row] = act >= 0 ? activate(v, act) : v;
-    }
 }
 
 template <int KIND>
@@ -293,8 +254,6 @@ __device__ __forceinline__ void qgemv_gated_tc_body(
 }
 
 #define QTC_KERNELS(NAME, KIND) \
-    extern "C" __global__ void __launch_bounds__(32 * QTC_WARPS) qgemv_tc_##NAME(QGEMV_ARGS) { \
-        qgemv_tc_body<KIND>(QGEMV_PASS); } \
     extern "C" __global__ void __launch_bounds__(32 * QTC_WARPS) qgemv_gated_tc_##NAME(QGATED_ARGS) { \
         qgemv_gated_tc_body<KIND>(QGATED_PASS); }
 QTC_KERNELS(int4, KIND_INT4)
