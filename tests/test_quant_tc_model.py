@@ -27,7 +27,7 @@ def halves(reg: int) -> tuple[float, float]:
 
 
 def a_regs(kind: str, wg: int, wh: int, m: int) -> list[int]:
-    """The kernel's A registers of product m for lane words wg (row g) and wh (row g + 8): QTC_SUB's masks."""
+    """The kernel's A registers of product m for lane words wg (row g) and wh (row g + 8): its masks."""
     mask = 0x000F000F if kind == "int4" else 0x00FF00FF
     if kind == "int4" and m:
         mask <<= 4
