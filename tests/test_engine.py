@@ -304,11 +304,14 @@ def test_logprobs_are_log_softmax_of_the_raw_logits(demo, prompts):
     out = demo.generate(prompts[1], max_new_tokens=4, logprobs=5)
     ids = list(prompts[1]) + [t.token for t in out]
     ref = torch.log_softmax(torch.tensor(demo.logits(ids), dtype=torch.float64), -1).numpy()
+    # The reference is one float32 forward over the whole sequence, generate() decodes step by step: their logits
+    # differ by float32 noise (~1e-5 here on one machine's BLAS, less on CI's), while logprobs of processed logits
+    # (a temperature, a penalty) would be off by far more than the bound
     for i, t in enumerate(out):
         row = ref[len(prompts[1]) - 1 + i]
-        assert abs(t.logprob - row[t.token]) < 1e-5
+        assert abs(t.logprob - row[t.token]) < 1e-4
         assert [j for j, _ in t.top] == list(np.argsort(-row, kind="stable")[:5])
-        assert all(abs(lp - row[j]) < 1e-5 for j, lp in t.top)
+        assert all(abs(lp - row[j]) < 1e-4 for j, lp in t.top)
 
 
 @pytest.mark.parametrize("kw, match", [
