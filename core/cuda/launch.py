@@ -25,7 +25,7 @@ PDL_KERNELS = frozenset({"embed", "norm_rows", "norm_reg", "head_norm", "rope", 
                          "gemv_rows_ln", "gemv_gated_ln",
                          "qgemv_int4", "qgemv_int8", "qgemv_fp8", "qgemv_gated_int4", "qgemv_gated_int8",
                          "qgemv_gated_fp8",
-                         "attn_decode_step", "step_advance"})
+                         "attn_decode_step", "step_advance", "moe_route", "moe_gate_up", "moe_up", "moe_down"})
 
 
 class LaunchMixin:

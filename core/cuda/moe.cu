@@ -18,7 +18,14 @@
 // The GEMVs follow gemv.cu: MOE_THREADS threads split the reduction, 128-bit __ldg weight loads (MOE_UNROLL_*
 // chunks per thread issued before any is used, for every row of the block), fp32 accumulation, warp sums,
 // then the warps' partial sums meet in shared memory. A scalar path covers widths that are not multiples of
-// the vector (or unaligned activations). None of these kernels is launched with programmatic dependent launch.
+// the vector (or unaligned activations).
+//
+// Inside a decode graph moe_route, moe_up / moe_gate_up and moe_down are launched with programmatic dependent launch
+// (launch.PDL_KERNELS; common.cuh): each lets the next kernel launch once its own wait is over, so the launches of
+// a MoE layer overlap the kernels before them. moe_route and moe_up wait first thing (they read the previous
+// kernel's output, and the up product's weights depend on the ids). moe_down reads the ids and issues its first
+// weight loads before waiting for h: the ids were written by moe_route, two kernels back, and moe_down cannot start
+// before every block of the up product has passed its own wait, i.e. before moe_route has completed.
 #include "common.cuh"
 
 #ifndef MOE_ROWS
@@ -47,6 +54,8 @@ moe_route(int* __restrict__ ids,             // int32 [T, k]
           int T, int E, int k,
           int use_sigmoid,                   // 0: softmax over the E logits; 1: an independent sigmoid each
           int renorm, float scale) {         // weights / their sum when renorm; then times scale
+    pdl_wait();  // every thread, before any returns (a dependent's wait on this grid stays a wait on the ones before)
+    pdl_launch();
     const int lane = threadIdx.x & 31;
     const int t = blockIdx.x * ROUTE_WARPS + (threadIdx.x >> 5);
     if (t >= T) return;  // a whole warp: no barrier below spans warps
@@ -127,6 +136,8 @@ __device__ __forceinline__ void moe_up_body(
     constexpr int NR = GATED ? 2 * MOE_ROWS : MOE_ROWS;  // up rows first, then gate rows
     __shared__ float part[MOE_THREADS / 32][NR];
     __shared__ float tot[NR];
+    pdl_wait();  // the ids, x: the previous kernels' (and which weights to read depends on the ids)
+    pdl_launch();  // moe_down may launch; it reads the ids before its own wait (file comment)
     const int slot = blockIdx.y, t = slot / k, r0 = blockIdx.x * MOE_ROWS;
     const int e = clamp_expert(ids[slot], E);
     const wt* rows[NR];
@@ -205,6 +216,7 @@ moe_down(float* __restrict__ y,            // float32 [T, D]
 #pragma unroll
     for (int r = 0; r < MOE_ROWS; ++r) acc[r] = 0.f;
     const bool vec = I % VEC == 0 && aligned16(wd) && aligned16(h);
+    bool waited = false;
     if (vec) {
         // chunk v of the virtual row covers expert j = v / nvec, columns (v - j nvec) * VEC.., and h at v * VEC
         const int nvec = I / VEC, nv = nvec * k;
@@ -220,6 +232,11 @@ moe_down(float* __restrict__ y,            // float32 [T, D]
                     for (int r = 0; r < MOE_ROWS; ++r) wv[u][r] = __ldg(reinterpret_cast<const uint4*>(base + roff[r]));
                 }
             }
+            if (!waited) {  // the first weight loads are in flight before waiting for h (file comment)
+                pdl_wait();
+                pdl_launch();
+                waited = true;
+            }
 #pragma unroll
             for (int u = 0; u < MOE_UNROLL_DOWN; ++u) {
                 const int v = c0 + u * MOE_THREADS;
@@ -229,6 +246,9 @@ moe_down(float* __restrict__ y,            // float32 [T, D]
             }
         }
     } else {
+        pdl_wait();
+        pdl_launch();
+        waited = true;
         const int n = k * I;
         for (int q = threadIdx.x; q < n; q += MOE_THREADS) {
             const int j = q / I, i = q - j * I;
@@ -237,6 +257,10 @@ moe_down(float* __restrict__ y,            // float32 [T, D]
 #pragma unroll
             for (int r = 0; r < MOE_ROWS; ++r) acc[r] += to_f(base[roff[r]]) * xv;
         }
+    }
+    if (!waited) {  // threads with no chunk: every thread waits (completion stays transitive)
+        pdl_wait();
+        pdl_launch();
     }
     block_rows_sum<MOE_ROWS, MOE_THREADS>(acc, part, tot);
     if (threadIdx.x < MOE_ROWS) {
