@@ -61,7 +61,7 @@ def test_cublas_linear(dtype, T, K, N, bias, view, seed):
     _cublas_or_skip()
     r = rng(seed)
     with backend(dtype) as be:
-        be.gemm = "cublas"
+        be.gemm, be.skinny = "cublas", False  # (skinny.cu would take T <= 64: test_cuda_skinny.py)
         w, wr = upload_weight(be, r.normal(size=(N, K)) / np.sqrt(K))
         b, br = upload_weight(be, r.normal(size=N)) if bias else (None, None)
         x = r.normal(size=(T + view, K)).astype(np.float32)
@@ -86,7 +86,7 @@ def test_cublas_linears_and_gated(dtype, T, K, Ns, bias, gated, kind, seed):
     if gated:
         Ns = [Ns[0], Ns[0]]
     with backend(dtype) as be:
-        be.gemm = "cublas"
+        be.gemm, be.skinny = "cublas", False  # (skinny.cu would take T <= 64: test_cuda_skinny.py)
         ws = [upload_weight(be, r.normal(size=(N, K)) / np.sqrt(K)) for N in Ns]
         bs = [upload_weight(be, r.normal(size=N)) if bias else (None, None) for N in Ns]
         x = r.normal(size=(T, K)).astype(np.float32)

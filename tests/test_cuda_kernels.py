@@ -46,8 +46,8 @@ class S:
 def backend(dtype):
     """A poisoning CudaBackend per dtype (core.testing.cuda_backend), its weights and caches released after each
     example: our own GEMM and SIMT prefill attention (the fallbacks); cuBLAS and the tensor-core attention are
-    tested in test_cuda_cublas.py."""
-    with testing.cuda_backend(dtype, gemm="own", attn="simt") as be:
+    tested in test_cuda_cublas.py, skinny.cu's batched-decode products in test_cuda_skinny.py."""
+    with testing.cuda_backend(dtype, gemm="own", attn="simt", skinny=False) as be:
         try:
             yield be
         finally:

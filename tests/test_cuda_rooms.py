@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, strategies as st
 
 from core.errors import DeviceError
 
@@ -235,7 +236,7 @@ def test_the_switches_are_read_from_the_environment_in_options_alone():
     from_env = next(n for n in ast.walk(parse(CUDA / "options.py"))
                     if isinstance(n, ast.FunctionDef) and n.name == "from_env")
     names = [n.value for n in ast.walk(from_env) if isinstance(n, ast.Constant) and str(n.value).startswith("ARCHKIT_")]
-    switches = ("POISON", "SYNC", "GRAPHS", "FUSED", "PDL", "FOLD", "FOLD_LN", "GEMM", "ATTN", "QTC")
+    switches = ("POISON", "SYNC", "GRAPHS", "FUSED", "PDL", "FOLD", "FOLD_LN", "GEMM", "ATTN", "QTC", "SKINNY")
     assert sorted(names) == sorted(f"ARCHKIT_CUDA_{k}" for k in switches)
     assert env_reads(ast.parse("os.environ.get('A'); os.environ['B']; os.getenv('C')")) == ["A", "B", "C"]
 
@@ -245,12 +246,12 @@ def test_options_from_the_environment():
 
     assert Options.from_env({}) == Options()
     assert Options() == Options(poison=False, sync_each=False, graphs=True, fused=True, pdl=True, fold=True,
-                                fold_ln=False, gemm="auto", attn="tc", qtc=False)
+                                fold_ln=False, gemm="auto", attn="tc", qtc=False, skinny=False)
     env = {"ARCHKIT_CUDA_POISON": "1", "ARCHKIT_CUDA_SYNC": "1", "ARCHKIT_CUDA_GRAPHS": "0", "ARCHKIT_CUDA_FUSED": "0",
            "ARCHKIT_CUDA_PDL": "0", "ARCHKIT_CUDA_FOLD": "0", "ARCHKIT_CUDA_FOLD_LN": "1", "ARCHKIT_CUDA_GEMM": "own",
-           "ARCHKIT_CUDA_ATTN": "simt", "ARCHKIT_CUDA_QTC": "1"}
-    assert Options.from_env(env) == Options(True, True, False, False, False, False, True, "own", "simt", True)
-    # as before: POISON / SYNC / FOLD_LN / QTC are on only at "1", the others off only at "0"
+           "ARCHKIT_CUDA_ATTN": "simt", "ARCHKIT_CUDA_QTC": "1", "ARCHKIT_CUDA_SKINNY": "1"}
+    assert Options.from_env(env) == Options(True, True, False, False, False, False, True, "own", "simt", True, True)
+    # as before: POISON / SYNC / FOLD_LN / QTC / SKINNY are on only at "1", the others off only at "0"
     assert Options.from_env({k: "yes" for k in env if k[13:] not in ("GEMM", "ATTN")}) == Options()
     with pytest.raises(DeviceError, match=r"ARCHKIT_CUDA_GEMM='tf32': choose 'auto', 'own' or 'cublas'"):
         Options.from_env({"ARCHKIT_CUDA_GEMM": "tf32"})
@@ -272,6 +273,8 @@ def test_geometry_matches_the_kernels_macros():
     gemv, attn, tc = cu_defines("gemv.cu"), cu_defines("attention.cu"), cu_defines("attention_tc.cu")
     assert (g.GEMV_MAX_T, g.GEMV_ROWS, g.GEMV_THREADS) == (gemv["GEMV_MAX_T"], gemv["GEMV_ROWS"], gemv["GEMV_THREADS"])
     assert g.NORM_VPT == cu_defines("norm.cu")["NORM_VPT"]
+    sk = cu_defines("skinny.cu")
+    assert g.SK_SUB == sk["SK_SUB"] and 8 * 8 == g.SKINNY_MAX_M  # SK_NT <= 8 tiles of 8 rows (its static_assert)
     assert (g.PREFILL_NQ, g.PREFILL_BK) == (attn["NWARP"] * attn["QPW"], attn["BK"])
     assert (g.TC_FQ, g.TC_FK, g.TC_NW) == (tc["FQ"], tc["FK"], tc["NW"])
     acts = cu_defines("common.cuh")
@@ -299,3 +302,20 @@ def test_every_gemv_build_the_geometry_asks_for_is_compiled_by_ci():
         defines = dict(geo, WDTYPE=code, GEMV_MAX_T=1 if M == 1 else g.GEMV_MAX_T)
         assert tuple(sorted(defines.items())) in built, (dtype, K, M, qkv, gated, defines)
     assert {("NORM_VPT", g.NORM_VPT), ("WDTYPE", 1)} == set(variants("norm.cu")[1].items())
+
+
+@given(M=st.integers(5, 64), K=st.integers(1, 20000).map(lambda k: 8 * k), Ns=st.lists(st.integers(1, 200000), min_size=1,
+       max_size=3), sms=st.sampled_from([1, 46, 108, 132, 144]))
+def test_skinny_geometry_is_a_build_ci_compiles_and_covers_k(M, K, Ns, sms):
+    """Every skinny.cu launch the backend makes: a compiled variant (modules.variants), slices of whole chunks
+    covering K exactly, two chunks of x in the shared memory it asks for."""
+    from core.cuda import geometry as g, modules
+
+    nt, warps, kslice, slices, smem = g.skinny_geometry(M, K, Ns, sms)
+    assert {"WDTYPE": 1, "SK_NT": nt, "SK_WARPS": warps, "SK_SUB": g.SK_SUB} in modules.variants("skinny.cu")
+    assert 8 * nt >= M and (nt == 1 or 8 * nt // 2 < M)
+    assert kslice % (32 * g.SK_SUB) == 0
+    assert (slices - 1) * kslice < K <= slices * kslice
+    assert smem == 2 * 8 * nt * (32 * g.SK_SUB + 4) * 4 <= 99 * 1024  # (skinny.cu SK_XS; opted into past 48 KB)
+    tiles = sum(-(-n // (16 * warps)) for n in Ns)
+    assert slices == 1 or tiles <= g.SK_COUNTERS

@@ -41,7 +41,7 @@ class AttentionMixin:
         A core.paged.Batch as `start` (with a paged cache): each row over its own sequence's blocks (paged.py).
         """
         if isinstance(start, Batch):
-            return self.paged_attention(q, cache, layer, start, scale, window, softcap, self._sm_count())
+            return self.paged_attention(q, cache, layer, start, scale, window, softcap, self.sm_count())
         win, cap = int(window or 0), float(softcap or 0.0)
         T, H, Dh = q.shape
         kc, vc = cache.k[layer], cache.v[layer]
@@ -65,7 +65,7 @@ class AttentionMixin:
             threads, _, minchunk = decode_step_geometry(Dh, g, self.dtype)
             n = S if self.capture is not None else start + 1
             n = min(n, win) if win else n
-            nsplit = max(1, min(64, self._sm_count() // Hkv, -(-n // minchunk)))  # slices of >= DS_MINCHUNK keys
+            nsplit = max(1, min(64, self.sm_count() // Hkv, -(-n // minchunk)))  # slices of >= DS_MINCHUNK keys
             part = self.alloc((Hkv, nsplit, g, 2 + Dh))
             fn = self.kernel("attention.cu", "attn_decode_step", "PPPPPPPPPPPffiPiifif", HEAD_DIM=Dh, GROUP=g,
                              DS_THREADS=threads)
@@ -102,7 +102,8 @@ class AttentionMixin:
                         self.start_dev(), T, H, Hkv, S, float(scale), win, cap, shared=smem)
         return out
 
-    def _sm_count(self) -> int:
+    def sm_count(self) -> int:
+        """The device's multiprocessor count (asked once)."""
         if not hasattr(self, "_sms"):
             self._sms = self.device.get_attribute(self.drv.device_attribute.MULTIPROCESSOR_COUNT)
         return self._sms

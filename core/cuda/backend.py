@@ -82,7 +82,7 @@ class CudaBackend(MemoryMixin, LaunchMixin, DeferredMixin, KVCacheMixin, Loading
       activation pool), weight_bytes (bytes of weights loaded), capture (a graph.Capture while graph.py
       captures a decode step, else None), primary_context, session_lock and session_owner (session.py).
     Switches (options.py says what each does; benchmarks and tests flip them on a live backend):
-      poison, sync_each, graphs, fused, pdl (only on sm_90+), fold, fold_ln, gemm, attn, qtc.
+      poison, sync_each, graphs, fused, pdl (only on sm_90+), fold, fold_ln, gemm, attn, qtc, skinny.
     Each room's own state, named with a leading underscore, gets its first value here and is documented in its
     room's class docstring."""
 
@@ -116,7 +116,7 @@ class CudaBackend(MemoryMixin, LaunchMixin, DeferredMixin, KVCacheMixin, Loading
         self.capture = None          # set by core.cuda.graph while a decode step is being captured
         self.graphs, self.fused, self.fold, self.fold_ln = opts.graphs, opts.fused, opts.fold, opts.fold_ln
         self.pdl = opts.pdl and cc >= (9, 0)
-        self.gemm, self.attn, self.qtc = opts.gemm, opts.attn, opts.qtc
+        self.gemm, self.attn, self.qtc, self.skinny = opts.gemm, opts.attn, opts.qtc, opts.skinny
         # each room's own state (documented in its class):
         self._wcode, self._fns, self._last_op = DTYPE_CODES[dtype], {}, None           # launch.py
         self._pending = self._pending_rope = self._pending_kv = None                     # deferred.py
@@ -124,6 +124,7 @@ class CudaBackend(MemoryMixin, LaunchMixin, DeferredMixin, KVCacheMixin, Loading
         self._owned, self._config = [], None                                             # loading.py
         self._graph_cache = None                                                         # decode.py
         self._cublas, self._cublas_handle, self._cublas_ws = None, None, None            # linear.py
+        self._sk_count = None                                                            # linear.py
         self._freqs, self._table_freqs = {}, weakref.WeakKeyDictionary()                  # norm_rope.py
         self._rope_live = None                                                           # norm_rope.py
         self._paged_step = None                                                          # paged.py

@@ -109,6 +109,30 @@ def gemv_geometry(K: int, M: int, dtype: str, qkv: bool = False, gated: bool = F
     return GEMV_ROWS, geo
 
 
+SKINNY_MAX_M = 64      # skinny.cu: the most rows of x a launch takes (8 SK_NT with SK_NT <= 8); more go to cuBLAS
+SK_SUB = 4             # skinny.cu SK_SUB: 32-column sub-steps a chunk (SK_KC = 32 SK_SUB columns)
+SK_COUNTERS = 1 << 16  # tile counters the backend keeps for skinny.cu (a split launch has at most this many tiles)
+
+
+def skinny_geometry(M: int, K: int, Ns, sms: int) -> tuple[int, int, int, int, int]:
+    """(SK_NT, SK_WARPS, kslice, slices, dynamic shared memory in bytes) of skinny_linear for M rows of x over K
+    columns and the products' output sizes Ns, on `sms` multiprocessors. x rows go in tiles of 8 (SK_NT); blocks of
+    4 warps (64 weight rows) for up to 16 rows of x, 8 warps (128) above, so a block reads at most as many bytes of x
+    as of weights; K is cut into slices (whole chunks, at least 256 columns) only until the grid has ~3 blocks a
+    multiprocessor. Shared memory: two chunks of x in float32 (SK_XS floats a row)."""
+    nt = 1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8
+    warps = 4 if nt <= 2 else 8
+    kc = 32 * SK_SUB
+    tiles = sum(-(-n // (16 * warps)) for n in Ns)
+    want = max(1, -(-3 * sms // max(tiles, 1)))
+    kchunks = -(-K // kc) * kc
+    kslice = min(max(-(-(-(-K // want)) // kc) * kc, 256), kchunks)
+    slices = -(-K // kslice)
+    if slices > 1 and tiles > SK_COUNTERS:
+        slices, kslice = 1, kchunks
+    return nt, warps, kslice, slices, 2 * 8 * nt * (kc + 4) * 4
+
+
 def paged_decode_geometry(Dh: int, g: int) -> tuple[int, int, int, int]:
     """(query heads per block GROUP, blocks per kv head, threads, dynamic shared memory in bytes) of
     paged_attn_decode for head size Dh and GQA group g, mirroring its PD_* macros. A group of up to 16 heads is

@@ -251,7 +251,7 @@ class GraphCache:
 
 def switches(be) -> tuple:
     """The backend switches a captured step depends on (flipping one captures anew): part of every graph's key."""
-    return tuple(getattr(be, k, None) for k in ("fused", "pdl", "fold", "fold_ln", "gemm", "attn", "qtc"))
+    return tuple(getattr(be, k, None) for k in ("fused", "pdl", "fold", "fold_ln", "gemm", "attn", "qtc", "skinny"))
 
 
 def destroy_all(be, graphs: dict) -> None:

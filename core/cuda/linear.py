@@ -1,6 +1,7 @@
 """Matrix products: x @ w.T (+ b) as a GEMV for a few tokens (gemv.cu, with epilogues: an activation, a gated
-pair, a residual add, a folded norm), else as a GEMM: cuBLAS through ctypes (cublas.py) when found, or our own
-WMMA GEMM (gemm.cu; gemm_f32.cu for float32 weights).
+pair, a residual add, a folded norm); for the rows of a batched decode step (GEMV_MAX_T < M <= SKINNY_MAX_M,
+half-precision weights) on skinny.cu's tensor-core kernel, up to three products of x a launch; else as a GEMM:
+cuBLAS through ctypes (cublas.py) when found, or our own WMMA GEMM (gemm.cu; gemm_f32.cu for float32 weights).
 
 At one decode token (fused kernels, fold on) linear() returns a Lazy "linear": add_norm (norm_rope.py) runs it
 with the residual add in its epilogue; any other use computes it then. A norm left pending by deferred.py is
@@ -14,7 +15,8 @@ from __future__ import annotations
 from ..errors import DeviceError
 from . import cublas
 from .elementwise import GEMV_ACT_MAX
-from .geometry import CUBLAS_WORKSPACE, GEMV_MAX_T, GEMV_THREADS, gemv_geometry, grid1
+from .geometry import (CUBLAS_WORKSPACE, GEMV_MAX_T, GEMV_THREADS, SK_COUNTERS, SK_SUB, SKINNY_MAX_M, gemv_geometry,
+                       grid1, skinny_geometry)
 from .tensors import DTensor, Lazy, QTensor
 
 
@@ -22,8 +24,9 @@ class LinearMixin:
     """CudaBackend's matrix products (see the module docstring).
 
     State (the facade gives it its first value): _cublas, the loaded library; _cublas_handle, made on first
-    use, destroyed by close_cublas(); _cublas_ws, its fixed workspace (freed with it). Uses the backend's dtype,
-    fused, fold, gemm, capture and stream;
+    use, destroyed by close_cublas(); _cublas_ws, its fixed workspace (freed with it); _sk_count, skinny.cu's tile
+    counters (made on first use, kept with the backend). Uses the backend's dtype, fused, fold, gemm, skinny,
+    capture and stream; sm_count() (attention.py);
     alloc() (memory.py), kernel() / launch() / after_op() (launch.py), folded_norm() (deferred.py),
     act() / gated_act() / act_code() (elementwise.py)."""
 
@@ -40,6 +43,8 @@ class LinearMixin:
         M = x.size // K if K else 0
         if M == 0:  # a batched step whose rows all continue a prompt returns no logits rows (paged.py rows)
             return self.alloc(x.shape[:-1] + (N,))
+        if self._use_skinny(x, [(w, b)]):
+            return self._skinny_linears(x, [(w, b)])[0]
         if M <= GEMV_MAX_T and self.fused:
             if self.fold and M == 1 and w.shape[0]:  # add_norm may fold the residual add into it
                 return Lazy(x.shape[:-1] + (N,), "linear", (x, w, b), lambda: self.linears(x, [(w, b)])[0])
@@ -64,6 +69,11 @@ class LinearMixin:
             return self.qlinears(x, pairs)
         K = x.shape[-1]
         M = x.size // K if K else 0
+        if self._use_skinny(x, pairs):
+            outs = []
+            for i in range(0, len(pairs), 3):
+                outs += self._skinny_linears(x, pairs[i:i + 3])
+            return tuple(outs)
         if M > GEMV_MAX_T and self._use_cublas(M, K):
             return tuple(self._cublas_linears(x, pairs))
         if M > GEMV_MAX_T or not self.fused:
@@ -123,6 +133,48 @@ class LinearMixin:
             self.launch(f"gated_linear({kind})", fn, (-(-N // rows), 1, 1), (GEMV_THREADS, 1, 1),
                         y, x, wg, bg, wu, bu, M, N, K, self.act_code(kind), g, lb, float(eps), float(off))
         return y
+
+    def _use_skinny(self, x: DTensor, pairs) -> bool:
+        """Whether these products of x go to skinny.cu: the switch on, GEMV_MAX_T < M <= SKINNY_MAX_M rows, half-
+        precision weights of x's width (a multiple of 8 columns: 16-byte rows), both 16-byte aligned; inside a graph capture only once its
+        counters exist (made by the shape's eager first step)."""
+        K = x.shape[-1]
+        M = x.size // K if K else 0
+        if not (self.skinny and self.dtype != "float32" and GEMV_MAX_T < M <= SKINNY_MAX_M and K % 8 == 0):
+            return False
+        if x.dtype != "float32" or (self.capture is not None and self._sk_count is None) or x.ptr % 16:
+            return False
+        return all(not isinstance(w, QTensor) and w.dtype == self.dtype and w.ndim == 2 and w.shape[1] == K
+                   and w.ptr % 16 == 0 for w, _ in pairs)
+
+    def _skinny_linears(self, x: DTensor, pairs) -> list:
+        """x @ w.T (+ b) for up to three (w, b) in one skinny_linear launch (skinny.cu; geometry.skinny_geometry):
+        x rounded to the weight type as it is staged, fp32 accumulation, the bias added in the epilogue."""
+        K = x.shape[-1]
+        M = x.size // K
+        Ns = [w.shape[0] for w, _ in pairs]
+        nt, warps, kslice, slices, smem = skinny_geometry(M, K, Ns, self.sm_count())
+        ys = [self.alloc(x.shape[:-1] + (n,)) for n in Ns]
+        tiles = sum(-(-n // (16 * warps)) for n in Ns)
+        if not tiles:
+            return ys
+        if self._sk_count is None:  # (on the first use, whether split or not: a capture takes skinny.cu only after)
+            c = self.mem_alloc(4 * SK_COUNTERS, "skinny.cu's tile counters")
+            self.drv.memset_d32(c, 0, SK_COUNTERS)
+            self._sk_count = DTensor(c, int(c), (SK_COUNTERS,), "int32")
+        part = self.alloc((slices, tiles, 8 * nt, 16 * warps)) if slices > 1 else None
+        segs = []
+        for (w, b), y, n in zip(pairs, ys, Ns):
+            segs += [y, w, b, n]
+        segs += [None, None, None, 0] * (3 - len(pairs))
+        fn = self.kernel("skinny.cu", "skinny_linear", "Piii" + "PP" + "PPPi" * 3, SK_NT=nt, SK_WARPS=warps,
+                         SK_SUB=SK_SUB)
+        if smem > 48 * 1024 and getattr(fn, "_smem", 0) < smem:  # (8 tiles of x rows: 67 KB, opted into)
+            fn.set_attribute(self.drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+            fn._smem = smem
+        self.launch("linear(skinny)", fn, (tiles, slices, 1), (32 * warps, 1, 1), x, M, K, kslice, part,
+                    self._sk_count, *segs, shared=smem)
+        return ys
 
     def cublas_lib(self):
         """The loaded cuBLAS (core/cuda/cublas.py), or None under "auto" when there is none; a DeviceError

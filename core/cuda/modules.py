@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .geometry import QGEO, QTC_WARPS, qgemv_defines
+from .geometry import QGEO, QTC_WARPS, SK_SUB, qgemv_defines
 
 HERE = Path(__file__).resolve().parent
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}  # WDTYPE in common.cuh
@@ -31,6 +31,9 @@ def variants(name: str) -> list[dict[str, int]]:
         return [{"WDTYPE": 1}, {"WDTYPE": 2}]
     if name == "gemm_f32.cu":
         return [{"WDTYPE": 0}]
+    if name == "skinny.cu":  # batched decode products: half types x the row tiles skinny_geometry picks
+        return [{"WDTYPE": c, "SK_NT": nt, "SK_WARPS": 4 if nt <= 2 else 8, "SK_SUB": SK_SUB}
+                for c in (1, 2) for nt in (1, 2, 4, 8)]
     dtypes = [{"WDTYPE": c} for c in DTYPE_CODES.values()]
     if name == "gemv.cu":  # one token (decode) and up to GEMV_MAX_T tokens per weight read; K <= 1024 decode
         return ([dict(d, GEMV_MAX_T=t) for d in dtypes for t in (1, 4)]

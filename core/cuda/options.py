@@ -10,6 +10,7 @@
     ARCHKIT_CUDA_GEMM=auto|own|cublas   prefill matrix products
     ARCHKIT_CUDA_ATTN=tc|simt           prefill attention
     ARCHKIT_CUDA_QTC=1      one-token int4 / int8 gate-and-up GEMVs on tensor cores (gemv_qtc.cu; see below)
+    ARCHKIT_CUDA_SKINNY=1   batched decode products (5-64 rows) on skinny.cu instead of cuBLAS (see below)
 
 CudaBackend copies the record into plain attributes of the same names (be.fused, be.gemm, ...), which
 benchmarks and tests may flip on a live backend; graph.py captures a step anew when one changes. Where
@@ -55,6 +56,11 @@ class Options:
     # and on an H100 it was faster than gemv_q.cu only for the gated product (Qwen3-8B gate_up 33.8 us against 42.8)
     # and slower for the others; the gated-only choice has not been timed end to end (BENCHMARKS.md).
     qtc: bool = False
+    # Products of GEMV_MAX_T < M <= SKINNY_MAX_M rows of half-precision weights (batched decode steps, issue 15) on
+    # skinny.cu's tensor-core kernel instead of cuBLAS (or our GEMM). Off by default: its first version was right
+    # (tests/test_cuda_skinny.py) but slower than cuBLAS on an H100, and the version in the tree has not been timed
+    # (BENCHMARKS.md).
+    skinny: bool = False
 
     def __attrs_post_init__(self):
         if self.gemm not in ("auto", "own", "cublas"):
@@ -75,4 +81,5 @@ class Options:
                    fold_ln=env.get("ARCHKIT_CUDA_FOLD_LN") == "1",
                    gemm=env.get("ARCHKIT_CUDA_GEMM", "auto"),
                    attn=env.get("ARCHKIT_CUDA_ATTN", "tc"),
-                   qtc=env.get("ARCHKIT_CUDA_QTC") == "1")
+                   qtc=env.get("ARCHKIT_CUDA_QTC") == "1",
+                   skinny=env.get("ARCHKIT_CUDA_SKINNY") == "1")
