@@ -307,7 +307,9 @@ ATTACKS = {
                         "{% endfor %}", "passes the bound of 16777216"),
     "doubling a block": ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set t %}{{ ns.s }}{{ ns.s }}"
                          "{% endset %}{% set ns.s = t %}{% endfor %}", "passed the bound"),
-    "huge output": ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output passed the bound of 16777216"),
+    # (chunks of 10^6 characters reach the output bound in 17 iterations, ~0.02 s; with 10^3-character chunks the
+    # 16,777 iterations took 0.5-0.7 s and raced the time bound the test sets on a loaded 2-core machine)
+    "huge output": ("{% for i in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}", "output passed the bound of 16777216"),
     "center filter": ("{{ 'x'|center(10 ** 10) }}", "filter 'center' was given 10000000000"),
     "center method": ("{{ 'x'.center(10 ** 10) }}", "calling 'center' was given 10000000000"),
     "format width": ("{{ '{:>10000000000}'.format(1) }}", "str.format formatting with a field width over the bound"),
