@@ -136,8 +136,8 @@ class LinearMixin:
 
     def _use_skinny(self, x: DTensor, pairs) -> bool:
         """Whether these products of x go to skinny.cu: the switch on, GEMV_MAX_T < M <= SKINNY_MAX_M rows, half-
-        precision weights of x's width (a multiple of 8 columns: 16-byte rows), both 16-byte aligned; inside a graph capture only once its
-        counters exist (made by the shape's eager first step)."""
+        precision weights of x's width (a multiple of 8 columns: 16-byte rows), x and weights 16-byte aligned; inside
+        a graph capture only once its counters exist (made by the shape's eager first step)."""
         K = x.shape[-1]
         M = x.size // K if K else 0
         if not (self.skinny and self.dtype != "float32" and GEMV_MAX_T < M <= SKINNY_MAX_M and K % 8 == 0):
@@ -149,7 +149,8 @@ class LinearMixin:
 
     def _skinny_linears(self, x: DTensor, pairs) -> list:
         """x @ w.T (+ b) for up to three (w, b) in one skinny_linear launch (skinny.cu; geometry.skinny_geometry):
-        x rounded to the weight type as it is staged, fp32 accumulation, the bias added in the epilogue."""
+        x rounded to the weight type as the tensor-core operands are built, fp32 accumulation, the bias added in the
+        epilogue."""
         K = x.shape[-1]
         M = x.size // K
         Ns = [w.shape[0] for w, _ in pairs]

@@ -99,7 +99,7 @@ extern "C" __global__ void __launch_bounds__(32 * SK_WARPS, SK_WARPS > 4 ? 2 : 1
 skinny_linear(const float* __restrict__ x,  // float32 [M, K]
               int M, int K,
               int kslice,                   // columns of K per block (gridDim.y slices), a multiple of SK_KC
-              float* __restrict__ part,     // float32 [gridDim.y, gridDim.x, 8 SK_NT, SK_ROWS] partial sums (slices > 1)
+              float* __restrict__ part,     // float32 [gridDim.y, gridDim.x, 8 SK_NT, SK_ROWS]: slices > 1
               int* __restrict__ count,      // int32 [gridDim.x], zero; left at zero
               // up to three products of x, whose row tiles follow each other along gridDim.x:
               float* y0, const wt* w0, const wt* b0, int N0,  // float32 [M, N0]; wt [N0, K]; wt [N0] or null
