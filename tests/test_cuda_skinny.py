@@ -33,7 +33,8 @@ def _skinny(dtype):
 @given(dtype=HALF, M=ROWS, K=KS, Ns=st.lists(NS, min_size=1, max_size=4), bias=st.booleans(), view=st.booleans(),
        seed=S.seed)
 def test_skinny_linears(dtype, M, K, Ns, bias, view, seed):
-    """linears: up to three products a launch (a fourth takes a second one), x rounded to the weight type as staged;
+    """linears: up to three products a launch (a fourth takes a second one), x rounded to the weight type (as B is
+    built);
     `view` feeds rows 1.. of a bigger buffer. Run twice: bit-equal (the split-K sum does not depend on timing, and
     the tile counters are left at zero for the next launch)."""
     r = rng(seed)

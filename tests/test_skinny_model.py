@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, strategies as st
 
-from core.cuda.geometry import SK_SUB, skinny_geometry
+from core.cuda.geometry import skinny_geometry
 
 
 def mma(acc, a_regs, b_regs):
@@ -66,8 +66,9 @@ def warp_tile(x, w, row0, k0, kl, nt):
     return acc
 
 
-def model(x, w, rows_per_block, kslice, slices, nt):
-    """y [M, N] as the kernel's grid computes it: every block's warps, the epilogue's scatter, slices added in order."""
+def model(x, w, kslice, slices, nt):
+    """y [M, N] as the kernel's grid computes it: every warp's 16 rows, the epilogue's scatter, slices added in
+    order."""
     M, K = x.shape
     N = w.shape[0]
     parts = np.zeros((slices, M, N))
@@ -96,10 +97,10 @@ def model(x, w, rows_per_block, kslice, slices, nt):
 def test_the_kernels_fragments_compute_x_times_w_transposed(M, K, N, seed):
     r = np.random.default_rng(seed)
     x, w = r.normal(size=(M, K)), r.normal(size=(N, K))
-    nt, warps, kslice, slices, _ = skinny_geometry(M, K, [N], 132)
+    nt, _, kslice, slices, _ = skinny_geometry(M, K, [N], 132)
     assert 8 * nt >= M
-    y = model(x, w, 16 * warps, kslice, slices, nt)
+    y = model(x, w, kslice, slices, nt)
     np.testing.assert_allclose(y, x @ w.T, rtol=1e-10, atol=1e-10)
     # and split finer than the geometry would (the slices' sums, in order)
-    y2 = model(x, w, 16 * warps, 64, -(-K // 64), nt)
+    y2 = model(x, w, 64, -(-K // 64), nt)
     np.testing.assert_allclose(y2, x @ w.T, rtol=1e-10, atol=1e-10)
