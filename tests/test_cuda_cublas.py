@@ -116,8 +116,7 @@ def test_attention_prefill_tc(dtype, T, Hkv, g, Dh, window, softcap, seed):
     """The tensor-core prefill from position 0: windows, soft-capping, GQA, T off the 64-query tiles."""
     assume(Hkv * g * T * T <= 20_000_000)
     with backend(dtype) as be, Recorder(be) as rec:
-        be.attn = "tc"
-        _attention_case(dtype, T, 0, Hkv, g, Dh, window, softcap, seed, spare=5)
+        _attention_case(dtype, T, 0, Hkv, g, Dh, window, softcap, seed, spare=5, attn="tc")
     assert "attention(prefill_tc)" in rec.ops, rec.ops
 
 
@@ -127,8 +126,7 @@ def test_attention_prefill_tc(dtype, T, Hkv, g, Dh, window, softcap, seed):
 def test_attention_chunk_tc(dtype, T, start, Hkv, g, Dh, window, seed):
     """The tensor-core prefill after a cached prefix (causal mask offset by start)."""
     with backend(dtype) as be, Recorder(be) as rec:
-        be.attn = "tc"
-        _attention_case(dtype, T, start, Hkv, g, Dh, window, None, seed, spare=3)
+        _attention_case(dtype, T, start, Hkv, g, Dh, window, None, seed, spare=3, attn="tc")
     assert "attention(prefill_tc)" in rec.ops, rec.ops
 
 

@@ -302,9 +302,10 @@ def _round(dtype, x):
     return NumpyBackend(dtype).convert(np.asarray(x, np.float32), "F32", "kv").astype(np.float64)
 
 
-def _attention_case(dtype, T, start, Hkv, g, Dh, window, softcap, seed, spare, fused=True):
+def _attention_case(dtype, T, start, Hkv, g, Dh, window, softcap, seed, spare, fused=True, attn="simt"):
     """Fill a poisoned cache with `start` old positions and T new ones; compare the cache and attention.
-    fused=False: the previous two-kernel decode path (attn_decode + attn_combine) instead of attn_decode_step."""
+    fused=False: the previous two-kernel decode path (attn_decode + attn_combine) instead of attn_decode_step;
+    attn: the prefill attention ("simt" or "tc"), set here because entering backend() resets the switches."""
     r = rng(seed)
     H, n = Hkv * g, start + T
     k, v = r.normal(size=(2, n, Hkv, Dh)).astype(np.float32)
@@ -317,7 +318,7 @@ def _attention_case(dtype, T, start, Hkv, g, Dh, window, softcap, seed, spare, f
             be.cache_write(cache, 0, be.from_host(k[:start]), be.from_host(v[:start]), 0)
         be.cache_write(cache, 0, be.from_host(k[start:]), be.from_host(v[start:]), start)
         kc, vc = be.to_host(cache.k[0]), be.to_host(cache.v[0])
-        be.fused = fused
+        be.fused, be.attn = fused, attn
         try:
             out = be.to_host(be.attention(be.from_host(q), cache, 0, start, scale, window=window, softcap=softcap))
         finally:
