@@ -47,6 +47,15 @@ static_assert(MOE_UNROLL_UP >= 1 && MOE_UNROLL_UP <= 4 && MOE_UNROLL_DOWN >= 1 &
 // An expert id as read from device memory, kept inside [0, E) so that a corrupt id cannot read out of bounds.
 __device__ __forceinline__ int clamp_expert(int e, int E) { return min(max(e, 0), E - 1); }
 
+// moe_route keeps a token's scores in registers when E <= 32 ROUTE_REG (every expert count of the in-tree
+// families) and the picks in the registers of lane j (j < 32), written out once at the end. The first version
+// re-read the logits from memory for each of the k picks and wrote each pick, then read all k back from global
+// memory one after another to renormalise them; it took ~8 us of a ~73 us qwen3-30b-a3b layer on the decode
+// step's critical path (H100 trace, BENCHMARKS.md), we expect mostly in those dependent round trips (this version
+// is not yet timed). More experts or more than 32 picks take the memory path for what does not fit. The
+// arithmetic is the same expressions in the same order either way.
+#define ROUTE_REG 8
+
 extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
 moe_route(int* __restrict__ ids,             // int32 [T, k]
           float* __restrict__ wts,           // float32 [T, k]
@@ -60,30 +69,60 @@ moe_route(int* __restrict__ ids,             // int32 [T, k]
     const int t = blockIdx.x * ROUTE_WARPS + (threadIdx.x >> 5);
     if (t >= T) return;  // a whole warp: no barrier below spans warps
     const float* l = logits + (size_t)t * E;
+    const bool reg = E <= 32 * ROUTE_REG;
+    float v[ROUTE_REG];  // register path: the logit of expert lane + 32 i (-inf past E)
+#pragma unroll
+    for (int i = 0; i < ROUTE_REG; ++i) v[i] = reg && lane + 32 * i < E ? l[lane + 32 * i] : -INFINITY;
     float m = 0.f, s = 1.f;
     if (!use_sigmoid) {
         m = -INFINITY;
-        for (int e = lane; e < E; e += 32) m = fmaxf(m, l[e]);
+        if (reg) {
+#pragma unroll
+            for (int i = 0; i < ROUTE_REG; ++i) m = fmaxf(m, v[i]);
+        } else {
+            for (int e = lane; e < E; e += 32) m = fmaxf(m, l[e]);
+        }
         m = warp_max(m);
         float acc = 0.f;
-        for (int e = lane; e < E; e += 32) acc += expf(l[e] - m);
+        if (reg) {
+#pragma unroll
+            for (int i = 0; i < ROUTE_REG; ++i)
+                if (lane + 32 * i < E) acc += expf(v[i] - m);
+        } else {
+            for (int e = lane; e < E; e += 32) acc += expf(l[e] - m);
+        }
         s = warp_sum(acc);
     }
+    // An expert's score, from this one expression, so it is the same bits in every pass and on either path.
+    auto score = [&](float x) { return use_sigmoid ? 1.f / (1.f + expf(-x)) : expf(x - m) / s; };
+    float sc[ROUTE_REG];
+#pragma unroll
+    for (int i = 0; i < ROUTE_REG; ++i) sc[i] = score(v[i]);  // (unused past E)
     int* out_id = ids + (size_t)t * k;
     float* out_w = wts + (size_t)t * k;
     // Pick j is the best (score descending, id ascending) of the experts strictly after pick j - 1 in that
-    // order, so no list of taken experts is kept and k has no limit. Each score is computed at this one place
-    // in the code, so an expert's score is the same bits in every pass.
-    float prev_s = INFINITY, total = 0.f;
-    int prev_id = -1;
+    // order, so no list of taken experts is kept and k has no limit.
+    float prev_s = INFINITY, total = 0.f, my_w = 0.f;
+    int prev_id = -1, my_id = 0;
     for (int j = 0; j < k; ++j) {
         float best_s = -INFINITY;
         int best_id = INT_MAX;
-        for (int e = lane; e < E; e += 32) {
-            const float v = l[e];
-            const float sc = use_sigmoid ? 1.f / (1.f + expf(-v)) : expf(v - m) / s;
-            const bool after = sc < prev_s || (sc == prev_s && e > prev_id);
-            if (after && (sc > best_s || (sc == best_s && e < best_id))) { best_s = sc; best_id = e; }
+        if (reg) {
+#pragma unroll
+            for (int i = 0; i < ROUTE_REG; ++i) {
+                const int e = lane + 32 * i;
+                const bool after = sc[i] < prev_s || (sc[i] == prev_s && e > prev_id);
+                if (e < E && after && (sc[i] > best_s || (sc[i] == best_s && e < best_id))) {
+                    best_s = sc[i];
+                    best_id = e;
+                }
+            }
+        } else {
+            for (int e = lane; e < E; e += 32) {
+                const float x = score(l[e]);
+                const bool after = x < prev_s || (x == prev_s && e > prev_id);
+                if (after && (x > best_s || (x == best_s && e < best_id))) { best_s = x; best_id = e; }
+            }
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
@@ -95,13 +134,21 @@ moe_route(int* __restrict__ ids,             // int32 [T, k]
             best_id = 0;
             best_s = NAN;
         }
-        if (lane == 0) { out_id[j] = best_id; out_w[j] = best_s; }
+        if (j < 32) {
+            if (lane == j) { my_id = best_id; my_w = best_s; }
+        } else if (lane == 0) {
+            out_id[j] = best_id; out_w[j] = best_s;
+        }
         total += best_s;
         prev_s = best_s;
         prev_id = best_id;
     }
-    if (lane == 0) {  // (reads back its own writes)
-        for (int j = 0; j < k; ++j) {
+    if (lane < k) {  // picks 0..31, from registers
+        out_id[lane] = my_id;
+        out_w[lane] = (renorm ? my_w / total : my_w) * scale;
+    }
+    if (lane == 0) {  // picks past 32 (reads back its own writes)
+        for (int j = 32; j < k; ++j) {
             float w = out_w[j];
             if (renorm) w = w / total;
             out_w[j] = w * scale;
