@@ -190,11 +190,16 @@ def decode_ab(name: str, reps: int = 2, attr: str = "fused") -> dict:
                 setattr(be, attr, fused)
                 be.clear_graphs()
                 model.generate(prompt, max_new_tokens=8, stop_at_eos=False)  # compile, capture
+                # timed from the first new token on, as time_decode. Until 2026-12-07 this timed the prompt's
+                # forward pass too: small for dense shapes, but an 8-token prompt of a mixture-of-experts model
+                # takes the per-expert prefill path (a host round trip a layer), so --ab understated MoE decode.
+                it = model.stream(prompt, max_new_tokens=DECODE_TOKENS + 1, stop_at_eos=False)
+                out = [next(it)]
                 t = time.perf_counter()
-                out = model.generate(prompt, max_new_tokens=DECODE_TOKENS, stop_at_eos=False)
+                out += list(it)
                 rate = DECODE_TOKENS / (time.perf_counter() - t)
                 res.setdefault("new" if fused else "old", []).append(rate)
-                tokens[fused] = out
+                tokens[fused] = out[1:]  # the DECODE_TOKENS timed ones
     finally:
         be.release(model.weights)
     for k in ("old", "new"):
