@@ -5,11 +5,13 @@
 - On inputs with correlated features, the layer's output error ||(W - W_q) X^T|| is smaller than round-to-nearest's:
   what GPTQ minimises.
 - The shrink-factor search (gptq.CLIP) never leaves a row with a larger output error than plain GPTQ, and cutting
-  its stacked run into slabs of rows changes nothing.
-- End to end: the demo models, w4a16 with groups of 128 (symmetric, the default), calibrated on stdlib source they
-  trained on (never the held-out modules), against the fp32 model's perplexity on the whole held-out modules
-  (tests/test_quant_quality.py): qwen3 +4.3% (the issue's bar, 5%, met; round-to-nearest +11.6%), llama +6.7% (bar
-  not met; round-to-nearest +13.2%), pinned here so a regression fails. The written checkpoint is the same
+  its stacked run into slabs of rows changes nothing. Act-order (gptq.ORDERS) with a diagonal Hessian is exactly
+  round-to-nearest in the stored column order, and trying it never leaves a row worse than the stored order alone.
+- End to end: the demo models, w4a16 with groups of 128, calibrated on stdlib source they trained on (never the
+  held-out modules), against the fp32 model's perplexity on the whole held-out modules (tests/test_quant_quality.py),
+  each row keeping the best of 7 shrink factors x 2 column orders: symmetric (the default) qwen3 +4.2% (the issue's
+  bar, 5%, met; round-to-nearest +11.6%), llama +5.6% (not met; round-to-nearest +13.2%); asymmetric (`--asym`)
+  qwen3 +4.8%, llama +4.8% (met); pinned here so a regression fails. The written checkpoint is the same
   compressed-tensors format as round-to-nearest's; the CLI takes the text from a file.
 - fp8 (gptq_fp8: the E4M3 grid, one scale per row): the same identity and output-error checks against
   quantize.rtn_fp8, and the demo qwen3 within the issue's 1% (+0.90%; round-to-nearest +1.04%; llama +0.22% against
@@ -85,6 +87,48 @@ def test_output_error_is_below_round_to_nearest(seed, bits, group, symmetric):
 
 
 @settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 24), groups=st.integers(1, 4), g=st.sampled_from([8, 16, 32]), bits=st.sampled_from([4, 8]),
+       symmetric=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_act_order_with_a_diagonal_hessian_is_round_to_nearest(n, groups, g, bits, symmetric, seed):
+    """A diagonal Hessian spreads no error, in any column order, so act-order alone (columns by descending, distinct
+    Hessian diagonal: a real permutation) must give round-to-nearest's codes, scales and zero points in the stored
+    column order: this checks the permutation's bookkeeping and that the static groups are the stored ones."""
+    r = np.random.default_rng(seed)
+    k = groups * g
+    w = (r.standard_normal((n, k)) * r.uniform(0.01, 3)).astype(np.float32)
+    xtx = np.diag(r.permutation(k) + 1.0)
+    want = rtn_int(w, bits, g, symmetric, "F32")
+    got = gptq_int(w, xtx, bits, g, symmetric, "F32", clip=(1.0,), orders=(True,))
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None
+        else:
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_order_search_never_leaves_a_row_worse(seed):
+    """Trying act-order as well as the stored order (gptq.ORDERS) keeps, per row, the smaller output error
+    (w - deq) X^T X (w - deq)^T: never larger than the stored order alone, and smaller in total on inputs whose
+    features differ in scale and correlate (where act-order helps some rows)."""
+    r = np.random.default_rng(seed)
+    n, k, rows, g = 64, 128, 2000, 32
+    mix = r.standard_normal((k, k)) / np.sqrt(k) + np.eye(k) * 0.2
+    x = r.standard_normal((rows, k)) @ mix * r.uniform(0.05, 5, k)
+    xtx = x.T @ x
+    w = r.standard_normal((n, k)).astype(np.float32)
+
+    def row_err(q, s, z):
+        d = w - dequant(q, s, z, g, "F32")
+        return ((d @ xtx) * d).sum(1)
+
+    stored = row_err(*gptq_int(w, xtx, 4, g, False, "F32", orders=(False,)))
+    both = row_err(*gptq_int(w, xtx, 4, g, False, "F32"))
+    assert (both <= stored * (1 + 1e-9)).all()
+    assert both.sum() < stored.sum()
+
+
+@settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 24), k=st.sampled_from([8, 40, 128]), dtype=st.sampled_from(["F32", "F16", "BF16"]),
        seed=st.integers(0, 2**32 - 1))
 def test_identity_hessian_is_round_to_nearest_fp8(n, k, dtype, seed):
@@ -133,15 +177,19 @@ def test_dead_inputs_and_bad_arguments():
         quantize(demo_checkpoint("llama"), "/nonexistent/x", "w4a16", calibration="some text", calibration_tokens=1)
 
 
-@pytest.mark.parametrize("family, bound", [("qwen3", 1.05), ("llama", 1.08)])  # measured +4.3% / +6.7%: docstring
-def test_calibrated_demo_w4a16_perplexity(tmp_path, family, bound):
+# measured (docstring): symmetric qwen3 +4.2%, llama +5.6% (pinned at 7%: the bar is not met there); asymmetric
+# +4.8% both (the issue's bar, 5%, is the bound)
+@pytest.mark.parametrize("family, symmetric, bound", [("qwen3", True, 1.05), ("llama", True, 1.07),
+                                                      ("qwen3", False, 1.05), ("llama", False, 1.05)])
+def test_calibrated_demo_w4a16_perplexity(tmp_path, family, symmetric, bound):
     from test_quant_quality import perplexity
 
     base = perplexity(core.load(demo_checkpoint(family), device="cpu", quiet=True))
-    out = quantize(demo_checkpoint(family), tmp_path / "q", "w4a16", 128, calibration=calibration_text())
+    out = quantize(demo_checkpoint(family), tmp_path / "q", "w4a16", 128, symmetric=symmetric,
+                   calibration=calibration_text())
     assert out["calibrated"] == out["quantized"] == 42
     ratio = perplexity(core.load(tmp_path / "q", device="cpu", quiet=True)) / base
-    print(f"{family} w4a16 g128 GPTQ: perplexity x{ratio:.4f}")
+    print(f"{family} w4a16 g128 {'sym' if symmetric else 'asym'} GPTQ: perplexity x{ratio:.4f}")
     assert ratio < bound, f"perplexity {ratio:.4f}x the fp32 model's"
 
 
