@@ -57,9 +57,8 @@ class Options:
     # and slower for the others; the gated-only choice has not been timed end to end (BENCHMARKS.md).
     qtc: bool = False
     # Products of GEMV_MAX_T < M <= SKINNY_MAX_M rows of half-precision weights (batched decode steps, issue 15) on
-    # skinny.cu's tensor-core kernel instead of cuBLAS (or our GEMM). Off by default: its first version was right
-    # (tests/test_cuda_skinny.py) but slower than cuBLAS on an H100, and the version in the tree has not been timed
-    # (BENCHMARKS.md).
+    # skinny.cu's tensor-core kernel instead of cuBLAS (or our GEMM). Off by default: it is right
+    # (tests/test_cuda_skinny.py) but both versions timed so far were slower than cuBLAS on an H100 (BENCHMARKS.md).
     skinny: bool = False
 
     def __attrs_post_init__(self):
