@@ -13,20 +13,25 @@ import statistics
 import numpy as np
 
 
-def launch_us(be, fn, grid, block, args, shared: int = 0) -> float:
-    """Median GPU microseconds of one launch of fn (`shared` bytes of dynamic shared memory): CUDA events around 20
-    launches back to back, 3 times after a warm-up round."""
+def timed_us(be, call) -> float:
+    """Median GPU microseconds of call() (which launches on be.stream): CUDA events around 20 calls back to back,
+    3 times after a warm-up round."""
     times = []
     for rep in range(4):
         e0, e1 = be.drv.Event(), be.drv.Event()
         e0.record(be.stream)
         for _ in range(20):
-            be.launch("probe", fn, grid, block, *args, shared=shared)
+            call()
         e1.record(be.stream)
         e1.synchronize()
         if rep:
             times.append(e1.time_since(e0) * 1e3 / 20)
     return statistics.median(times)
+
+
+def launch_us(be, fn, grid, block, args, shared: int = 0) -> float:
+    """Median GPU microseconds of one launch of fn (`shared` bytes of dynamic shared memory), by timed_us."""
+    return timed_us(be, lambda: be.launch("probe", fn, grid, block, *args, shared=shared))
 
 
 def main() -> None:

@@ -16,25 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import numpy as np
 
-
-def timed_us(be, call) -> float:
-    """Median GPU microseconds of call() (which launches on be.stream): CUDA events around 20 calls back to back,
-    3 times after a warm-up round."""
-    times = []
-    for rep in range(4):
-        e0, e1 = be.drv.Event(), be.drv.Event()
-        e0.record(be.stream)
-        for _ in range(20):
-            call()
-        e1.record(be.stream)
-        e1.synchronize()
-        if rep:
-            times.append(e1.time_since(e0) * 1e3 / 20)
-    return statistics.median(times)
+from gemv_probe import timed_us  # (tools/ is on the path when this runs as a script)
 
 
 def layer_products(cfg) -> list[tuple[str, list[int], int]]:
