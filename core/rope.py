@@ -25,6 +25,49 @@ MAX_THETA = 1e15  # the largest real base is ~4e9 (Gradient's 4M-context Llama 3
 # a factor of 1e-320 is 0 in float32 and turns the rope table, then the logits, into NaN without a word.
 FACTOR_RANGE = (1e-6, 1e6)
 
+# Keys of a rope dict (rope_parameters / rope_scaling), per rope type. transformers validates them per type
+# (modeling_rope_utils' _validate_<type>_rope_parameters: required and optional keys) but only *warns* about others,
+# and families then read keys of their own (HunYuan's "alpha", Phi-MoE's "short_mscale" / "long_mscale", Ministral 3's
+# "llama_4_scaling_beta"): ignoring such a key gave silently wrong logits. So parse_rope sorts every key that is not
+# null into
+#   read: the type's keys archkit implements (transformers' required and optional keys, and the families' ones);
+#   inert: keys no transformers 5 code reads for this type to compute the rotary embedding, found in real configs:
+#       another type's parameters (transformers ignores them: a "factor" next to "default", HunYuan-A13B's yarn keys
+#       beside "dynamic" + "alpha", an original_max_position_embeddings that dynamic NTK does not use) and metadata
+#       (Ministral 3's max_position_embeddings copy, NousResearch YaRN's "finetuned", Qwen-VL's mrope_section /
+#       mrope_interleaved, which only split the frequencies among 3 position streams that are equal for text);
+#   refused, a ConfigError naming the key, the type and the rule: _FAMILY_KEYS for the types where a family gives
+#       them a meaning archkit does not implement, and any key not known at all.
+# Refusing unknown keys rather than warning: the two bugs above were keys that a newer family gave meaning to, and
+# a warning scrolls by while the output is wrong; a real config that carries harmless junk fails loudly, with the
+# key named, and the key is added to _INERT once checked.
+# (Not the rope table's business, so not checked here: DeepSeek's mscale_all_dim also scales MLA's softmax, for any
+# type but default, which an MLA family plugin must read itself.)
+_COMMON_KEYS = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+_READ = {
+    "default": frozenset(),
+    "linear": frozenset({"factor"}),
+    "dynamic": frozenset({"factor", "alpha"}),
+    "llama3": frozenset({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}),
+    "yarn": frozenset({"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+                       "mscale", "mscale_all_dim", "truncate"}),
+    "longrope": frozenset({"factor", "original_max_position_embeddings", "attention_factor", "short_factor",
+                           "long_factor", "short_mscale", "long_mscale"}),
+}
+# key: (the types it changes the math of, though archkit does not implement it there; who reads it, and how)
+_NOT_LONGROPE = ("linear", "dynamic", "llama3", "yarn")
+_FAMILY_KEYS = {
+    "short_mscale": (_NOT_LONGROPE, "Phi-MoE multiplies cos/sin by it up to original_max_position_embeddings for "
+                                    "every rope type but default; archkit implements it for longrope only"),
+    "long_mscale": (_NOT_LONGROPE, "Phi-MoE multiplies cos/sin by it past original_max_position_embeddings for "
+                                   "every rope type but default; archkit implements it for longrope only"),
+    "llama_4_scaling_beta": (ROPE_TYPES, "Ministral 3 / Mistral 4 multiply queries by 1 + beta * log(1 + "
+                                         "floor(position / original_max_position_embeddings)), which archkit does "
+                                         "not implement (0 or null: no effect)"),
+}
+_INERT = frozenset().union(*_READ.values()) | {
+    "max_position_embeddings", "finetuned", "mrope_section", "mrope_interleaved"}
+
 
 @attrs.frozen(eq=False)
 class RopeTable:
@@ -69,11 +112,14 @@ class RopeConfig:
     rotary_dim: int | None = None  # an explicit rotary dim (GPT-J's rotary_dim) wins over partial_rotary_factor
     interleaved: bool = False
     max_position_embeddings: int | None = None  # the model's; dynamic NTK grows past it
+    alpha: float | None = None  # dynamic: HunYuan's fixed NTK-alpha (a larger base, no growth); None = plain dynamic
+    short_mscale: float | None = None  # longrope (Phi-MoE): the cos/sin scale up to original_max_position_embeddings
+    long_mscale: float | None = None  # longrope: ... and beyond it; both or neither, they win over attention_factor
 
     @property
     def dynamic(self) -> bool:
-        """True when the table depends on the sequence length (dynamic NTK, longrope)."""
-        return self.type in ("dynamic", "longrope")
+        """True when the table depends on the sequence length (dynamic NTK without alpha, longrope)."""
+        return self.type == "longrope" or (self.type == "dynamic" and self.alpha is None)
 
     def rotary_dims(self, head_dim: int, source: str = "config.json") -> int:
         """How many dims of a head_dim head rotate: rotary_dim, else int(head_dim * partial_rotary_factor) as
@@ -100,7 +146,7 @@ class RopeConfig:
         (transformers' dynamic module keeps a grown table until a sequence shorter than max_position_embeddings
         comes; a function of seq_len equals it whenever positions only grow within a generation.)
         """
-        if self.type == "dynamic" and seq_len is not None and seq_len > self._max_positions():
+        if self.type == "dynamic" and self.alpha is None and seq_len is not None and seq_len > self._max_positions():
             return _grown_table(self, head_dim, int(seq_len))
         # transformers picks long_factor when max(position_ids) + 1 > original_max_position_embeddings
         long = self.type == "longrope" and seq_len is not None and seq_len > self.original_max_position_embeddings
@@ -110,8 +156,11 @@ class RopeConfig:
         """float32 [rotary_dim // 2]: the initial table's inverse frequencies."""
         return self.table(head_dim).inv_freq
 
-    def attention_scaling(self) -> float:
-        """The cos/sin scale (transformers' `attention_scaling`): 1 except for yarn and longrope."""
+    def attention_scaling(self, long: bool = False) -> float:
+        """The cos/sin scale (transformers' `attention_scaling`): 1 except for yarn and longrope. long: longrope's
+        table past original_max_position_embeddings (only its long_mscale differs)."""
+        if self.type == "longrope" and self.short_mscale is not None:  # PhimoeRotaryEmbedding: wins over the rest
+            return float(self.long_mscale if long else self.short_mscale)
         if self.attention_factor is not None or self.type not in ("yarn", "longrope"):
             return 1.0 if self.attention_factor is None else float(self.attention_factor)
         f = self.factor
@@ -143,7 +192,11 @@ def _build(r: RopeConfig, head_dim: int, seq_len: int | None, long: bool) -> Rop
     d = r.rotary_dims(head_dim)
     exponent = np.arange(0, d, 2, dtype=np.float64) / d
     base = r.theta
-    if r.type == "dynamic":  # NTK-aware: a larger base once the sequence outgrows max_position_embeddings
+    if r.type == "dynamic" and r.alpha is not None:
+        # HunYuan (transformers' compute_ntk_alpha_rope_parameters, in Python floats): a fixed NTK-aware base,
+        # theta * alpha ** (d / (d - 2)), whatever the sequence length; its factor is unused
+        base = base * r.alpha ** (d / (d - 2))
+    elif r.type == "dynamic":  # NTK-aware: a larger base once the sequence outgrows max_position_embeddings
         f, m = r.factor, r._max_positions()
         if seq_len is None:  # transformers' initial table, in Python floats
             base = base * ((f * m / m) - (f - 1)) ** (d / (d - 2))
@@ -166,7 +219,7 @@ def _build(r: RopeConfig, head_dim: int, seq_len: int | None, long: bool) -> Rop
         inv = _yarn_blend(inv, r, d)
     inv = inv.astype(np.float32)
     inv.flags.writeable = False  # shared by every caller of the cache
-    return RopeTable(inv, scale=r.attention_scaling(), interleaved=r.interleaved)
+    return RopeTable(inv, scale=r.attention_scaling(long), interleaved=r.interleaved)
 
 
 def _llama3_scale(inv: np.ndarray, r: RopeConfig) -> np.ndarray:
@@ -215,6 +268,7 @@ def parse_rope(raw: dict, source: str = "config.json", *, theta=None, partial_ro
     arguments are what a family plugin mapped from its own keys (GPT-NeoX's rotary_emb_base and rotary_pct,
     GPT-J's rotary_dim) or its defaults. Precedence, as transformers: a value inside rope_parameters/rope_scaling,
     then the keyword argument, then the top-level key of raw, then the default (theta 10000, factor 1).
+    A key of the rope dict that is neither read for its type nor known to be inert there is a ConfigError (see _READ).
     """
     where, params = _rope_dict(raw, source)
     got = lambda k: params.get(k)  # noqa: E731  (JSON null counts as absent, as transformers' setdefault leaves it)
@@ -245,6 +299,7 @@ def parse_rope(raw: dict, source: str = "config.json", *, theta=None, partial_ro
     if not isinstance(rtype, str) or rtype not in ROPE_TYPES:
         raise ConfigError(f"{source}: rope type {_brief(rtype)} ({key('rope_type')}) is not supported "
                           f"(supported: {list(ROPE_TYPES)})")
+    _check_keys(params, rtype, key, source)
     kw: dict = {"theta": float(th), "type": rtype, "partial_rotary_factor": float(prf), "rotary_dim": rotary_dim,
                 "interleaved": interleaved, "max_position_embeddings": mpe}
 
@@ -265,7 +320,9 @@ def parse_rope(raw: dict, source: str = "config.json", *, theta=None, partial_ro
 
     if rtype in ("linear", "dynamic", "llama3"):
         kw["factor"] = number("factor", required=True)
-    if rtype == "dynamic":
+    if rtype == "dynamic" and got("alpha") not in (None, 0):  # HunYuan: `.get("alpha")` truthy, as transformers
+        kw["alpha"] = number("alpha")
+    elif rtype == "dynamic":
         need_mpe("dynamic NTK scaling")
     if rtype in ("llama3", "yarn", "longrope"):
         # transformers prefers a top-level original_max_position_embeddings (Phi-3 keeps it there), then the one
@@ -306,15 +363,40 @@ def parse_rope(raw: dict, source: str = "config.json", *, theta=None, partial_ro
                 raise ConfigError(f"{source}: longrope needs {key(k)} to be a list of finite numbers in "
                                   f"[{FACTOR_RANGE[0]:g}, {FACTOR_RANGE[1]:g}], got {_brief(v)}")
             kw[k] = tuple(float(x) for x in v)
+        # Phi-MoE: cos/sin times short_mscale up to original_max_position_embeddings, long_mscale past it (its
+        # PhimoeConfig requires both numbers); they replace attention_factor and the default scale
+        mscales = [got(k) for k in ("short_mscale", "long_mscale")]
+        if mscales != [None, None]:
+            if None in mscales:
+                raise ConfigError(f"{source}: longrope needs both {key('short_mscale')} and {key('long_mscale')} or "
+                                  f"neither, got {_brief(mscales[0])} and {_brief(mscales[1])}")
+            kw["short_mscale"], kw["long_mscale"] = number("short_mscale"), number("long_mscale")
     r = RopeConfig(**kw)
     try:
-        scaling = r.attention_scaling()
+        scaling = min(r.attention_scaling(False), r.attention_scaling(True))
     except (ArithmeticError, ValueError):  # e.g. a yarn mscale_all_dim that zeroes the denominator
         scaling = math.nan
     if not 0 < _finite(scaling, 0.0):
         raise ConfigError(f"{source}: the {rtype} attention factor (from {key('attention_factor')}, factor, mscale, "
                           f"mscale_all_dim) is {scaling!r}; it must be a finite number > 0")
     return r
+
+
+def _check_keys(params: dict, rtype: str, key, source: str) -> None:
+    """ConfigError for the first key of the rope dict that parse_rope neither reads nor knows to be inert for rtype
+    (see _READ): a family's key that changes the math, or an unknown one. Null values are absent."""
+    for k in sorted(params, key=str):
+        if params[k] is None or k in _COMMON_KEYS or k in _READ[rtype]:
+            continue
+        types, why = _FAMILY_KEYS.get(k, ((), ""))
+        if rtype in types and not (k == "llama_4_scaling_beta" and params[k] == 0):
+            raise ConfigError(f"{source}: {key(k)}={_brief(params[k])} is not supported with rope type {rtype!r}: "
+                              f"{why}")
+        if k not in _INERT and k not in _FAMILY_KEYS:
+            reads = ", ".join(sorted(_READ[rtype])) or "only rope_theta and partial_rotary_factor"
+            raise ConfigError(f"{source}: {key(k if len(k) <= 60 else k[:57] + '...')} is not a key of rope type "
+                              f"{rtype!r} (it reads {reads}); an unknown rope key may change the output, so it is "
+                              f"refused rather than ignored")
 
 
 def _rope_dict(raw: dict, source: str) -> tuple[str, dict]:

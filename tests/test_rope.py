@@ -457,6 +457,9 @@ BASES = {
              "mscale_all_dim": 1.0, "attention_factor": 1.1},
     "longrope": {"rope_type": "longrope", "factor": 4.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
                  "original_max_position_embeddings": 32},
+    "phimoe": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+               "original_max_position_embeddings": 32, "short_mscale": 1.2, "long_mscale": 1.3},
+    "hunyuan": {"rope_type": "dynamic", "factor": 1.0, "alpha": 1000.0},
 }
 EXTREME = [1e-320, 5e-324, 1e-7, 1e7, 1e300, 10 ** 30, 2 ** 63, 10 ** 400, -1e-320]
 

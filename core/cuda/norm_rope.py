@@ -41,6 +41,11 @@ def rope_layout(table, Dh: int) -> tuple[int, bool, float]:
     return r, inter, scale
 
 
+def _layout(table: RopeTable) -> tuple[int, bool, float]:
+    # what a launch takes from a table besides its frequencies (rope_layout without a head size to check)
+    return table.rotary_dim, bool(table.interleaved), float(table.scale)
+
+
 def plain_rope(table, Dh: int) -> bool:
     """Whether the table rotates every dim of a Dh head in rotate-half pairs with scale 1 (what rope_kv and
     attn_decode_step implement)."""
@@ -52,7 +57,7 @@ class NormRopeMixin:
 
     State (the facade gives it its first value): _freqs, inverse-frequency tables uploaded, by their bytes (bare
     arrays); _table_freqs, those of RopeTables, by the table object (weakly: a dropped table frees its copy);
-    _rope_live, the persistent (buffer, bound table) bind_rope fills, or None.
+    _rope_live, the persistent (buffer, bound table, its layout) bind_rope fills, or None.
     Uses the backend's fused, capture, drv and stream; alloc() / from_host() / mem_alloc() (memory.py), kernel() /
     launch() / start_dev() / check() / synchronize() (launch.py), foldable() / lazy_norm() / defer() /
     discard_pending() / flush_pending() (deferred.py), gemv_rows() (linear.py), check_room() / cache_write()
@@ -157,6 +162,12 @@ class NormRopeMixin:
         changes with the length before each step, so a captured graph reads the current one)."""
         arr = np.ascontiguousarray(table.inv_freq, dtype=np.float32)
         live = self._rope_live
+        if live is not None and live[2] is not None and live[2] != _layout(table):
+            # a captured step baked in the old table's rotated dims, pairing and cos/sin scale as launch
+            # arguments (longrope's short and long mscales differ): such steps must be captured again
+            if self.capture is not None:
+                raise DeviceError("rope: the table's layout changed during a graph capture")
+            self.clear_graphs()
         if live is None or live[0].size != arr.size:
             if self.capture is not None:
                 raise DeviceError("rope: a table must be bound before a graph capture")
@@ -165,8 +176,8 @@ class NormRopeMixin:
                 self.synchronize("bind_rope")  # ... and so may kernels in flight
                 live[0].buf.free()
             alloc = self.mem_alloc(arr.nbytes, "the live rope table")
-            live = (DTensor(alloc, int(alloc), arr.shape, "float32"), None)
-        self._rope_live = (live[0], weakref.ref(table))
+            live = (DTensor(alloc, int(alloc), arr.shape, "float32"), None, None)
+        self._rope_live = (live[0], weakref.ref(table), _layout(table))
         if arr.size:
             self.flush_pending()  # (a held write reads the old values: it runs before the copy)
             dev = live[0]
