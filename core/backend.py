@@ -203,6 +203,10 @@ class NumpyBackend:
         """cap * tanh(x / cap) (final logit soft-capping)."""
         return ops.soft_cap(x, cap)
 
+    def clamp(self, x, lo: float, hi: float):
+        """x clamped to [lo, hi] (q, k and v after their projections under qkv_clip), float32 as x."""
+        return ops.clamp(x, np.float32(lo), np.float32(hi))
+
     def scale(self, x, s: float):
         """x * s (embedding, residual-branch and logit multipliers), s rounded to float32 as torch does."""
         return x * np.float32(s)

@@ -131,6 +131,9 @@ class Backend(Protocol):
     def soft_cap(self, x: Tensor, cap: float) -> Tensor:
         """cap * tanh(x / cap), float32, x's shape (final logit soft-capping)."""
 
+    def clamp(self, x: Tensor, lo: float, hi: float) -> Tensor:
+        """x clamped to [lo, hi] (bounds rounded to float32), x's shape; a NaN stays NaN (qkv_clip)."""
+
     def scale(self, x: Tensor, s: float) -> Tensor:
         """x * s with s rounded to float32, x's shape (embedding, residual-branch and logit multipliers)."""
 

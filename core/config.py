@@ -29,7 +29,7 @@ MAX_WINDOW = 1 << 31  # sliding_window: a window past any context means none, an
 # value turns into 0 or inf in float32 (1e-320 is 0) and the logits into NaN without a word.
 FLOAT_RANGES = {name: (1e-6, 1e6) for name in ("attn_softcap", "logit_softcap", "attn_scalar", "embed_multiplier",
                                                 "residual_multiplier", "attention_multiplier", "logit_multiplier",
-                                                "moe_routed_scale")}
+                                                "moe_routed_scale", "qkv_clip")}
 NORM_EPS_RANGE = (1e-20, 1.0)  # [lo, hi): an epsilon that is 0 in float32 lets an all-zero row divide by zero
 
 
@@ -68,11 +68,14 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    lm_head_bias: bool = False  # for a `when` on lm_head.bias where a config key switches it (PhiMoE lm_head_bias)
     sliding_window: int | None = None  # a query sees only the last sliding_window positions, itself included
     layer_types: tuple[str, ...] | None = None  # one of LAYER_TYPES per layer; None: sliding_window on every layer
     attn_softcap: float | None = None  # attention scores s → cap·tanh(s / cap) before the mask (Gemma 2)
     logit_softcap: float | None = None  # the same on the final logits
     attn_scalar: float | None = None  # scores scaled by attn_scalar**-0.5, not head_dim**-0.5 (query_pre_attn_scalar)
+    # q, k and v each clamped to [-qkv_clip, qkv_clip] after their projections (and a q/k norm over the projection)
+    qkv_clip: float | None = None  # OLMo 1 / OLMoE clip_qkv, DBRX attn_config.clip_qkv
     rope: RopeConfig | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -80,6 +83,7 @@ class ModelConfig:
     # architecture flags (core.spec.FLAGS): from the spec, or mapped from config.json
     norm: str = "rmsnorm"
     norm_offset: float = 0.0
+    norm_weight: bool = True  # False: no norm has a learned weight (OLMo 1's LayerNorm); each computes as with ones
     mlp: str = "gated"
     positions: str = "rope"
     rope_style: str = "half"
@@ -92,6 +96,9 @@ class ModelConfig:
     rope_theta: float | None = None
     partial_rotary_factor: float | None = None
     rotary_dim: int | None = None
+    # layers whose attention applies no RoPE at all (SmolLM3's no_rope_layers, the global layers of Cohere 2 and
+    # EXAONE 4, Llama 4's NoPE layers); q and k go to the cache as projected (and normed)
+    nope_layers: tuple[int, ...] = ()
     # scalar multipliers (None: off)
     embed_multiplier: float | None = None  # token embeddings times this (Granite embedding_multiplier)
     residual_multiplier: float | None = None  # each sublayer's output times this before the residual add (Granite)
@@ -124,7 +131,7 @@ class ModelConfig:
     def context_limit(self) -> int:
         """The longest sequence generation allows: max_position_embeddings, or with dynamic NTK rope (which exists
         to run past it: transformers grows the base once a sequence is longer) that times the rope factor."""
-        if self.rope is not None and self.rope.type == "dynamic":
+        if self.rope is not None and self.rope.type == "dynamic" and self.rope.dynamic:  # not NTK-alpha's fixed base
             return int(self.max_position_embeddings * self.rope.factor)
         return self.max_position_embeddings
 
@@ -194,7 +201,8 @@ class ModelConfig:
         if values.get("layer_types") is not None:
             values["layer_types"] = _layer_types(values["layer_types"], values.get("num_layers"), "layer_types" in stated, source)
         values["eos_token_ids"] = _ids(values.get("eos_token_ids", ()), "eos_token_id", source)
-        values["mlp_only_layers"] = _ids(values.get("mlp_only_layers", ()), keys.get("mlp_only_layers", "mlp_only_layers"), source)
+        for name in ("mlp_only_layers", "nope_layers"):
+            values[name] = _ids(values.get(name, ()), keys.get(name, name), source)
         for name in ("bos_token_id", "pad_token_id"):
             v = values.get(name)
             values[name] = v if isinstance(v, int) and not isinstance(v, bool) else None
@@ -258,10 +266,12 @@ class ModelConfig:
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"{source}: activation {_brief(self.activation)} is not supported "
                               f"(supported: {list(ACTIVATIONS)})")
-        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "moe_renormalize", "scale_embeddings"):
+        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "lm_head_bias", "moe_renormalize",
+                     "scale_embeddings", "norm_weight"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{source}: {k(name, name)}={_brief(getattr(self, name))} must be true or false")
         self._validate_moe(source, k)
+        self._validate_layers("nope_layers", source, k)
         specials = [("eos_token_ids", t) for t in self.eos_token_ids] + [("bos_token_id", self.bos_token_id)] * (self.bos_token_id is not None)
         for name, t in specials:
             if not 0 <= t < self.vocab_size:
@@ -286,13 +296,17 @@ class ModelConfig:
         if self.router_scoring not in ROUTER_SCORINGS:
             raise ConfigError(f"{source}: router scoring {_brief(self.router_scoring)} is not supported "
                               f"(supported: {list(ROUTER_SCORINGS)})")
-        if len(self.mlp_only_layers) > self.num_layers:  # repeats: each layer would scan them all
-            raise ConfigError(f"{source}: {k('mlp_only_layers', 'mlp_only_layers')} has {len(self.mlp_only_layers)} "
-                              f"entries for {self.num_layers} layers; each layer may be named once")
-        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        self._validate_layers("mlp_only_layers", source, k)
+
+    def _validate_layers(self, name: str, source, k) -> None:
+        """A list of layer indices: each in [0, num_layers), and no longer than the model."""
+        v = getattr(self, name)
+        if len(v) > self.num_layers:  # repeats: each layer would scan them all
+            raise ConfigError(f"{source}: {k(name, name)} has {len(v)} entries for {self.num_layers} layers; each "
+                              f"layer may be named once")
+        bad = [i for i in v if not 0 <= i < self.num_layers]
         if bad:
-            raise ConfigError(f"{source}: {k('mlp_only_layers', 'mlp_only_layers')} names layer {bad[0]}, outside "
-                              f"[0, {self.num_layers})")
+            raise ConfigError(f"{source}: {k(name, name)} names layer {bad[0]}, outside [0, {self.num_layers})")
 
     def summary(self) -> dict:
         """A flat dict for `archkit inspect`."""
@@ -335,11 +349,14 @@ def _read_keys(spec: ModelSpec, raw: dict, source: str):
         keys[ck.field] = (present or ck.keys or (ck.field,))[0]
         if present:
             value = raw[present[0]]
-            if ck.transform is not None:
+            fn = ck.compute or ck.transform
+            if fn is not None:
                 try:
-                    value = ck.transform(value)
+                    value = fn(dict(raw) if ck.compute else value)  # a copy: the function cannot edit what others read
                 except Exception as e:  # a plugin's function on untrusted JSON: any failure is the value's fault
-                    raise ConfigError(f"{source}: {present[0]}={_brief(value)} cannot be read by plugin {spec.name!r} "
+                    what = ", ".join(f"{k}={_brief(raw[k])}" for k in present) if ck.compute else \
+                        f"{present[0]}={_brief(value)}"
+                    raise ConfigError(f"{source}: {what} cannot be read by plugin {spec.name!r} "
                                       f"({type(e).__name__}: {str(e)[:200]})") from None
             values[ck.field] = value
             stated.add(ck.field)

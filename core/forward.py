@@ -131,17 +131,20 @@ def attention_block(s: Step, L, i: int, h):
     q, k, v = be.linears(h, [(L[r + ".weight"], L.get(r + ".bias")) for r in ("q", "k", "v")])
     if c.qk_norm == "projection":
         q, k = _norm(s, q, L, "q_norm"), _norm(s, k, L, "k_norm")
+    if c.qkv_clip is not None:  # after the projection-wide q/k norm, as OLMoE (OLMo 1 and DBRX have none)
+        q, k, v = (be.clamp(t, -c.qkv_clip, c.qkv_clip) for t in (q, k, v))
     q = q.reshape(T, c.num_heads, c.head_dim)
     k, v = k.reshape(T, c.num_kv_heads, c.head_dim), v.reshape(T, c.num_kv_heads, c.head_dim)
+    rope = s.rope if i not in c.nope_layers else None  # a NoPE layer: q and k as projected (and normed)
     fused = None  # the per-head RMSNorm a backend may fuse with RoPE and the cache write (Qwen3)
     if c.qk_norm in ("head", "per_head"):
-        if c.qk_norm == "head" and c.norm == "rmsnorm" and "q_norm.bias" not in L and s.rope is not None:
+        if c.qk_norm == "head" and c.norm == "rmsnorm" and "q_norm.bias" not in L and rope is not None:
             fused = (L["q_norm.weight"], L["k_norm.weight"], c.norm_eps, c.norm_offset)
         else:
             q, k = (be.head_norm(t, L[r + ".weight"], c.norm_eps, c.norm_offset, L.get(r + ".bias"), c.norm)
                     for t, r in ((q, "q_norm"), (k, "k_norm")))
-    if s.rope is not None:
-        q = be.rope_cache_write(q, k, v, s.cache, i, s.start, s.rope, fused)
+    if rope is not None:
+        q = be.rope_cache_write(q, k, v, s.cache, i, s.start, rope, fused)
     else:
         be.cache_write(s.cache, i, k, v, s.start)
     o = be.attention(q, s.cache, i, s.start, c.attn_scale, window=c.window(i), softcap=c.attn_softcap)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -131,11 +132,12 @@ def load(path: str | os.PathLike, arch: str | None = None, dtype: str | None = N
     weights = Weights(layers=[{} for _ in range(config.num_layers)])
     try:
         kept, take = _kept_quantized(backend, p, config)
-        backend.begin_loading(config, sum(src.info.numel for src in p.sources if id(src) not in kept),
+        backend.begin_loading(config, sum(src.info.numel for src in p.sources if id(src) not in kept) + p.fill_numel,
                               sum(kept.values()))
         report = _progress_reporter(p, ckpt, progress)
         sharded = getattr(backend, "load_weights", None)  # a tensor-parallel backend reads each rank's slices itself
-        for role, layer, t in (sharded(entry.spec, p) if sharded is not None else p.load(backend.convert, take)):
+        loaded = sharded(entry.spec, p) if sharded is not None else p.load(backend.convert, take)
+        for role, layer, t in itertools.chain(loaded, p.fill(backend.convert)):  # fill: weightless norms' ones
             (weights.globals if layer is None else weights.layers[layer])[role] = t
             report(role, layer)
         backend.finish_loading(weights)

@@ -151,6 +151,11 @@ def rope(x: np.ndarray, positions: np.ndarray, table) -> np.ndarray:
     return out if r == x.shape[-1] else np.concatenate([out, x[..., r:].astype(out.dtype)], axis=-1)
 
 
+def clamp(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """x clamped to [lo, hi] elementwise, a NaN left NaN (q, k and v under clip_qkv: OLMo 1, OLMoE, DBRX)."""
+    return np.clip(x, lo, hi)
+
+
 def soft_cap(x: np.ndarray, cap: float) -> np.ndarray:
     """cap * tanh(x / cap): x squashed smoothly into (-cap, cap) (Gemma 2's logit soft-capping)."""
     return cap * np.tanh(x / cap)

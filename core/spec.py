@@ -38,7 +38,12 @@ class ConfigKey:
     and only a missing key takes the default.
     transform: a small pure function applied to the value config.json gives (never to `default`, which is
     already in the field's terms): Granite's logits_scaling divides, so `transform=lambda v: 1 / v` maps it
-    onto logit_multiplier; GPT-NeoX's use_parallel_residual maps a bool onto the block layout.
+    onto logit_multiplier; GPT-NeoX's use_parallel_residual maps a bool onto the block layout. A transform that
+    returns None leaves the field None (num_kv_heads and head_dim then take the MHA / hidden-over-heads default).
+    compute: for a value that depends on several keys, a small pure function given the whole config.json dict
+    (instead of one value), called when any of `keys` (the keys it reads) is present; `default` applies when
+    none is. Falcon's kv-head count: num_kv_heads, or 1 under multi_query, depending on
+    new_decoder_architecture; a shared expert `moe_intermediate_size * moe_num_shared_experts` wide.
     """
 
     field: str
@@ -46,6 +51,7 @@ class ConfigKey:
     default: Any = REQUIRED
     null_is_value: bool = False
     transform: Any = None  # callable(value) -> value, or None
+    compute: Any = None  # callable(config.json dict) -> value, or None (not with transform)
 
 
 @attrs.frozen
@@ -247,6 +253,9 @@ def validate_spec(spec: Any, config_fields: frozenset[str], bool_fields: frozens
             bad.append(f"config key {key!r} maps to an unknown field")
         elif key.transform is not None and not callable(key.transform):
             bad.append(f"config key {key.field!r}: transform {key.transform!r} is not callable")
+        elif key.compute is not None and (not callable(key.compute) or key.transform is not None or not key.keys):
+            bad.append(f"config key {key.field!r}: compute must be callable, name the keys it reads, and come "
+                       f"without a transform")
     for p in spec.ignore:
         if not _PATTERN_OK.match(p):
             bad.append(f"ignore pattern {p!r} is malformed")

@@ -19,13 +19,19 @@ from .weights import condition, expected_shape, stack_count
 
 
 def hf_config_dict(spec: ModelSpec, c: ModelConfig) -> dict:
-    """config.json content that ModelConfig.from_hf(spec, ...) reads back as `c`."""
+    """config.json content for `c`: every field its key writes back as is. Through a transform only a switch can be
+    written back (a true or false that the transform maps onto the value: StableLM's qk_layernorm); a computed field
+    or another transformed one is left to the family default, so what the result reads back as
+    (ModelConfig.from_hf) can differ from `c` there, and write_checkpoint builds its tensors from that."""
     d: dict = {"architectures": list(spec.detection.architectures[:1]), "model_type": (spec.detection.model_types or ("",))[0]}
     for key in spec.config:
-        if not key.keys or (key.transform is not None and key.default != getattr(c, key.field)):
-            continue  # a transformed value cannot be written back; the family default needs no key
+        if not key.keys or key.compute is not None:
+            continue
         v = getattr(c, key.field)
         if key.transform is not None:
+            switch = [b for b in (True, False) if _maps_to(key.transform, b, v)]
+            if switch and v != key.default:
+                d[key.keys[0]] = switch[0]
             continue
         if key.field == "eos_token_ids":
             v = (list(v) if len(v) > 1 else v[0]) if v else None
@@ -40,6 +46,13 @@ def hf_config_dict(spec: ModelSpec, c: ModelConfig) -> dict:
                           original_max_position_embeddings=r.original_max_position_embeddings)
         d["rope_parameters"] = params
     return d
+
+
+def _maps_to(transform, raw, value) -> bool:
+    try:
+        return transform(raw) == value
+    except Exception:  # a plugin's function given a value it was not written for
+        return False
 
 
 def checkpoint_tensors(spec: ModelSpec, c: ModelConfig):
@@ -98,7 +111,10 @@ def write_checkpoint(spec: ModelSpec, c: ModelConfig, path: str | Path, dtype: s
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_config_dict(spec, c), indent=2))
+    raw = hf_config_dict(spec, c)
+    # the tensors follow the config the checkpoint will be read as (a transformed field falls back to its default)
+    c = ModelConfig.from_hf(spec, raw, source=f"synthetic {spec.name} config")
+    (path / "config.json").write_text(json.dumps(raw, indent=2))
     shards: list[dict] = [{}]
     size = 0
     for name, x in random_tensors(spec, c, seed, std):

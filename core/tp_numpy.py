@@ -122,8 +122,15 @@ class TensorParallelNumpy:
                                       tuple(lo for lo, _ in s.ranges))
 
     def convert(self, bits, stored: str, role: str) -> Ranked:
-        """A whole tensor as a replicated weight (every rank its own copy); sharded roles come from load_weights."""
-        return Ranked(tuple(be.convert(bits, stored, role) for be in self.ranks), "replicated")
+        """A whole tensor as every rank's part of it: the plan's slice where it splits `role` (a weight no checkpoint
+        holds, core.weights.Plan.fill: a weightless q/k norm divided with the heads), else a replicated copy.
+        Checkpoint weights come from load_weights, each rank reading only its slices."""
+        s = self.plan.split(role) if self.plan is not None else None
+        if s is None or s.axis is None:
+            return Ranked(tuple(be.convert(bits, stored, role) for be in self.ranks), "replicated")
+        parts = (np.ascontiguousarray(np.take(bits, range(lo, hi), axis=s.axis)) for lo, hi in s.ranges)
+        return Ranked(tuple(be.convert(p, stored, role) for be, p in zip(self.ranks, parts)), s.kind,
+                      tuple(lo for lo, _ in s.ranges))
 
     def finish_loading(self, weights: Weights) -> None:
         """Nothing to do after loading on the CPU."""
@@ -255,7 +262,8 @@ def _delegate(op: str):
 
 # Ops that need no communication: each rank applies them to its own parts (heads, features, cache).
 for _op in ("add_positions", "add", "add_norm", "head_norm", "act", "gated_act", "rope", "rope_cache_write",
-            "cache_write", "attention", "soft_cap", "scale", "sigmoid_gate", "rows"):
+            "cache_write", "attention", "soft_cap", "clamp", "scale", "sigmoid_gate",
+            "rows"):
     setattr(TensorParallelNumpy, _op, _delegate(_op))
 
 

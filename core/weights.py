@@ -16,9 +16,9 @@ import numpy as np
 
 from .checkpoint import Checkpoint, TensorInfo, read_tensor, to_float32
 from .config import ModelConfig
-from .errors import WeightsError
+from .errors import ConfigError, WeightsError
 from .quant import QuantizedStack, QuantizedTensor
-from .spec import FLAGS, LAYER_PREDICATES, REQUIRED, Derived, ModelSpec, WeightRule
+from .spec import FLAGS, GLOBAL_ROLES, LAYER_PREDICATES, REQUIRED, Derived, ModelSpec, WeightRule
 
 
 # The config field giving each role's first (output) dim, for shape checks and fused splits.
@@ -35,6 +35,10 @@ ROWS = {
     "shared.up.weight": "shared_expert_intermediate_size", "shared.up.bias": "shared_expert_intermediate_size",
     "shared.down.weight": "hidden_size", "shared.down.bias": "hidden_size",
 }
+# The norms' gains: each (norm_offset + w). A family whose norms have none (norm_weight false) loads none of them;
+# the forward reads ones in their place (Plan.fill).
+NORM_WEIGHTS = ("final_norm.weight", "attn_norm.weight", "mlp_norm.weight", "post_attn_norm.weight",
+                "post_mlp_norm.weight", "q_norm.weight", "k_norm.weight")
 _INPUTS = {"o.weight": "q_dim", "down.weight": "intermediate_size", "experts.down.weight": "expert_dim",
            "shared.down.weight": "shared_expert_intermediate_size"}  # matrices not reading the hidden state
 
@@ -160,6 +164,17 @@ class Plan:
 
     config: ModelConfig
     sources: list[Source]
+    fills: list[tuple[str, int | None, tuple[int, ...], float]] = attrs.Factory(list)  # see weightless_norms
+
+    @property
+    def fill_numel(self) -> int:
+        return sum(int(np.prod(shape)) for _, _, shape, _ in self.fills)
+
+    def fill(self, convert: Callable[[np.ndarray, str, str], object]) -> Iterator[tuple[str, int | None, object]]:
+        """Yield (role, layer, converted tensor) for each weight no checkpoint holds but the forward reads: the gains
+        of weightless norms, a constant array handed to the backend's convert like a checkpoint tensor."""
+        for role, layer, shape, value in self.fills:
+            yield role, layer, convert(np.full(shape, value, np.float32), "F32", role)
 
     def load(self, convert: Callable[[np.ndarray, str, str], object],
              quantized: Callable[[Source], object] | None = None) -> Iterator[tuple[str, int | None, object]]:
@@ -220,7 +235,9 @@ def split_fused(x: np.ndarray, sizes: list[int], groups: int = 1, axis: int = 0)
 
 
 def plan(spec: ModelSpec, config: ModelConfig, ckpt: Checkpoint) -> Plan:
-    """Map and shape-check every tensor; raise one WeightsError listing every problem."""
+    """Map and shape-check every tensor; raise one WeightsError listing every problem (a ConfigError first when
+    the spec has no rule for a role the forward needs under this config)."""
+    _check_roles(spec, config, ckpt.path)
     m = match_names(spec, ckpt.tensors)
     missing, unexpected, mismatched = [], list(m.unexplained), []
     sources: list[Source] = []
@@ -234,7 +251,8 @@ def plan(spec: ModelSpec, config: ModelConfig, ckpt: Checkpoint) -> Plan:
         for layer in (layers if rule.per_layer else [None]):
             hits = sorted(m.found.pop((ri, layer), []), key=lambda h: (h[0], -1 if h[2] is None else h[2]))
             other = [rj for rj in alts[ri] if (rj, layer) in present]
-            if not condition(rule.when, config, layer) or (other and (not hits or min(other) < ri)):
+            off = not config.norm_weight and any(t in NORM_WEIGHTS for t in rule.targets)  # weightless norms
+            if off or not condition(rule.when, config, layer) or (other and (not hits or min(other) < ri)):
                 if not rule.ignore_when_false or other:
                     unexpected += [info.name for _, info, _ in hits]
                 continue
@@ -264,7 +282,40 @@ def plan(spec: ModelSpec, config: ModelConfig, ckpt: Checkpoint) -> Plan:
         unexpected += [info.name for _, info, _ in hits]
     if missing or unexpected or mismatched:
         raise WeightsError(ckpt.path, missing, sorted(unexpected), mismatched)
-    return Plan(config, sources)
+    return Plan(config, sources, weightless_norms(spec, config))
+
+
+def weightless_norms(spec: ModelSpec, c: ModelConfig) -> list[tuple[str, int | None, tuple[int, ...], float]]:
+    """(role, layer, shape, value) of every norm gain the forward reads when the norms have no weights
+    (norm_weight false: OLMo 1's LayerNorm): 1 - norm_offset, so that (norm_offset + w) is exactly 1."""
+    if c.norm_weight:
+        return []
+    roles = sorted(norm_roles(attrs.asdict(c, recurse=False)))
+    return [(r, layer, expected_shape(r, c, spec), 1.0 - c.norm_offset) for r in roles
+            for layer in ([None] if r in GLOBAL_ROLES else range(c.num_layers))]
+
+
+def _check_roles(spec: ModelSpec, config: ModelConfig, path) -> None:
+    """Registration checks the roles the forward needs under the family's defaults; a config.json can switch a
+    rule's `when` off (or turn on a capability the defaults leave off). Whatever this config needs that no rule
+    supplies here is the spec's fault, found before any tensor is read, not a KeyError at the first token."""
+    need = needed_roles(attrs.asdict(config, recurse=False), spec)
+    dense, sparse_only = {"up.weight", "down.weight", "gate.weight"}, ("experts.", "router.", "shared.", "shared_gate.")
+    missing = []
+    for layer in [None, *range(config.num_layers)]:
+        if layer is None:
+            want = need & set(GLOBAL_ROLES)
+        elif config.sparse_layer(layer):
+            want = need - set(GLOBAL_ROLES) - dense
+        else:
+            want = {r for r in need - set(GLOBAL_ROLES) if not r.startswith(sparse_only)}
+        have = {t for r in spec.weights if r.per_layer == (layer is not None) and condition(r.when, config, layer)
+                for t in r.targets}
+        missing += [f"{r}" + ("" if layer is None else f" (layer {layer})") for r in sorted(want - have)]
+    if missing:
+        raise ConfigError(f"{path}: plugin {spec.name!r} has no weight rule for {', '.join(missing[:6])}"
+                          f"{' ...' if len(missing) > 6 else ''} under this config.json, which the forward needs "
+                          f"(a rule's `when` is false here, or the config turns on what the family's defaults leave off)")
 
 
 def stack_count(rule: WeightRule, c: ModelConfig, spec: ModelSpec) -> int:
@@ -324,23 +375,33 @@ def family_defaults(spec: ModelSpec) -> dict:
     return values
 
 
-def needed_roles(d: dict, spec: ModelSpec) -> set[str]:
-    """The roles the forward reads under config values `d` (see core.model)."""
-    need = {"embed", "final_norm.weight"}
-    if spec.attention_block is None:
-        need |= {"q.weight", "k.weight", "v.weight", "o.weight"}
-        if d["qk_norm"] != "none":
-            need |= {"q_norm.weight", "k_norm.weight"}
-    if not d.get("tie_word_embeddings"):
-        need.add("lm_head")
-    if d["positions"] == "learned":
-        need.add("pos_embed")
+def norm_roles(d: dict) -> set[str]:
+    """The norm gains the standard forward reads under config values `d`: the final norm, the placement's, the
+    q/k norms."""
+    need = {"final_norm.weight"}
+    if d["qk_norm"] != "none":
+        need |= {"q_norm.weight", "k_norm.weight"}
     if d["norm_placement"] in ("pre", "sandwich"):
         need.add("attn_norm.weight")
         if d["block"] != "parallel_shared_norm":
             need.add("mlp_norm.weight")
     if d["norm_placement"] in ("post", "sandwich"):
         need |= {"post_attn_norm.weight", "post_mlp_norm.weight"}
+    return need
+
+
+def needed_roles(d: dict, spec: ModelSpec) -> set[str]:
+    """The roles the forward reads under config values `d` (see core.model); the norm gains only when the norms
+    have weights (norm_weight: otherwise Plan.fill supplies them)."""
+    need = {"embed"}
+    if d.get("norm_weight", True):
+        need |= norm_roles(d) - ({"q_norm.weight", "k_norm.weight"} if spec.attention_block is not None else set())
+    if spec.attention_block is None:
+        need |= {"q.weight", "k.weight", "v.weight", "o.weight"}
+    if not d.get("tie_word_embeddings"):
+        need.add("lm_head")
+    if d["positions"] == "learned":
+        need.add("pos_embed")
     if spec.mlp_block is None:
         gate = {"gate.weight"} if d["mlp"] == "gated" else set()
         moe = isinstance(d.get("num_experts"), int) and d["num_experts"] > 0

@@ -215,17 +215,19 @@ def test_kv_cache_that_cannot_fit_says_needed_vs_free(family_ckpt):
 
 
 # --- rope tables that change with the length, and the vocabulary's outside families ---------------------------------
-def test_rope_table_that_changes_mid_decode(tmp_path):
+@pytest.mark.parametrize("mscales", [{}, {"short_mscale": 1.1, "long_mscale": 1.5}])
+def test_rope_table_that_changes_mid_decode(tmp_path, mscales):
     """Phi-3 longrope with original_max_position_embeddings 32: its table (long factors past 32 positions, cos/sin
     scaled by 1.34, so the unfused rope kernel) changes during the generation. Decode graphs are captured before
     the switch and replayed after it: each step's table is bound into the buffer the graph reads (bind_rope), and
-    steps are not launched ahead of the host (decode_ids declines). CUDA graphs, launched kernels and numpy fp32
-    give the same tokens; logits through the KV cache across the switch match numpy's."""
+    steps are not launched ahead of the host (decode_ids declines). With PhiMoE's short / long mscales the cos/sin
+    scale changes too, which a launch takes as an argument: bind_rope drops the captured steps then. CUDA graphs,
+    launched kernels and numpy fp32 give the same tokens; logits through the KV cache across the switch match."""
     from test_families import cached_logits
 
     path = hf.save_model("phi3", tmp_path / "ckpt", seed=3, **COMMON, kv_heads=2, original_max_position_embeddings=32,
                          rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(16)],
-                                       "long_factor": [2.0 + 0.3 * i for i in range(16)]})
+                                       "long_factor": [2.0 + 0.3 * i for i in range(16)], **mscales})
     prompt = np.random.default_rng(12).integers(0, COMMON["vocab"], 20).tolist()
     cpu = core.load(path, device="cpu", quiet=True)
     assert cpu.config.rope.dynamic and cpu.config.rope.attention_scaling() != 1.0
@@ -253,6 +255,7 @@ VOCAB_CASES = {  # tests/vocab_plugins families: config switches that exercise w
     "cohere": dict(use_qk_norm=True, logit_scale=0.5),  # interleaved pairs, per-head q/k LayerNorm, a logit multiplier
     "stablelm": dict(use_parallel_residual=True, qk_layernorm=True, use_qkv_bias=True),  # + a quarter rotated
     "gptj": None,  # interleaved pairs over rotary_dim 8 of 16, parallel block from one norm, lm_head bias
+    "olmo": dict(clip_qkv=0.4, attention_bias=True),  # weightless LayerNorms (gains of ones), q/k/v clamped
 }
 
 

@@ -1,6 +1,6 @@
 """Property tests of the open vocabulary's kernels (issue 14) against core.ops (GPU machine only): scalar multiples,
-sigmoid gates, results of pending products added, per-head norms of every kind, rope tables (partial, interleaved,
-scaled) in the rope, cache-write and decode-attention kernels.
+clamps, sigmoid gates, results of pending products added, per-head norms of every kind, rope tables (partial,
+interleaved, scaled) in the rope, cache-write and decode-attention kernels.
 
 The harness is test_cuda_kernels.py's (strategies S, the poisoning backend, the rounding of K/V to the cache's dtype):
 every output buffer and KV cache is NaN-filled before the kernel runs, references are computed in float64 from the
@@ -34,6 +34,33 @@ def test_scale(n, s, seed):
     with backend("float32") as be:
         got = be.to_host(be.scale(be.from_host(x), s))
     np.testing.assert_array_equal(got, NumpyBackend("float32").scale(x, s))
+
+
+@given(n=st.integers(1, 300_000), lo=st.floats(-8.0, 0.0), width=st.floats(1e-3, 16.0), special=st.booleans(),
+       seed=S.seed)
+def test_clamp(n, lo, width, special, seed):
+    """x clamped to [lo, hi] (q, k and v under qkv_clip), the bounds rounded to float32 as the reference: bit for bit,
+    a NaN left NaN and ±inf sent to the bounds, as np.clip (and torch.clamp) do."""
+    r = rng(seed)
+    x = (r.normal(size=n) * 4).astype(np.float32)
+    if special:
+        x[r.integers(0, n, 3)] = [np.nan, np.inf, -np.inf]
+    with backend("float32") as be:
+        got = be.to_host(be.clamp(be.from_host(x), lo, lo + width))
+    np.testing.assert_array_equal(got, NumpyBackend("float32").clamp(x, lo, lo + width))
+
+
+@given(dtype=S.dtype, D=S.dim, c=st.floats(0.05, 2.0), seed=S.seed)
+def test_clamp_of_a_pending_norm(dtype, D, c, seed):
+    """At one decode token a q/k norm over the whole projection (OLMoE) may be left pending for a GEMV to fold in (a
+    Lazy); the clamp that reads it next computes it by the ordinary kernel first."""
+    r = rng(seed)
+    with backend(dtype) as be:
+        g, gr = upload_weight(be, r.normal(size=D) * 0.3 + 1.0)
+        z = r.normal(size=(1, D)).astype(np.float32)
+        got = be.to_host(be.clamp(be.norm(be.from_host(z), g, None, 1e-6, "rmsnorm"), -c, c))
+    want = np.clip(ops.rms_norm(z.astype(np.float64), gr, 1e-6), np.float32(-c), np.float32(c))
+    assert rel_err(got, want) < EXACT
 
 
 @given(T=st.integers(1, 300), N=S.dim, seed=S.seed)

@@ -16,7 +16,7 @@ CudaBackend is this file: its state, set up in __init__, and the rooms it is mad
     kvcache.py      the preallocated KV cache, new_cache, cache_write
     loading.py      begin_loading / convert / finish_loading / release, and session()
     decode.py       decode steps replayed as CUDA graphs (graph.py), ids picked on the GPU (gpu_sampling.py)
-    elementwise.py  embed, add_positions, add, act, gated_act, soft_cap, scale, sigmoid_gate
+    elementwise.py  embed, add_positions, add, act, gated_act, soft_cap, clamp, scale, sigmoid_gate
     linear.py       linear, linears, linear_act, gated_linear: GEMV, our GEMM or cuBLAS (cublas.py)
     qlinear.py      the same products with a weight kept quantized (QTensor, qlayout.py): gemv_q.cu's GEMVs,
                     or the weight dequantized for the GEMM

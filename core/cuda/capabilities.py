@@ -7,7 +7,8 @@ uploaded, a model that needs one its kernels do not have, naming each, rather th
 Implemented, so not listed: every block layout (sequential, parallel, parallel_shared_norm) and norm placement
 (pre, post, sandwich); q/k norms of every scope (head, per_head, projection) and kind (RMSNorm, LayerNorm with
 bias); every rope type and table (partial rotary, interleaved pairs, a cos/sin scale, tables that change with
-the length); the embedding, residual, attention and logit multipliers; every activation in core.spec.ACTIVATIONS;
+the length); the embedding, residual, attention and logit multipliers; q/k/v clamping (qkv_clip) and norms without
+weights (norm_weight false: loaded as gains of ones); every activation in core.spec.ACTIVATIONS;
 a plugin's own layer functions (they call the Backend protocol's ops) and custom ops.
 """
 

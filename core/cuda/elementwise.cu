@@ -1,6 +1,6 @@
 // Elementwise kernels on float32 activations: residual add, activation, gated activation (act(gate) * up),
-// soft-capping (cap * tanh(x / cap)), a scalar multiple, a per-token sigmoid gate; for the cuBLAS path, x
-// rounded to the weight type and a bias add.
+// soft-capping (cap * tanh(x / cap)), clamping to [lo, hi], a scalar multiple, a per-token sigmoid gate; for the
+// cuBLAS path, x rounded to the weight type and a bias add.
 // Grid-stride loops, so any grid size is correct; n may be any length.
 #include "common.cuh"
 
@@ -40,6 +40,19 @@ extern "C" __global__ void soft_cap(float* __restrict__ y,        // float32 [n]
     pdl_launch();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         y[i] = cap * tanhf(x[i] / cap);
+}
+
+// x clamped to [lo, hi] (q, k and v under clip_qkv). Written with comparisons, not fminf/fmaxf, so that a NaN
+// stays NaN as in np.clip and torch.clamp (fminf would return the bound).
+extern "C" __global__ void clamp(float* __restrict__ y,        // float32 [n]
+                                 const float* __restrict__ x,  // float32 [n]
+                                 long long n, float lo, float hi) {
+    pdl_wait();
+    pdl_launch();
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        y[i] = v < lo ? lo : (v > hi ? hi : v);
+    }
 }
 
 // x * s (embedding, residual-branch and logit multipliers; s is the float32 the reference rounds to).

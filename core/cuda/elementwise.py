@@ -1,6 +1,6 @@
 """Elementwise and embedding ops: embed / add_positions (embed.cu), add, activations, gated activations,
-soft-capping, scalar multiples and per-token sigmoid gates (elementwise.cu), each a grid-stride kernel (or a block
-per token for the embedding).
+soft-capping, clamping, scalar multiples and per-token sigmoid gates (elementwise.cu), each a grid-stride kernel (or
+a block per token for the embedding).
 """
 
 from __future__ import annotations
@@ -67,6 +67,13 @@ class ElementwiseMixin:
         y = self.alloc(x.shape)
         fn = self.kernel("elementwise.cu", "soft_cap", "PPqf")
         self.launch("soft_cap", fn, grid1(x.size), (256, 1, 1), y, x, x.size, float(cap))
+        return y
+
+    def clamp(self, x: DTensor, lo: float, hi: float) -> DTensor:
+        """x clamped to [lo, hi], the bounds rounded to float32 (as the reference); a NaN stays NaN."""
+        y = self.alloc(x.shape)
+        fn = self.kernel("elementwise.cu", "clamp", "PPqff")
+        self.launch("clamp", fn, grid1(x.size), (256, 1, 1), y, x, x.size, float(lo), float(hi))
         return y
 
     def scale(self, x: DTensor, s: float) -> DTensor:

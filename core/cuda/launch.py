@@ -20,7 +20,7 @@ from .tensors import DTensor
 # launched with programmatic stream serialization inside a decode graph. Core's own files only: a plugin's
 # kernel (a module given by absolute path, core/custom_ops.py) never is, whatever its name.
 PDL_KERNELS = frozenset({"embed", "norm_rows", "norm_reg", "head_norm", "rope", "rope_kv", "add", "act", "gated_act",
-                         "soft_cap", "scale", "sigmoid_gate",
+                         "soft_cap", "clamp", "scale", "sigmoid_gate",
                          "kv_write", "gemv_rows", "gemv_gated", "gemv_rows_norm", "gemv_gated_norm",
                          "gemv_rows_ln", "gemv_gated_ln",
                          "qgemv_int4", "qgemv_int8", "qgemv_fp8", "qgemv_gated_int4", "qgemv_gated_int8",
