@@ -17,6 +17,7 @@ from .checkpoint import float32_to_bf16_bits, to_float32
 from .errors import DeviceError
 from .paged import Batch, PagedCache
 from .sampling import check_finite
+from .spec import FLOAT32_ROLES
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -61,11 +62,12 @@ class NumpyBackend:
 
     # -- loading -------------------------------------------------------------------------------
     def convert(self, bits: np.ndarray, stored: str, role: str) -> np.ndarray:
-        """Checkpoint bits → a float32 array rounded to self.dtype."""
+        """Checkpoint bits → a float32 array rounded to self.dtype (FLOAT32_ROLES: not rounded)."""
         x = to_float32(bits, stored)
-        if self.dtype == "float16" and stored != "F16":
+        dtype = "float32" if role in FLOAT32_ROLES else self.dtype
+        if dtype == "float16" and stored != "F16":
             x = x.astype(np.float16).astype(np.float32)
-        elif self.dtype == "bfloat16" and stored != "BF16":
+        elif dtype == "bfloat16" and stored != "BF16":
             x = to_float32(float32_to_bf16_bits(x), "BF16")
         return np.ascontiguousarray(x, dtype=np.float32).reshape(x.shape)  # (ascontiguousarray makes a 0-d array 1-d)
 
@@ -215,10 +217,12 @@ class NumpyBackend:
         """y [T, N] * sigmoid(g [T, 1]): a gate computed per token (Qwen2-MoE's shared expert)."""
         return y * ops.sigmoid(g)
 
-    def moe(self, x, router_w, router_b, gate, up, down, routing, biases=(None, None, None)):
-        """Mixture of experts on x [T, D] (see core.ops.moe; routing: core.config.MoeRouting)."""
+    def moe(self, x, router_w, router_b, gate, up, down, routing, biases=(None, None, None), select_bias=None):
+        """Mixture of experts on x [T, D] (see core.ops.moe; routing: core.config.MoeRouting; select_bias [E]: added
+        to the router's scores to choose the experts, not to their weights)."""
         return ops.moe(x, router_w, router_b, gate, up, down, routing.top_k, routing.scoring, routing.renormalize,
-                       routing.activation, routing.routed_scale, biases)
+                       routing.activation, routing.routed_scale, biases, select_bias, routing.groups,
+                       routing.topk_groups)
 
     def custom(self, op, *args, **scalars):
         """A plugin's own op (core.custom_ops.CustomOp): its numpy reference on float32 arrays → float32."""

@@ -48,7 +48,7 @@ class Backend(Protocol):
         """Before the first convert: the ModelConfig, the dense weights' element count, bytes of those kept quantized."""
 
     def convert(self, bits, stored: str, role: str) -> Tensor:
-        """Checkpoint bits (stored "F32"/"F16"/"BF16", any shape) → a weight in `dtype`."""
+        """Checkpoint bits (stored "F32"/"F16"/"BF16", any shape) → a weight in `dtype` (FLOAT32_ROLES: float32)."""
 
     def finish_loading(self, weights: Weights) -> None:
         """After the last convert (the CUDA backend preallocates its KV cache here)."""
@@ -141,8 +141,8 @@ class Backend(Protocol):
         """y [T, N] * sigmoid(g [T, 1]) → float32 [T, N] (a per-token gate: Qwen2-MoE's shared expert)."""
 
     def moe(self, x: Tensor, router_w: Tensor, router_b, gate, up: Tensor, down: Tensor, routing,
-            biases=(None, None, None)) -> Tensor:
-        """Mixture of experts on x [T, D]: router [E, D], experts stacked [E, out, in] → float32 [T, D] (core.ops.moe)."""
+            biases=(None, None, None), select_bias=None) -> Tensor:
+        """Mixture of experts on x [T, D] (core.ops.moe): router [E, D], experts [E, out, in], select_bias [E] → float32."""
 
     # -- a plugin's own operations (core/custom_ops.py)
     def custom(self, op, *args: Tensor, **scalars) -> Tensor:

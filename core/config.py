@@ -12,7 +12,8 @@ import attrs
 
 from .errors import ConfigError, brief as _brief
 from .log import warn_once
-from .rope import ROPE_TYPES, RopeConfig, parse_rope  # noqa: F401  (re-exported: older imports name core.config)
+# ROPE_TYPES is re-exported: older imports name core.config
+from .rope import ROPE_TYPES, RopeConfig, nested_rope, parse_rope  # noqa: F401
 from .spec import ACTIVATIONS, FLAGS, REQUIRED, ROUTER_SCORINGS, Derived, ModelSpec
 
 LAYER_TYPES = ("full_attention", "sliding_attention")  # values of config.json's layer_types
@@ -35,8 +36,10 @@ NORM_EPS_RANGE = (1e-20, 1.0)  # [lo, hi): an epsilon that is 0 in float32 lets 
 
 @attrs.frozen
 class MoeRouting:
-    """The `moe` op's parameters: top_k experts by softmax or sigmoid scores, their weights renormalised to sum
-    1 or not and times routed_scale; each expert a gated (or plain) MLP with `activation`."""
+    """The `moe` op's parameters: top_k experts by softmax or sigmoid scores (plus the op's select_bias, if given,
+    for choosing only), their weights renormalised to sum 1 or not and times routed_scale; each expert a gated (or
+    plain) MLP with `activation`. Group-limited (groups > topk_groups): the experts are `groups` contiguous groups,
+    each scored by the sum of its two best choosing scores, and only the best topk_groups groups' experts compete."""
 
     top_k: int
     scoring: str = "softmax"
@@ -44,6 +47,8 @@ class MoeRouting:
     activation: str = "silu"
     routed_scale: float = 1.0
     gated: bool = True
+    groups: int = 1
+    topk_groups: int = 1
 
 
 @attrs.frozen
@@ -77,6 +82,10 @@ class ModelConfig:
     # q, k and v each clamped to [-qkv_clip, qkv_clip] after their projections (and a q/k norm over the projection)
     qkv_clip: float | None = None  # OLMo 1 / OLMoE clip_qkv, DBRX attn_config.clip_qkv
     rope: RopeConfig | None = None
+    # the RoPE of sliding-window layers where it differs from the others' (Gemma 3: base 10000 on its local layers,
+    # 1e6 and linear scaling on its global ones): from a rope dict nested per layer type, or sliding_rope_theta
+    sliding_rope: RopeConfig | None = None
+    sliding_rope_theta: float | None = None  # a base of their own for them (Gemma 3's rope_local_base_freq)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -115,6 +124,10 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()  # layers whose MLP is dense although the model has experts (Qwen3-MoE)
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 (Qwen2/3-MoE)
     first_dense_layers: int = 0  # the first k layers are dense (DeepSeek first_k_dense_replace)
+    # group-limited routing (DeepSeek-V3 / GLM-4.5 n_group, topk_group): experts in moe_groups contiguous groups,
+    # only the moe_topk_groups best groups' experts eligible; 1, 1: plain top-k
+    moe_groups: int = 1
+    moe_topk_groups: int = 1
     # a plugin's own sublayer functions (ModelSpec.attention_block / mlp_block), copied from the spec
     attention_block: Any = attrs.field(default=None, eq=False, repr=False)
     mlp_block: Any = attrs.field(default=None, eq=False, repr=False)
@@ -144,12 +157,23 @@ class ModelConfig:
     def moe_routing(self) -> "MoeRouting":
         """How the `moe` op routes and combines experts."""
         return MoeRouting(self.num_experts_per_tok, self.router_scoring, self.moe_renormalize, self.activation,
-                          float(self.moe_routed_scale), self.mlp == "gated")
+                          float(self.moe_routed_scale), self.mlp == "gated", self.moe_groups, self.moe_topk_groups)
 
     def sparse_layer(self, layer: int) -> bool:
         """Whether `layer`'s MLP is a mixture of experts."""
         return (self.num_experts > 0 and layer not in self.mlp_only_layers and layer >= self.first_dense_layers
                 and (layer + 1) % self.decoder_sparse_step == 0)
+
+    def sliding_layer(self, layer: int) -> bool:
+        """Whether `layer` is a sliding-window layer by its kind (layer_types; without them, every layer when
+        sliding_window is set)."""
+        if self.layer_types is not None:
+            return self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window is not None
+
+    def rope_for(self, layer: int) -> RopeConfig | None:
+        """The RoPE of `layer`: sliding_rope on sliding layers where the model has one, else rope."""
+        return self.sliding_rope if self.sliding_rope is not None and self.sliding_layer(layer) else self.rope
 
     def window(self, layer: int) -> int | None:
         """How many positions (itself included) a query of `layer` attends to; None for all before it."""
@@ -214,13 +238,13 @@ class ModelConfig:
             if getattr(spec, name) is not None:
                 values[name] = getattr(spec, name)
         if values.get("positions", "rope") == "rope":
-            values["rope"] = parse_rope(raw, source, theta=values.get("rope_theta"),
-                                        partial_rotary_factor=values.get("partial_rotary_factor"),
-                                        rotary_dim=values.get("rotary_dim"),
-                                        interleaved=values.get("rope_style") == "interleaved",
-                                        max_position_embeddings=values.get("max_position_embeddings"))
+            kw = dict(partial_rotary_factor=values.get("partial_rotary_factor"), rotary_dim=values.get("rotary_dim"),
+                      interleaved=values.get("rope_style") == "interleaved",
+                      max_position_embeddings=values.get("max_position_embeddings"))
+            values["rope"] = parse_rope(raw, source, theta=values.get("rope_theta"), **kw)
+            values["sliding_rope"] = _sliding_rope(raw, source, values, kw)
         else:
-            values["rope"] = None
+            values["rope"] = values["sliding_rope"] = None
         try:
             cfg = cls(**values)
         except TypeError as e:
@@ -279,7 +303,8 @@ class ModelConfig:
 
     def _validate_moe(self, source, k) -> None:
         for name, lo, hi in (("num_experts", 0, 1 << 16), ("shared_expert_intermediate_size", 0, 1 << 20),
-                             ("decoder_sparse_step", 1, 4096), ("first_dense_layers", 0, 4096)):
+                             ("decoder_sparse_step", 1, 4096), ("first_dense_layers", 0, 4096),
+                             ("moe_groups", 1, 1 << 16), ("moe_topk_groups", 1, 1 << 16)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise ConfigError(f"{source}: {k(name, name)}={_brief(v)} must be an integer in [{lo}, {hi}]")
@@ -296,7 +321,22 @@ class ModelConfig:
         if self.router_scoring not in ROUTER_SCORINGS:
             raise ConfigError(f"{source}: router scoring {_brief(self.router_scoring)} is not supported "
                               f"(supported: {list(ROUTER_SCORINGS)})")
+        self._validate_groups(source, k)
         self._validate_layers("mlp_only_layers", source, k)
+
+    def _validate_groups(self, source, k) -> None:
+        """Group-limited routing: whole groups of at least two experts (each is scored by its two best), at most
+        all of them kept, and enough experts in the kept groups for top_k."""
+        G, kept, E = self.moe_groups, self.moe_topk_groups, self.num_experts
+        g, t = k("moe_groups", "moe_groups"), k("moe_topk_groups", "moe_topk_groups")
+        if E % G or (G > 1 and E // G < 2):
+            raise ConfigError(f"{source}: {g}={G} must divide {k('num_experts', 'num_experts')}={E} into groups of "
+                              f"at least 2 experts (each group is scored by its two best)")
+        if kept > G:
+            raise ConfigError(f"{source}: {t}={kept} must be at most {g}={G}")
+        if self.num_experts_per_tok > kept * (E // G):
+            raise ConfigError(f"{source}: {k('num_experts_per_tok', 'num_experts_per_tok')}={self.num_experts_per_tok}"
+                              f" is more than the {kept * (E // G)} experts of the {t}={kept} groups kept")
 
     def _validate_layers(self, name: str, source, k) -> None:
         """A list of layer indices: each in [0, num_layers), and no longer than the model."""
@@ -312,12 +352,31 @@ class ModelConfig:
         """A flat dict for `archkit inspect`."""
         d = attrs.asdict(self, recurse=False, filter=lambda a, v: a.name not in ("attention_block", "mlp_block"))
         d["rope"] = attrs.asdict(self.rope) if self.rope else None
+        d["sliding_rope"] = attrs.asdict(self.sliding_rope) if self.sliding_rope else None
         return d
 
 
 INT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
               "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-              "shared_expert_intermediate_size", "decoder_sparse_step", "first_dense_layers", "rotary_dim")
+              "shared_expert_intermediate_size", "decoder_sparse_step", "first_dense_layers", "rotary_dim",
+              "moe_groups", "moe_topk_groups")
+
+
+def _sliding_rope(raw: dict, source: str, values: dict, kw: dict) -> RopeConfig | None:
+    """The sliding layers' own RoPE (see ModelConfig.sliding_rope), or None where they use the model's."""
+    if nested_rope(raw):
+        r = parse_rope(raw, source, theta=values.get("sliding_rope_theta"), layer_type="sliding_attention", **kw)
+    elif values.get("sliding_rope_theta") is not None:  # a default rope with that base, the rest as the model's
+        plain = {k: v for k, v in raw.items() if k not in ("rope_scaling", "rope_parameters", "rope_theta")}
+        r = parse_rope(plain, source, theta=values["sliding_rope_theta"], **kw)
+    else:
+        return None
+    if r == values["rope"]:
+        return None
+    if r.dynamic or values["rope"].dynamic:  # one table per step is bound for a length-dependent RoPE
+        raise ConfigError(f"{source}: sliding-window layers with a RoPE of their own are supported only when neither "
+                          f"table depends on the sequence length (got {values['rope'].type!r} and {r.type!r})")
+    return r
 
 
 def _check_rejects(spec: ModelSpec, raw: dict, source: str) -> None:
@@ -465,7 +524,8 @@ def read_json(path: Path, what: str, error: type[Exception] = ConfigError, limit
     return data
 
 
-CONFIG_FIELDS = (frozenset(f.name for f in attrs.fields(ModelConfig)) - {"attention_block", "mlp_block", "rope"}
+CONFIG_FIELDS = (frozenset(f.name for f in attrs.fields(ModelConfig)) - {"attention_block", "mlp_block", "rope",
+                                                                        "sliding_rope"}
                  | {"q_dim", "kv_dim", "expert_dim"})
 # Fields a weight rule's `when` may test: the booleans, and qk_norm (false when "none": Phi's q/k LayerNorms exist
 # only with qk_layernorm).

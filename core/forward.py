@@ -22,7 +22,8 @@ class Step:
     """What every block of one forward call needs: the backend and its weights, the config, the KV cache, the
     first position (or a core.paged.Batch when the rows belong to several sequences: pass it on to the backend's
     rope/cache/attention ops as the position argument), the number of tokens, and the rope table for this
-    sequence length (None without RoPE).
+    sequence length (None without RoPE); rope_sliding, the sliding-window layers' own table where the model has
+    one (ModelConfig.sliding_rope), else None: `step.table(i)` picks layer i's.
 
     A plugin's own layer function (ModelSpec.attention_block / mlp_block) receives it as `step`.
     """
@@ -34,6 +35,13 @@ class Step:
     start: Any  # int, or a core.paged.Batch
     T: int
     rope: RopeTable | None
+    rope_sliding: RopeTable | None = None
+
+    def table(self, layer: int) -> RopeTable | None:
+        """The rope table of `layer` (None: no RoPE there, a NoPE layer or a model without RoPE)."""
+        if layer in self.c.nope_layers:
+            return None
+        return self.rope_sliding if self.rope_sliding is not None and self.c.sliding_layer(layer) else self.rope
 
 
 def forward(be, W, c: ModelConfig, ids: np.ndarray, cache, start, rope: RopeConfig | None, all_logits: bool,
@@ -51,7 +59,8 @@ def forward(be, W, c: ModelConfig, ids: np.ndarray, cache, start, rope: RopeConf
     table = rope.table(c.head_dim, end) if rope is not None else None
     if batch is not None and rope is not None and rope.dynamic:  # each sequence's table follows its own length
         batch.tables = [rope.table(c.head_dim, g.start + g.n) for g in batch.segments]
-    s = Step(be, W, c, cache, start, T, table)
+    sliding = c.sliding_rope.table(c.head_dim, end) if c.sliding_rope is not None and rope is not None else None
+    s = Step(be, W, c, cache, start, T, table, sliding)
     x = be.embed(W.globals["embed"], ids, c.embed_scale)
     if c.positions == "learned":
         x = be.add_positions(x, W.globals["pos_embed"], start)
@@ -135,7 +144,7 @@ def attention_block(s: Step, L, i: int, h):
         q, k, v = (be.clamp(t, -c.qkv_clip, c.qkv_clip) for t in (q, k, v))
     q = q.reshape(T, c.num_heads, c.head_dim)
     k, v = k.reshape(T, c.num_kv_heads, c.head_dim), v.reshape(T, c.num_kv_heads, c.head_dim)
-    rope = s.rope if i not in c.nope_layers else None  # a NoPE layer: q and k as projected (and normed)
+    rope = s.table(i)  # None on a NoPE layer: q and k go to the cache as projected (and normed)
     fused = None  # the per-head RMSNorm a backend may fuse with RoPE and the cache write (Qwen3)
     if c.qk_norm in ("head", "per_head"):
         if c.qk_norm == "head" and c.norm == "rmsnorm" and "q_norm.bias" not in L and rope is not None:
@@ -166,9 +175,11 @@ def moe_block(s: Step, L, i: int, h):
     """A mixture-of-experts MLP on h [T, D]: the routed experts (the `moe` op), plus the shared expert, which a
     sigmoid of shared_gate(h) scales where the checkpoint has that gate."""
     c, be = s.c, s.be
+    # the selection bias is passed only where loaded: a backend (or a wrapper of `moe`) from before it still works
+    select = {"select_bias": L["router.select_bias"]} if "router.select_bias" in L else {}
     y = be.moe(h, L["router.weight"], L.get("router.bias"), L.get("experts.gate.weight"), L["experts.up.weight"],
                L["experts.down.weight"], c.moe_routing,
-               tuple(L.get(f"experts.{r}.bias") for r in ("gate", "up", "down")))
+               tuple(L.get(f"experts.{r}.bias") for r in ("gate", "up", "down")), **select)
     if c.shared_expert_intermediate_size:
         shared = dense_block(s, L, i, h, prefix="shared.")
         if "shared_gate.weight" in L:

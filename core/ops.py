@@ -82,25 +82,41 @@ ACT = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu_fast": gelu_
 
 def moe(x: np.ndarray, router_w: np.ndarray, router_b: np.ndarray | None, gate: np.ndarray | None, up: np.ndarray,
         down: np.ndarray, top_k: int, scoring: str = "softmax", renormalize: bool = False, activation: str = "silu",
-        routed_scale: float = 1.0, biases: tuple = (None, None, None)) -> np.ndarray:
+        routed_scale: float = 1.0, biases: tuple = (None, None, None), select_bias: np.ndarray | None = None,
+        groups: int = 1, topk_groups: int = 1) -> np.ndarray:
     """Mixture of experts on x [T, D]: router [E, D] (+ [E]) → softmax or sigmoid scores → top_k experts per
-    token → weights (renormalised to sum 1 if asked, times routed_scale) → sum of weight · expert(x), where
+    token (chosen by scores + select_bias [E] if given, within the best topk_groups of `groups` expert groups) →
+    weights (the scores, renormalised to sum 1 if asked, times routed_scale) → sum of weight · expert(x), where
     expert e is down[e] @ (act(gate[e] @ x) * (up[e] @ x)) (gated) or down[e] @ act(up[e] @ x) (gate None).
     gate, up [E, I, D]; down [E, D, I]; biases (gate [E, I], up [E, I], down [E, D]) or None. Returns [T, D]."""
-    top, w = moe_route(x, router_w, router_b, top_k, scoring, renormalize, routed_scale)
+    top, w = moe_route(x, router_w, router_b, top_k, scoring, renormalize, routed_scale, select_bias, groups,
+                       topk_groups)
     return moe_experts(x, top, w, gate, up, down, activation, biases)
 
 
 def moe_route(x: np.ndarray, router_w: np.ndarray, router_b: np.ndarray | None, top_k: int, scoring: str = "softmax",
-              renormalize: bool = False, routed_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """moe()'s router: each token's top_k experts [T, k] (ties go to the lower expert id) and their weights [T, k]."""
+              renormalize: bool = False, routed_scale: float = 1.0, select_bias: np.ndarray | None = None,
+              groups: int = 1, topk_groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """moe()'s router: each token's top_k experts [T, k] (ties go to the lower expert id) and their weights [T, k].
+
+    The experts are chosen by choice = scores + select_bias (the scores alone without one); with topk_groups <
+    groups, choice is first cut into `groups` contiguous groups, each scored by the sum of its two largest values,
+    and the experts outside the topk_groups best groups (ties: the lower group id) are left out. The weights are
+    the chosen experts' scores, without the bias."""
     logits = linear(x, router_w, router_b)
     if scoring == "softmax":
         e = np.exp(logits - logits.max(-1, keepdims=True))
         scores = e / e.sum(-1, keepdims=True)
     else:
         scores = sigmoid(logits)
-    top = np.argsort(-scores, axis=-1, kind="stable")[:, :top_k]  # [T, k]
+    choice = scores if select_bias is None else scores + select_bias
+    if topk_groups < groups:
+        g = -np.sort(-choice.reshape(len(choice), groups, -1), axis=-1)  # [T, groups, E / groups], descending
+        best = np.argsort(-(g[..., 0] + g[..., 1]), axis=-1, kind="stable")[:, :topk_groups]
+        keep = np.zeros((len(choice), groups), bool)
+        np.put_along_axis(keep, best, True, -1)
+        choice = np.where(np.repeat(keep, choice.shape[-1] // groups, axis=-1), choice, -np.inf)
+    top = np.argsort(-choice, axis=-1, kind="stable")[:, :top_k]  # [T, k]
     w = np.take_along_axis(scores, top, -1)
     if renormalize:
         w = w / w.sum(-1, keepdims=True)

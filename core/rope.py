@@ -260,7 +260,7 @@ def _yarn_blend(inv: np.ndarray, r: RopeConfig, d: int) -> np.ndarray:
 
 
 def parse_rope(raw: dict, source: str = "config.json", *, theta=None, partial_rotary_factor=None, rotary_dim=None,
-               interleaved=False, max_position_embeddings=None) -> RopeConfig:
+               interleaved=False, max_position_embeddings=None, layer_type: str = "full_attention") -> RopeConfig:
     """Rope parameters from a config.json dict, validated; ConfigError names the key and the rule on bad values.
 
     Reads the transformers-5 form (`rope_parameters`) or the hub form (`rope_theta` + `rope_scaling`, where the
@@ -269,8 +269,10 @@ def parse_rope(raw: dict, source: str = "config.json", *, theta=None, partial_ro
     GPT-J's rotary_dim) or its defaults. Precedence, as transformers: a value inside rope_parameters/rope_scaling,
     then the keyword argument, then the top-level key of raw, then the default (theta 10000, factor 1).
     A key of the rope dict that is neither read for its type nor known to be inert there is a ConfigError (see _READ).
+    A rope dict nested per layer type (Gemma 3: {"full_attention": {...}, "sliding_attention": {...}}) gives the
+    entry of `layer_type`.
     """
-    where, params = _rope_dict(raw, source)
+    where, params = _rope_dict(raw, source, layer_type)
     got = lambda k: params.get(k)  # noqa: E731  (JSON null counts as absent, as transformers' setdefault leaves it)
     key = lambda k: f"{where}.{k}"  # noqa: E731
 
@@ -399,9 +401,19 @@ def _check_keys(params: dict, rtype: str, key, source: str) -> None:
                               f"refused rather than ignored")
 
 
-def _rope_dict(raw: dict, source: str) -> tuple[str, dict]:
+LAYER_TYPES = ("full_attention", "sliding_attention")  # the keys of a rope dict nested per layer type
+
+
+def nested_rope(raw: dict) -> bool:
+    """Whether config.json's rope dict holds one entry per layer type (Gemma 3 in transformers 5)."""
+    name = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+    params = raw.get(name)
+    return isinstance(params, dict) and any(isinstance(v, dict) for v in params.values())
+
+
+def _rope_dict(raw: dict, source: str, layer_type: str = "full_attention") -> tuple[str, dict]:
     """(its key, the rope dict): rope_scaling when non-empty (transformers' `rope_scaling or rope_parameters`),
-    else rope_parameters, else {}."""
+    else rope_parameters, else {}; of a dict nested per layer type, the entry of `layer_type`."""
     for name in ("rope_scaling", "rope_parameters"):
         v = raw.get(name)
         if v is not None and not isinstance(v, dict):
@@ -409,9 +421,12 @@ def _rope_dict(raw: dict, source: str) -> tuple[str, dict]:
     name = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
     params = raw.get(name) or {}
     nested = [k for k, v in params.items() if isinstance(v, dict)]
-    if nested:  # Gemma 3 style, one dict per layer type: the family must pick the entry it means
-        raise ConfigError(f"{source}: {name} is nested per layer type ({', '.join(nested)[:200]}); "
-                          f"not supported here")
+    if nested:
+        odd = [k for k in params if k not in LAYER_TYPES or not isinstance(params[k], (dict, type(None)))]
+        if odd:
+            raise ConfigError(f"{source}: {name} nests {_brief(odd[0])}; a rope dict nested per layer type has "
+                              f"only {list(LAYER_TYPES)} entries, each an object")
+        return f"{name}.{layer_type}", params.get(layer_type) or {}
     return name, params
 
 

@@ -157,13 +157,19 @@ LAYER_ROLES = (
     "post_attn_norm.weight", "post_attn_norm.bias", "post_mlp_norm.weight", "post_mlp_norm.bias",
     "gate.weight", "up.weight", "down.weight", "gate.bias", "up.bias", "down.bias",
     # mixture of experts: the router [E, hidden], the experts stacked [E, ...], the shared expert(s) and their
-    # sigmoid gate [1, hidden] (Qwen2-MoE)
-    "router.weight", "router.bias",
+    # sigmoid gate [1, hidden] (Qwen2-MoE); router.select_bias [E] is added to the scores that choose the experts,
+    # not to their weights (DeepSeek-V3 / GLM-4.5 e_score_correction_bias)
+    "router.weight", "router.bias", "router.select_bias",
     "experts.gate.weight", "experts.up.weight", "experts.down.weight",
     "experts.gate.bias", "experts.up.bias", "experts.down.bias",
     "shared.gate.weight", "shared.up.weight", "shared.down.weight", "shared.gate.bias", "shared.up.bias",
     "shared.down.bias", "shared_gate.weight",
 )
+
+# Roles every backend keeps in float32 whatever its dtype, as transformers keeps e_score_correction_bias
+# (_keep_in_fp32_modules_strict): it decides which experts run, and in bf16 (steps of 2^-8 near 1) it would pick
+# other experts than the checkpoint's model does.
+FLOAT32_ROLES = frozenset({"router.select_bias"})
 
 
 def _qk_norm(v):

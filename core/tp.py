@@ -59,7 +59,7 @@ QK_RULES = {
 }
 REPLICATED = {
     "pos_embed", "final_norm.weight", "final_norm.bias", "o.bias", "down.bias", "shared.down.bias",
-    "router.weight", "router.bias", "shared_gate.weight", "q_norm.weight", "q_norm.bias", "k_norm.weight",
+    "router.weight", "router.bias", "router.select_bias", "shared_gate.weight", "q_norm.weight", "q_norm.bias", "k_norm.weight",
     "k_norm.bias", *(r for r in LAYER_ROLES if r.endswith(("norm.weight", "norm.bias")))}
 assert set(RULES) | REPLICATED == set(GLOBAL_ROLES) | set(LAYER_ROLES), "every canonical role needs a TP rule"
 

@@ -231,13 +231,14 @@ class TensorParallelNumpy:
         ms = self.comm.all_reduce([(p * p).sum(-1, keepdims=True) for p in xs]) / d
         return tuple(p / np.sqrt(ms + eps) * (offset + w) for p, w in zip(xs, ws))
 
-    def moe(self, x, router_w, router_b, gate, up, down, routing, biases=(None, None, None)):
+    def moe(self, x, router_w, router_b, gate, up, down, routing, biases=(None, None, None), select_bias=None):
         """Expert parallel: the replicated router routes every token over all experts, each rank runs its own
         experts (core.ops.moe_experts with its first expert id), and the outputs are all-reduced."""
         if not _split((gate, up, down)):
-            return self._each("moe", x, router_w, router_b, gate, up, down, routing, biases)
+            return self._each("moe", x, router_w, router_b, gate, up, down, routing, biases, select_bias)
         top, w = ops.moe_route(_at(x, 0), _at(router_w, 0), _at(router_b, 0), routing.top_k, routing.scoring,
-                               routing.renormalize, routing.routed_scale)
+                               routing.renormalize, routing.routed_scale, _at(select_bias, 0), routing.groups,
+                               routing.topk_groups)
         return self.comm.all_reduce([
             ops.moe_experts(_at(x, r), top, w, _at(gate, r), up.parts[r], down.parts[r], routing.activation,
                             _at(tuple(biases), r), first=up.starts[r]) for r in range(self.size)])

@@ -28,7 +28,7 @@ ROWS = {
     "v.bias": "kv_dim", "o.weight": "hidden_size", "o.bias": "hidden_size",
     "gate.weight": "intermediate_size", "gate.bias": "intermediate_size", "up.weight": "intermediate_size",
     "up.bias": "intermediate_size", "down.weight": "hidden_size", "down.bias": "hidden_size",
-    "router.weight": "num_experts", "router.bias": "num_experts",
+    "router.weight": "num_experts", "router.bias": "num_experts", "router.select_bias": "num_experts",
     "experts.gate.weight": "expert_dim", "experts.gate.bias": "expert_dim", "experts.up.weight": "expert_dim",
     "experts.up.bias": "expert_dim", "experts.down.weight": "hidden_size", "experts.down.bias": "hidden_size",
     "shared.gate.weight": "shared_expert_intermediate_size", "shared.gate.bias": "shared_expert_intermediate_size",

@@ -9,6 +9,11 @@ ties, which both sides must give to the lower expert id. One test also draws a f
 the logits are exact to ~1e-6). References run in float64 from the weights as the GPU holds them. Tolerances are
 core.testing's: a few tokens take the grouped GEMVs (x and the expert activations stay float32: two fp32 products,
 2 * EXACT); more tokens go through the GEMMs, which round their inputs to the weight type (TOL[dtype]).
+
+The selection bias (router.select_bias: added to the scores that choose, not to the weights) and group-limited
+routing: bias values of -1, 0 or 1 on those exact logits keep every order exact (scores lie in (0, 1) and distinct
+ones differ by far more than fp32 rounds score + bias), so ties still go to the lower id; random float biases and
+groups are drawn where the float64 reference's margin at every boundary routing decides (route_margin) is wide.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
 from core import ops, testing
 from core.backend import Weights
@@ -67,6 +72,32 @@ def experts(be, r, E, I, D, gated, bias):
     down = upload_weight(be, r.normal(size=(E, D, I)) / np.sqrt(I))
     bs = [upload_weight(be, r.normal(size=s) * 0.5) if bias else (None, None) for s in ((E, I), (E, I), (E, D))]
     return gate, up, down, bs
+
+
+def route_margin(choice: np.ndarray, groups: int = 1, kept: int = 1, k: int = 1) -> float:
+    """The narrowest gap, per token, at the boundaries routing decides on choice [T, E] (scores + selection bias, in
+    float64): the kept groups' last group score against the next group's, and the k-th eligible choice against the
+    next. fp32 products and scores cannot flip a wider one."""
+    T, E = choice.shape
+    g = -np.sort(-choice.reshape(T, groups, -1), axis=-1)
+    gs = g[..., 0] + g[..., 1] if g.shape[-1] > 1 else g[..., 0]
+    order = np.argsort(-gs, axis=-1, kind="stable")
+    gaps = [np.take_along_axis(gs, order[:, kept - 1:kept + 1], -1) @ [1, -1]] if kept < groups else []
+    keep = np.zeros((T, groups), bool)
+    np.put_along_axis(keep, order[:, :kept], True, -1)
+    c = -np.sort(-np.where(np.repeat(keep, E // groups, axis=-1), choice, -np.inf), axis=-1)
+    if k < E:
+        gaps.append(c[:, k - 1] - c[:, k])
+    return float(np.min(gaps)) if gaps else np.inf
+
+
+def scores64(logits: np.ndarray, scoring: str) -> np.ndarray:
+    """The router's scores in float64 (core.ops.moe_route's)."""
+    l64 = np.asarray(logits, np.float64)
+    if scoring == "softmax":
+        e = np.exp(l64 - l64.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+    return 1 / (1 + np.exp(-l64))
 
 
 def run_moe(be, x, rw, rb, gate, up, down, bs, routing, view=False):
@@ -145,6 +176,88 @@ def test_routing_picks_and_ties(T, E, scoring, renorm, scale, seed, data):
 
 
 @on_gpu
+@given(T=st.integers(1, 300), E=st.integers(1, 300), scoring=st.sampled_from(["softmax", "sigmoid"]),
+       renorm=st.booleans(), scale=st.sampled_from([1.0, 2.5]), seed=testing.seeds(), data=st.data())
+def test_routing_with_a_selection_bias_picks_and_ties(T, E, scoring, renorm, scale, seed, data):
+    """moe_route with a selection bias of -1, 0 or 1 per expert on the tie-heavy logits above (E up to 300: the
+    register path and the memory path): the ids are the reference's stable argsort of score + bias (ties to the
+    lower id), the weights the scores without the bias, renormalised, times the scale. Row 0 ties every score, so
+    its picks are the bias classes in turn, each by id."""
+    k = data.draw(st.one_of(st.integers(1, min(E, 8)), st.integers(1, E)), label="top_k")
+    r = rng(seed)
+    logits = (r.integers(-8, 9, size=(T, E)) / 4).astype(np.float32)
+    logits[0] = 0.5
+    bias = r.integers(-1, 2, size=E).astype(np.float32)
+    with testing.cuda_backend("float32") as be:
+        ids, wts = be.moe_route(be.from_host(logits), MoeRouting(k, scoring, renorm, "silu", scale), be.from_host(bias))
+        ids, wts = be.to_host(ids).astype(np.int64), be.to_host(wts)
+    top, w = ops.moe_route(logits.astype(np.float64), np.eye(E), None, k, scoring, renorm, scale,
+                           bias.astype(np.float64))
+    np.testing.assert_array_equal(ids, top)
+    np.testing.assert_array_equal(ids[0], np.argsort(-bias, kind="stable")[:k])
+    np.testing.assert_allclose(wts, w, rtol=1e-5)  # fp32 sums of up to 300 scores
+
+
+def _groups(E: int):
+    """Group counts moe_route takes for E experts: dividing E into groups of at least 2, at most ROUTE_MAX_GROUPS."""
+    from core.cuda.geometry import ROUTE_MAX_GROUPS
+
+    return [g for g in range(1, ROUTE_MAX_GROUPS + 1) if E % g == 0 and E // g >= 2] or [1]
+
+
+@on_gpu
+@given(T=st.integers(1, 64), E=st.integers(1, 300), scoring=st.sampled_from(["softmax", "sigmoid"]),
+       renorm=st.booleans(), scale=st.sampled_from([1.0, 2.5]), bias=st.booleans(), seed=testing.seeds(),
+       data=st.data())
+def test_group_limited_routing(T, E, scoring, renorm, scale, bias, seed, data):
+    """moe_route with n_group / topk_group (groups scored by their two best choice values, up to 32 groups, E up to
+    300) and a random float selection bias or none, on random logits whose reference margins are wide: the
+    reference's ids in its order and weights. Then every logit tied and no bias: groups 0.. kept, experts 0..k-1."""
+    G = data.draw(st.sampled_from(_groups(E)), label="groups")
+    kept = data.draw(st.integers(1, G), label="topk_groups")
+    k = data.draw(st.integers(1, min(8, kept * (E // G))), label="top_k")
+    r = rng(seed)
+    logits = (r.normal(size=(T, E)) * 2).astype(np.float32)
+    b = (r.normal(size=E) * 0.5).astype(np.float32) if bias else None
+    assume(route_margin(scores64(logits, scoring) + (0 if b is None else b), G, kept, k) > 1e-5)
+    routing = MoeRouting(k, scoring, renorm, "silu", scale, True, G, kept)
+    tied = np.full((3, E), 0.5, np.float32)
+    with testing.cuda_backend("float32") as be:
+        ids, wts = be.moe_route(be.from_host(logits), routing, None if b is None else be.from_host(b))
+        ids, wts = be.to_host(ids).astype(np.int64), be.to_host(wts)
+        tied_ids = be.to_host(be.moe_route(be.from_host(tied), routing)[0]).astype(np.int64)
+    top, w = ops.moe_route(logits.astype(np.float64), np.eye(E), None, k, scoring, renorm, scale,
+                           None if b is None else b.astype(np.float64), G, kept)
+    np.testing.assert_array_equal(ids, top)
+    np.testing.assert_allclose(wts, w, rtol=1e-5)
+    np.testing.assert_array_equal(tied_ids, np.tile(np.arange(k), (3, 1)))
+
+
+@on_gpu
+@given(T=st.sampled_from([1, 3, 17]), E=st.sampled_from([4, 6, 8, 16, 64]), D=WIDTH, I=WIDTH,
+       scoring=st.sampled_from(["softmax", "sigmoid"]), renorm=st.booleans(), seed=testing.seeds(), data=st.data())
+def test_moe_with_a_selection_bias_and_groups(T, E, D, I, scoring, renorm, seed, data):
+    """The whole op (grouped GEMVs for T <= 4, per-expert GEMMs for 17) with select_bias and group-limited routing
+    against core.ops.moe: a random float32 router (logits exact to ~1e-6) where the reference's margins are wide."""
+    G = data.draw(st.sampled_from(_groups(E)), label="groups")
+    kept = data.draw(st.integers(1, G), label="topk_groups")
+    k = data.draw(st.integers(1, min(8, kept * (E // G))), label="top_k")
+    r = rng(seed)
+    x = r.normal(size=(T, D)).astype(np.float32)
+    routing = MoeRouting(k, scoring, renorm, "silu", 2.5, True, G, kept)
+    with testing.cuda_backend("float32", gemm="own", attn="simt") as be:
+        rw = upload_weight(be, r.normal(size=(E, D)) * 3 / np.sqrt(D))
+        b = (r.normal(size=E) * 0.5).astype(np.float32)
+        assume(route_margin(scores64(x.astype(np.float64) @ rw[1].T, scoring) + b, G, kept, k) > 1e-4)
+        gate, up, down, bs = experts(be, r, E, I, D, True, False)
+        got = be.to_host(be.moe(be.from_host(x), rw[0], None, gate[0], up[0], down[0], routing,
+                                tuple(t[0] for t in bs), be.from_host(b)))
+    want = ops.moe(x.astype(np.float64), rw[1], None, gate[1], up[1], down[1], k, scoring, renorm, "silu", 2.5,
+                   tuple(t[1] for t in bs), b.astype(np.float64), G, kept)
+    assert rel_err(got, want) < (2 * EXACT if T <= 4 else TOL["float32"])
+
+
+@on_gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_moe_reads_a_pending_norm(dtype):
     """At one decode token the MLP input is a norm left for the next GEMV (a Lazy, as add_norm leaves it after the
@@ -184,6 +297,20 @@ def test_moe_refuses_what_it_cannot_run():
         bad_bias = upload_weight(be, r.normal(size=(4, 9)))[0]
         with pytest.raises(DeviceError, match=r"experts\.up\.bias is \[4, 9\]"):
             be.moe(x, rw, None, None, up, down, MoeRouting(2), (None, bad_bias, None))
+        half = upload_weight(be, r.normal(size=4))[0]  # a selection bias in the weights' dtype, not float32
+        with pytest.raises(DeviceError, match=r"router\.select_bias is float16 \[4\] \(expected float32 \[4\]"):
+            be.moe(x, rw, None, None, up, down, MoeRouting(2), select_bias=half)
+        with pytest.raises(DeviceError, match=r"groups=3, topk_groups=1 must split the 4 experts"):
+            be.moe(x, rw, None, None, up, down, MoeRouting(2, groups=3))
+        with pytest.raises(DeviceError, match=r"keep at least top_k=3"):
+            be.moe(x, rw, None, None, up, down, MoeRouting(3, groups=2, topk_groups=1))
+        # loading keeps the role in float32 (core.spec.FLOAT32_ROLES) on a half backend, and moe takes it
+        sb = be.convert(r.normal(size=4).astype(np.float32), "F32", "router.select_bias")
+        assert sb.dtype == "float32" and np.isfinite(be.to_host(be.moe(x, rw, None, None, up, down, MoeRouting(2),
+                                                                        select_bias=sb))).all()
+        rw, up, down = (upload_weight(be, r.normal(size=s))[0] for s in ((128, 16), (128, 8, 16), (128, 16, 8)))
+        with pytest.raises(DeviceError, match=r"group-limited routing over 64 groups has no CUDA kernel"):
+            be.moe(x, rw, None, None, up, down, MoeRouting(2, groups=64, topk_groups=1))
 
 
 # --- models ----------------------------------------------------------------------------------------------------------
@@ -227,17 +354,11 @@ def _prompt(path, n: int, run) -> list[int]:
         model = core.load(path, device="cpu", quiet=True)
         gaps, real = [], model.backend.moe
 
-        def moe(x, router_w, router_b, gate, up, down, routing, biases=(None, None, None)):
-            logits = ops.linear(np.asarray(x, np.float64), router_w, router_b)
-            if routing.scoring == "softmax":
-                e = np.exp(logits - logits.max(-1, keepdims=True))
-                sc = e / e.sum(-1, keepdims=True)
-            else:
-                sc = 1 / (1 + np.exp(-logits))
-            sc, k = -np.sort(-sc, axis=-1), routing.top_k
-            if k < sc.shape[-1]:
-                gaps.append(float((sc[:, k - 1] - sc[:, k]).min()))
-            return real(x, router_w, router_b, gate, up, down, routing, biases)
+        def moe(x, router_w, router_b, gate, up, down, routing, biases=(None, None, None), select_bias=None):
+            sc = scores64(ops.linear(np.asarray(x, np.float64), router_w, router_b), routing.scoring)
+            choice = sc if select_bias is None else sc + np.asarray(select_bias, np.float64)
+            gaps.append(route_margin(choice, routing.groups, routing.topk_groups, routing.top_k))
+            return real(x, router_w, router_b, gate, up, down, routing, biases, select_bias)
 
         model.backend.moe = moe
         prompt = np.random.default_rng(seed).integers(0, COMMON["vocab"], n).tolist()
@@ -330,6 +451,7 @@ def test_moe_kernels_are_built_by_ci_and_match_the_geometry():
     assert {v["WDTYPE"] for v in variants("moe.cu")} == set(DTYPE_CODES.values())  # (the runtime adds no -D)
     d = cu_defines("moe.cu")
     assert (g.MOE_ROWS, g.MOE_THREADS, g.ROUTE_WARPS) == (d["MOE_ROWS"], d["MOE_THREADS"], d["ROUTE_WARPS"])
+    assert g.ROUTE_MAX_GROUPS == d["ROUTE_MAX_GROUPS"] == 32  # one group a lane
     from core.cuda.backend import CudaBackend
     from core.cuda.moe import MoeMixin
 

@@ -256,7 +256,20 @@ VOCAB_CASES = {  # tests/vocab_plugins families: config switches that exercise w
     "stablelm": dict(use_parallel_residual=True, qk_layernorm=True, use_qkv_bias=True),  # + a quarter rotated
     "gptj": None,  # interleaved pairs over rotary_dim 8 of 16, parallel block from one norm, lm_head bias
     "olmo": dict(clip_qkv=0.4, attention_bias=True),  # weightless LayerNorms (gains of ones), q/k/v clamped
+    # sigmoid router choosing by score + a random selection bias within 2 of 4 groups, weights renormalised times
+    # 2.5, a shared expert, a dense first layer, half-rotary heads with q/k norms (test_vocab_moe_bias.build)
+    "glm4_moe": dict(layers=3, experts=8, top_k=3, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                     first_k_dense_replace=1, use_qk_norm=True, attention_bias=True),
+    # tests/test_vocab_layers.py's: local layers on their own RoPE base, global ones linearly scaled; NoPE layers
+    # (every second) and a window on them; global NoPE layers with q/k head norms after post-norms; kv groups
+    "gemma3": dict(sliding_window=5, sliding_window_pattern=2, head_dim=16, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "smollm3": dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=5),
+    "exaone4": dict(sliding_window=5, sliding_window_pattern=2, head_dim=16),
+    "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, bias=True),
 }
+LAYER_FAMILIES = ("gemma3", "smollm3", "exaone4", "falcon")
 
 
 @pytest.mark.parametrize("family", sorted(VOCAB_CASES))
@@ -269,6 +282,16 @@ def test_vocabulary_family_on_the_gpu(family, tmp_path):
 
     if family == "gptj":
         ckpt = tv.build("gptj", str(tmp_path), 5, n_embd=64, n_layer=2, n_head=4, n_positions=128, rotary_dim=8)
+    elif family == "glm4_moe":  # a random e_score_correction_bias (transformers inits it to zero)
+        import test_vocab_moe_bias as mb
+
+        ckpt = mb.build(tmp_path, 5, **mb.moe_dims(**VOCAB_CASES[family]))
+    elif family in LAYER_FAMILIES:
+        import test_vocab_layers as vl
+
+        size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4) if family == "falcon" else \
+            vl.dims((4, 2), 2)
+        ckpt = vl.build(family, str(tmp_path), 5, **{**size, **VOCAB_CASES[family]})
     else:
         rope = {"partial_rotary_factor": 0.25} if family == "stablelm" else {}
         ckpt = tv.build(family, str(tmp_path), 5, **tv.dims((4, 2), 2, **rope), **VOCAB_CASES[family])

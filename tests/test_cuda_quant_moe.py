@@ -134,11 +134,11 @@ def routed_prompt(path, n: int, run_model, dtype="float32") -> list[int]:
         model = core.load(path, device="cpu", quiet=True, dtype=dtype)
         gaps, real = [], model.backend.moe
 
-        def moe(x, router_w, router_b, gate, up, down, routing, biases=(None, None, None)):
+        def moe(x, router_w, router_b, gate, up, down, routing, biases=(None, None, None), select_bias=None):
             _, w = ops.moe_route(np.asarray(x, np.float64), router_w, router_b, routing.top_k + 1, routing.scoring)
             if routing.top_k < router_w.shape[0]:
                 gaps.append(float((w[:, -2] - w[:, -1]).min()))
-            return real(x, router_w, router_b, gate, up, down, routing, biases)
+            return real(x, router_w, router_b, gate, up, down, routing, biases, select_bias)
 
         model.backend.moe = moe
         prompt = np.random.default_rng(seed).integers(0, model.config.vocab_size, n).tolist()

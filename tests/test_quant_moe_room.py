@@ -84,13 +84,11 @@ class MoeFake(Fake, MoeMixin):
         return self.host(DTensor(None, ptr, shape, self.dtype)).astype(np.float64) if ptr else None
 
     # -- moe.cu
-    def run_moe_route(self, fn, grid, block, ids, wts, logits, T, E, k, sigmoid, renorm, scale):
+    def run_moe_route(self, fn, grid, block, ids, wts, logits, bias, T, E, k, sigmoid, renorm, scale, groups, kept):
         lg = self.read(logits, np.float32, (T, E)).astype(np.float64)
-        sc = 1 / (1 + np.exp(-lg)) if sigmoid else np.exp(lg - lg.max(-1, keepdims=True))
-        sc = sc if sigmoid else sc / sc.sum(-1, keepdims=True)
-        top = np.argsort(-sc, axis=-1, kind="stable")[:, :k]
-        w = np.take_along_axis(sc, top, -1)
-        w = (w / w.sum(-1, keepdims=True) if renorm else w) * scale
+        b = self.read(bias, np.float32, (E,)).astype(np.float64) if bias else None
+        top, w = ops.moe_route(lg, np.eye(E), None, k, "sigmoid" if sigmoid else "softmax", renorm, scale, b, groups,
+                               kept)  # (the identity router: the logits themselves)
         self.write(ids, top.astype(np.int32))
         self.write(wts, w.astype(np.float32))
 

@@ -413,8 +413,10 @@ ERRORS = [
     ({}, {"partial_rotary_factor": float("nan")}, r"partial_rotary_factor=nan must be"),
     ({}, {"rotary_dim": "64"}, r"rotary_dim='64' must be an integer"),
     ({}, {"interleaved": 1}, r"interleaved=1 must be true or false"),
-    ({"rope_parameters": {"full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "default"}}}, {},
-     r"rope_parameters is nested per layer type \(full_attention, sliding_attention\)"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default"}, "chunked_attention": {"rope_type": "default"}}},
+     {}, r"rope_parameters nests 'chunked_attention'; a rope dict nested per layer type has only"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "ntk"}}}, {},
+     r"rope type 'ntk' \(rope_parameters\.full_attention\.rope_type\) is not supported"),
 ]
 
 

@@ -1,5 +1,7 @@
 """The vocabulary's per-layer RoPE switch (nope_layers) and values computed from several config keys
-(ConfigKey.compute), tried from outside as tests/test_vocabulary.py tries the rest: SmolLM3 (NoPE layers from
+(ConfigKey.compute), and a RoPE of the sliding-window layers' own (sliding_rope), tried from outside as
+tests/test_vocabulary.py tries the rest: Gemma 3 (text; local layers on base 10000, global ones on 1e6 with
+linear scaling, as a rope dict nested per layer type or as hub configs spell it), SmolLM3 (NoPE layers from
 no_rope_layers or an interval over num_hidden_layers, a window only under use_sliding_window), EXAONE 4 (local RoPE
 layers, global NoPE layers, post-norms, q/k head norms: the fused norm-and-RoPE path cannot be taken on a NoPE
 layer) and Falcon (kv heads and the block layout from three keys each), each a pure plugin in tests/vocab_plugins/.
@@ -28,7 +30,7 @@ from test_vocabulary import S, VOCAB, assert_parity, plugin, registry
 pytestmark = needs_torch
 
 FEW = settings(max_examples=3)
-FAMILIES = ("smollm3", "exaone4", "falcon")
+FAMILIES = ("smollm3", "exaone4", "falcon", "gemma3")
 
 
 def build(family: str, tmp: str, seed: int, **cfg) -> Path:
@@ -95,6 +97,37 @@ def test_exaone4_pattern_string():
     as_int, as_str = (ModelConfig.from_hf(spec, {**base, "sliding_window_pattern": p}) for p in (3, "LLG"))
     assert as_str == as_int and as_int.nope_layers == (2, 5)
     assert ModelConfig.from_hf(spec, {**base, "sliding_window": None}).nope_layers == ()
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@FEW
+@given(heads=S.heads, layers=st.integers(2, 4), pattern=st.sampled_from([2, 3]), factor=st.sampled_from([1.0, 4.0]),
+       tie=st.booleans(), seed=S.seed)
+def test_gemma3_parity(legacy, heads, layers, pattern, factor, tie, seed):
+    full = {"rope_type": "linear", "factor": factor, "rope_theta": 1e6} if factor != 1.0 else {"rope_theta": 1e6}
+    rope = {"full_attention": {"rope_type": "default", **full}, "sliding_attention": {"rope_type": "default",
+                                                                                      "rope_theta": 1e4}}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build("gemma3", tmp, seed, **{**dims(heads, layers), "rope_parameters": rope}, head_dim=16,
+                     sliding_window=5, sliding_window_pattern=pattern, tie_word_embeddings=tie)
+        raw = json.loads((ckpt / "config.json").read_text())
+        assert set(raw["rope_parameters"]) == {"full_attention", "sliding_attention"}
+        if legacy:  # as the hub's gemma-3 configs: the two bases and the global scaling at the top level
+            raw.pop("rope_parameters")
+            raw.update(rope_theta=1e6, rope_local_base_freq=1e4,
+                       rope_scaling={"rope_type": "linear", "factor": factor} if factor != 1.0 else None)
+            (ckpt / "config.json").write_text(json.dumps(raw))
+        c = assert_parity("gemma3", ckpt, prompt(seed, 16, VOCAB)).config
+        assert (c.rope.theta, c.rope.factor, c.sliding_rope.theta, c.sliding_rope.type) == (1e6, factor, 1e4, "default")
+        assert [c.rope_for(i) is c.sliding_rope for i in range(layers)] == [(i + 1) % pattern != 0 for i in range(layers)]
+
+
+def test_a_sliding_rope_that_grows_is_refused():
+    spec = plugin("gemma3").SPEC
+    raw = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, head_dim=16,
+               rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=64)
+    with pytest.raises(ConfigError, match="neither table depends on the sequence length"):
+        ModelConfig.from_hf(spec, raw)
 
 
 @pytest.mark.parametrize("new_arch, multi_query, parallel, num_ln, kv", [

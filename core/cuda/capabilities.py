@@ -8,14 +8,15 @@ Implemented, so not listed: every block layout (sequential, parallel, parallel_s
 (pre, post, sandwich); q/k norms of every scope (head, per_head, projection) and kind (RMSNorm, LayerNorm with
 bias); every rope type and table (partial rotary, interleaved pairs, a cos/sin scale, tables that change with
 the length); the embedding, residual, attention and logit multipliers; q/k/v clamping (qkv_clip) and norms without
-weights (norm_weight false: loaded as gains of ones); every activation in core.spec.ACTIVATIONS;
+weights (norm_weight false: loaded as gains of ones); every activation in core.spec.ACTIVATIONS; every MoE router
+(a selection bias, group-limited routing over up to ROUTE_MAX_GROUPS groups);
 a plugin's own layer functions (they call the Backend protocol's ops) and custom ops.
 """
 
 from __future__ import annotations
 
 from .elementwise import ACT_CODES
-from .geometry import PAGED_MAX_DH
+from .geometry import PAGED_MAX_DH, ROUTE_MAX_GROUPS
 
 
 def missing_capabilities(c) -> list[str]:
@@ -23,6 +24,9 @@ def missing_capabilities(c) -> list[str]:
     need = []
     if c.activation not in ACT_CODES:
         need.append(f"activation {c.activation!r}")
+    if c.num_experts and c.moe_topk_groups < c.moe_groups and c.moe_groups > ROUTE_MAX_GROUPS:
+        need.append(f"group-limited routing over {c.moe_groups} expert groups (moe_route scores up to "
+                    f"{ROUTE_MAX_GROUPS})")
     return need
 
 

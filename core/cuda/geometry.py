@@ -31,6 +31,7 @@ NORM_VPT = 2          # norm.cu norm_reg: float4 values per thread kept in regis
 PREFILL_NQ, PREFILL_BK = 16, 32  # attention.cu: queries per block, keys per tile
 TC_FQ, TC_FK, TC_NW = 64, 64, 4  # attention_tc.cu: queries per block, keys per tile, warps (TC_SMEM_BYTES there)
 MOE_ROWS, MOE_THREADS, ROUTE_WARPS = 4, 128, 4  # moe.cu: rows and threads per GEMV block; tokens per route block
+ROUTE_MAX_GROUPS = 32  # moe.cu: expert groups a group-limited moe_route scores (one a lane)
 PAGED_NQ = 16          # paged_attn.cu PP_NQ: queries per prefill block (the backend cuts segments into such tiles)
 PAGED_MAX_GROUP = 16   # paged_attn.cu GROUP bound: query heads per decode block
 PAGED_MAX_DH = 256     # paged_attn.cu HEAD_DIM bound (shared memory); capabilities.py refuses larger heads

@@ -26,6 +26,7 @@ import numpy as np
 from ..checkpoint import float32_to_bf16_bits, to_float32
 from ..errors import DeviceError, DeviceMemoryError
 from ..quant.base import QuantizedStack
+from ..spec import FLOAT32_ROLES
 from .capabilities import missing_capabilities
 from .geometry import grid1
 from .memory import mib
@@ -77,19 +78,21 @@ class LoadingMixin:
                                     f"{mib(total)} is free on {self.device.name()}")
 
     def convert(self, bits: np.ndarray, stored: str, role: str) -> DTensor:
-        """Checkpoint bits → a weight in GPU memory, in self.dtype (converted on the host in chunks)."""
+        """Checkpoint bits → a weight in GPU memory, in self.dtype (core.spec.FLOAT32_ROLES: in float32), converted
+        on the host in chunks."""
         flat = bits.reshape(-1)
         n = flat.size
-        isz = ITEMSIZE[self.dtype]
+        dtype = "float32" if role in FLOAT32_ROLES else self.dtype
+        isz = ITEMSIZE[dtype]
         alloc = self.mem_alloc(n * isz, f"weight {role!r} {list(bits.shape)} ({self.weight_bytes:,} bytes already loaded)")
         try:
-            same = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(stored) == self.dtype
+            same = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(stored) == dtype
             for i in range(0, n, CONVERT_CHUNK):
                 part = flat[i:i + CONVERT_CHUNK]
                 if not same:
                     x = to_float32(part, stored)
-                    part = (x.astype(np.float16) if self.dtype == "float16" else
-                            float32_to_bf16_bits(x) if self.dtype == "bfloat16" else x.astype(np.float32))
+                    part = (x.astype(np.float16) if dtype == "float16" else
+                            float32_to_bf16_bits(x) if dtype == "bfloat16" else x.astype(np.float32))
                 self.drv.memcpy_htod(int(alloc) + i * isz, np.ascontiguousarray(part))
         except self.drv.Error as e:
             alloc.free()
@@ -99,7 +102,7 @@ class LoadingMixin:
             raise
         self._owned.append(alloc)
         self.weight_bytes += n * isz
-        return DTensor(alloc, int(alloc), bits.shape, self.dtype)
+        return DTensor(alloc, int(alloc), bits.shape, dtype)
 
     def quantized_nbytes(self, q, role: str, config) -> int | None:
         """GPU bytes of quantized checkpoint weight `q` (a core.quant.QuantizedTensor, or a QuantizedStack for an

@@ -1,8 +1,9 @@
 // Mixture of experts (core.ops.moe) on the GPU, driven by core/cuda/moe.py.
 //
 //   moe_route      one warp per token: softmax or sigmoid scores of the router logits in fp32, the top k
-//                  (ties to the lower expert id, as the reference's stable argsort), renormalised if asked,
-//                  times routed_scale → int32 ids [T, k] and float32 weights [T, k], in device memory.
+//                  (ties to the lower expert id, as the reference's stable argsort) chosen by score + selection
+//                  bias, within the best groups if group-limited; their scores renormalised if asked, times
+//                  routed_scale → int32 ids [T, k] and float32 weights [T, k], in device memory.
 //   moe_up /       decode (a few tokens): a grouped GEMV over the k selected experts only. Block (row chunk,
 //   moe_gate_up    slot) with slot = t * k + j reads MOE_ROWS rows of up[e] (and gate[e]) for e = ids[slot],
 //                  e read from device memory inside the kernel (a captured graph replays it for any routing);
@@ -54,15 +55,36 @@ __device__ __forceinline__ int clamp_expert(int e, int E) { return min(max(e, 0)
 // step's critical path (H100 trace, BENCHMARKS.md), we expect mostly in those dependent round trips (this version
 // is not yet timed). More experts or more than 32 picks take the memory path for what does not fit. The
 // arithmetic is the same expressions in the same order either way.
+//
+// Every comparison reads an expert's choice value, its score plus the selection bias when there is one
+// (DeepSeek-V3 / GLM-4.5 e_score_correction_bias), while a pick's weight is its score alone. Group-limited routing
+// (topk_groups < groups, at most ROUTE_MAX_GROUPS; the experts are `groups` contiguous groups of E / groups): lane g
+// scores group g by the sum of its two largest choice values, a group is kept when fewer than topk_groups groups
+// beat it (score descending, id ascending), and the experts of the other groups get the choice -inf, which the
+// picks never reach (top_k is at most the kept groups' experts: moe.py checks).
 #define ROUTE_REG 8
+#define ROUTE_MAX_GROUPS 32  // one group per lane
 
-extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
+// (a, b): the two largest values seen so far, a >= b; x is one more (a NaN is passed over).
+__device__ __forceinline__ void top2(float& a, float& b, float x) {
+    if (x > a) {
+        b = a;
+        a = x;
+    } else if (x > b) {
+        b = x;
+    }
+}
+
+// (at least 1 block an SM: without the bound ptxas held sm_90 to 56 registers and spilled 8 bytes; 66 now)
+extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32, 1)
 moe_route(int* __restrict__ ids,             // int32 [T, k]
           float* __restrict__ wts,           // float32 [T, k]
           const float* __restrict__ logits,  // float32 [T, E]
+          const float* __restrict__ bias,    // float32 [E] or NULL: the selection bias (chooses, never weighs)
           int T, int E, int k,
           int use_sigmoid,                   // 0: softmax over the E logits; 1: an independent sigmoid each
-          int renorm, float scale) {         // weights / their sum when renorm; then times scale
+          int renorm, float scale,           // weights / their sum when renorm; then times scale
+          int groups, int topk_groups) {     // group-limited when topk_groups < groups (<= 32, dividing E)
     pdl_wait();  // every thread, before any returns (a dependent's wait on this grid stays a wait on the ones before)
     pdl_launch();
     const int lane = threadIdx.x & 31;
@@ -93,54 +115,103 @@ moe_route(int* __restrict__ ids,             // int32 [T, k]
         }
         s = warp_sum(acc);
     }
-    // An expert's score, from this one expression, so it is the same bits in every pass and on either path.
+    // An expert's score and its choice value, each from this one expression, so they are the same bits in every
+    // pass and on either path.
     auto score = [&](float x) { return use_sigmoid ? 1.f / (1.f + expf(-x)) : expf(x - m) / s; };
-    float sc[ROUTE_REG];
+    auto choose = [&](float sx, int e) { return bias != nullptr ? sx + bias[e] : sx; };
+    float sc[ROUTE_REG], ch[ROUTE_REG];  // register path: scores and choice values (unused past E)
 #pragma unroll
-    for (int i = 0; i < ROUTE_REG; ++i) sc[i] = score(v[i]);  // (unused past E)
+    for (int i = 0; i < ROUTE_REG; ++i) {
+        sc[i] = score(v[i]);
+        ch[i] = reg && lane + 32 * i < E ? choose(sc[i], lane + 32 * i) : -INFINITY;
+    }
+    const bool limited = topk_groups < groups;
+    const int gsize = E / groups;
+    unsigned kept = 0xffffffffu;  // bit g: group g's experts may be picked
+    if (limited) {
+        float mine = -INFINITY;  // lane g: group g's score
+        for (int g = 0; g < groups; ++g) {
+            const int lo = g * gsize, hi = lo + gsize;
+            float a = -INFINITY, b = -INFINITY;
+            if (reg) {
+#pragma unroll
+                for (int i = 0; i < ROUTE_REG; ++i)
+                    if (lane + 32 * i >= lo && lane + 32 * i < hi) top2(a, b, ch[i]);
+            } else {
+                for (int e = lo + lane; e < hi; e += 32) top2(a, b, choose(score(l[e]), e));
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {  // the two largest of both lanes' pairs
+                const float oa = __shfl_xor_sync(0xffffffffu, a, o), ob = __shfl_xor_sync(0xffffffffu, b, o);
+                b = fmaxf(fminf(a, oa), fmaxf(b, ob));
+                a = fmaxf(a, oa);
+            }
+            if (lane == g) mine = a + b;
+        }
+        int better = 0;  // the groups that beat this lane's
+        for (int g = 0; g < groups; ++g) {
+            const float o = __shfl_sync(0xffffffffu, mine, g);
+            better += o > mine || (o == mine && g < lane);
+        }
+        kept = __ballot_sync(0xffffffffu, lane < groups && better < topk_groups);
+#pragma unroll
+        for (int i = 0; i < ROUTE_REG; ++i)
+            if (reg && lane + 32 * i < E && !((kept >> ((lane + 32 * i) / gsize)) & 1u)) ch[i] = -INFINITY;
+    }
     int* out_id = ids + (size_t)t * k;
     float* out_w = wts + (size_t)t * k;
-    // Pick j is the best (score descending, id ascending) of the experts strictly after pick j - 1 in that
+    // Pick j is the best (choice descending, id ascending) of the experts strictly after pick j - 1 in that
     // order, so no list of taken experts is kept and k has no limit.
-    float prev_s = INFINITY, total = 0.f, my_w = 0.f;
+    float prev_c = INFINITY, total = 0.f, my_w = 0.f;
     int prev_id = -1, my_id = 0;
     for (int j = 0; j < k; ++j) {
-        float best_s = -INFINITY;
+        float best_c = -INFINITY, best_w = 0.f;
         int best_id = INT_MAX;
         if (reg) {
 #pragma unroll
             for (int i = 0; i < ROUTE_REG; ++i) {
                 const int e = lane + 32 * i;
-                const bool after = sc[i] < prev_s || (sc[i] == prev_s && e > prev_id);
-                if (e < E && after && (sc[i] > best_s || (sc[i] == best_s && e < best_id))) {
-                    best_s = sc[i];
+                const bool after = ch[i] < prev_c || (ch[i] == prev_c && e > prev_id);
+                if (e < E && after && (ch[i] > best_c || (ch[i] == best_c && e < best_id))) {
+                    best_c = ch[i];
+                    best_w = sc[i];
                     best_id = e;
                 }
             }
         } else {
             for (int e = lane; e < E; e += 32) {
-                const float x = score(l[e]);
-                const bool after = x < prev_s || (x == prev_s && e > prev_id);
-                if (after && (x > best_s || (x == best_s && e < best_id))) { best_s = x; best_id = e; }
+                const float sx = score(l[e]);
+                const float x = limited && !((kept >> (e / gsize)) & 1u) ? -INFINITY : choose(sx, e);
+                const bool after = x < prev_c || (x == prev_c && e > prev_id);
+                if (after && (x > best_c || (x == best_c && e < best_id))) {
+                    best_c = x;
+                    best_w = sx;
+                    best_id = e;
+                }
             }
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
-            const float os = __shfl_xor_sync(0xffffffffu, best_s, o);
+            const float oc = __shfl_xor_sync(0xffffffffu, best_c, o);
+            const float ow = __shfl_xor_sync(0xffffffffu, best_w, o);
             const int oi = __shfl_xor_sync(0xffffffffu, best_id, o);
-            if (os > best_s || (os == best_s && oi < best_id)) { best_s = os; best_id = oi; }
+            if (oc > best_c || (oc == best_c && oi < best_id)) {
+                best_c = oc;
+                best_w = ow;
+                best_id = oi;
+            }
         }
-        if (best_id >= E) {  // nothing left to pick: only NaN scores; a NaN weight makes that visible downstream
+        if (best_id >= E) {  // nothing left to pick: only NaN choices; a NaN weight makes that visible downstream
             best_id = 0;
-            best_s = NAN;
+            best_c = best_w = NAN;  // (and no later pick comes after a NaN)
         }
         if (j < 32) {
-            if (lane == j) { my_id = best_id; my_w = best_s; }
+            if (lane == j) { my_id = best_id; my_w = best_w; }
         } else if (lane == 0) {
-            out_id[j] = best_id; out_w[j] = best_s;
+            out_id[j] = best_id; out_w[j] = best_w;
         }
-        total += best_s;
-        prev_s = best_s;
+        total += best_w;
+        prev_c = best_c;
         prev_id = best_id;
     }
     if (lane < k) {  // picks 0..31, from registers

@@ -1,7 +1,10 @@
-"""Mixture of experts: moe(x, router_w, router_b, gate, up, down, routing, biases) as core.ops.moe, on the GPU.
+"""Mixture of experts: moe(x, router_w, router_b, gate, up, down, routing, biases, select_bias) as core.ops.moe, on
+the GPU.
 
 The router's logits are an ordinary product (linear.py); moe_route (moe.cu) turns each token's row into its top_k
-expert ids (int32) and weights (float32) in device memory. Then:
+expert ids (int32) and weights (float32) in device memory, choosing by score + select_bias (float32 [E], the one
+weight loading keeps in float32) within the best groups when routing is group-limited (at most ROUTE_MAX_GROUPS
+groups). Then:
 
 - A few tokens (T <= MOE_DECODE_T: decode, and every captured graph step): two grouped GEMVs that read only the
   selected experts' weights, each block reading its expert id from device memory, so nothing depends on the host
@@ -32,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DeviceError
-from .geometry import GEMV_MAX_T, MOE_ROWS, MOE_THREADS, ROUTE_WARPS, grid1
+from .geometry import GEMV_MAX_T, MOE_ROWS, MOE_THREADS, ROUTE_MAX_GROUPS, ROUTE_WARPS, grid1
 from .modules import DTYPE_CODES
 from .tensors import DTensor, Lazy, QTensor
 
@@ -51,12 +54,13 @@ class MoeMixin:
     launch() / check() (launch.py), flush_pending() (deferred.py), linears() / gated_linear() / linear_act()
     (linear.py), qstaged() / qdense() (qlinear.py), act_code() (elementwise.py)."""
 
-    def moe(self, x, router_w, router_b, gate, up, down, routing, biases=(None, None, None)):
-        """Mixture of experts on x [T, D] (core.ops.moe; routing: core.config.MoeRouting) → float32 [T, D]."""
+    def moe(self, x, router_w, router_b, gate, up, down, routing, biases=(None, None, None), select_bias=None):
+        """Mixture of experts on x [T, D] (core.ops.moe; routing: core.config.MoeRouting; select_bias: float32 [E],
+        added to the scores that choose the experts) → float32 [T, D]."""
         if isinstance(x, Lazy):  # a norm left for the next GEMV: the experts read it too, so compute it once
             x = x.materialize()
         bg, bu, bd = biases if biases is not None else (None, None, None)
-        E, I, D, k = self._moe_check(x, router_w, router_b, gate, up, down, routing, bg, bu, bd)
+        E, I, D, k = self._moe_check(x, router_w, router_b, gate, up, down, routing, bg, bu, bd, select_bias)
         T = x.size // D if D else 0
         act = self.act_code(routing.activation)
         out_shape = x.shape
@@ -69,32 +73,51 @@ class MoeMixin:
                               f"takes at most {MOE_DECODE_T} tokens and {MAX_GRID_Y} token-expert pairs)")
         self.flush_pending()
         logits = self.linears(x, [(router_w, router_b)])[0]
-        ids, wts = self.moe_route(logits, routing)
+        ids, wts = self.moe_route(logits, routing, select_bias)
         if small:
             y = self._moe_decode(x, ids, wts, gate, up, down, bg, bu, bd, act, T, E, I, D, k)
         else:
             y = self._moe_grouped(x, ids, wts, gate, up, down, bg, bu, bd, routing.activation, T, E, D, k)
         return y.reshape(out_shape)
 
-    def moe_route(self, logits: DTensor, routing) -> tuple:
+    def moe_route(self, logits: DTensor, routing, select_bias=None) -> tuple:
         """(int32 ids [T, k], float32 weights [T, k]) of the router logits [T, E] (moe_route in moe.cu): scores by
-        routing.scoring, the top routing.top_k (ties to the lower id), renormalised if asked, times routed_scale."""
+        routing.scoring, the top routing.top_k (ties to the lower id) by score + select_bias (float32 [E] or None)
+        within the best routing.topk_groups of routing.groups groups, their scores renormalised if asked, times
+        routed_scale."""
+        E, k = logits.shape[-1], int(routing.top_k)
+        self._route_check(routing, E, select_bias)
+        T = logits.size // E if E else 0
+        ids, wts = self.alloc((T, k), "int32"), self.alloc((T, k))
+        if T:
+            fn = self.kernel("moe.cu", "moe_route", "PPPPiiiiifii")
+            self.launch("moe(route)", fn, (-(-T // ROUTE_WARPS), 1, 1), (32 * ROUTE_WARPS, 1, 1), ids, wts, logits,
+                        select_bias, T, E, k, SCORINGS[routing.scoring], int(bool(routing.renormalize)),
+                        float(np.float32(routing.routed_scale)), int(routing.groups), int(routing.topk_groups))
+        return ids, wts
+
+    @staticmethod
+    def _route_check(routing, E: int, select_bias) -> None:
+        """A DeviceError naming what moe_route cannot do: the scoring, top_k, the groups, the selection bias."""
         if routing.scoring not in SCORINGS:
             raise DeviceError(f"moe: router scoring {routing.scoring!r} has no CUDA kernel (supported: "
                               f"{sorted(SCORINGS)})")
-        E, k = logits.shape[-1], int(routing.top_k)
-        T = logits.size // E if E else 0
+        k, G, kept = int(routing.top_k), int(routing.groups), int(routing.topk_groups)
         if not 1 <= k <= E:
             raise DeviceError(f"moe: top_k={k} must be in [1, {E}] (the router has {E} experts)")
-        ids, wts = self.alloc((T, k), "int32"), self.alloc((T, k))
-        if T:
-            fn = self.kernel("moe.cu", "moe_route", "PPPiiiiif")
-            self.launch("moe(route)", fn, (-(-T // ROUTE_WARPS), 1, 1), (32 * ROUTE_WARPS, 1, 1), ids, wts, logits,
-                        T, E, k, SCORINGS[routing.scoring], int(bool(routing.renormalize)),
-                        float(np.float32(routing.routed_scale)))
-        return ids, wts
+        if G < 1 or E % G or not 1 <= kept <= G or k > kept * (E // G):
+            raise DeviceError(f"moe: groups={G}, topk_groups={kept} must split the {E} experts into whole groups and "
+                              f"keep at least top_k={k} experts")
+        if kept < G and G > ROUTE_MAX_GROUPS:
+            raise DeviceError(f"moe: group-limited routing over {G} groups has no CUDA kernel (at most "
+                              f"{ROUTE_MAX_GROUPS}: one a lane)")
+        if select_bias is not None and (getattr(select_bias, "dtype", None) != "float32"
+                                        or tuple(select_bias.shape) != (E,)):
+            raise DeviceError(f"moe: router.select_bias is {getattr(select_bias, 'dtype', None)} "
+                              f"{list(select_bias.shape)} (expected float32 [{E}], as loading keeps it: "
+                              f"core.spec.FLOAT32_ROLES)")
 
-    def _moe_check(self, x, router_w, router_b, gate, up, down, routing, bg, bu, bd) -> tuple:
+    def _moe_check(self, x, router_w, router_b, gate, up, down, routing, bg, bu, bd, select_bias=None) -> tuple:
         """(E, I, D, top_k) after checking every shape and dtype; a DeviceError naming what does not fit."""
         D = x.shape[-1]
         if up is None or down is None or router_w is None:
@@ -117,13 +140,8 @@ class MoeMixin:
             bad.append(f"x is {x.dtype}, not float32")
         if bad:
             raise DeviceError(f"moe with x {list(x.shape)}: " + "; ".join(bad))
-        k = int(routing.top_k)
-        if not 1 <= k <= E:
-            raise DeviceError(f"moe: top_k={k} must be in [1, {E}] (the router has {E} experts)")
-        if routing.scoring not in SCORINGS:
-            raise DeviceError(f"moe: router scoring {routing.scoring!r} has no CUDA kernel (supported: "
-                              f"{sorted(SCORINGS)})")
-        return E, I, D, k
+        self._route_check(routing, E, select_bias)
+        return E, I, D, int(routing.top_k)
 
     def _moe_decode(self, x, ids, wts, gate, up, down, bg, bu, bd, act, T, E, I, D, k) -> DTensor:
         """The grouped GEMVs for a few tokens (module docstring): device-side from the ids on, graph-capturable;
