@@ -124,6 +124,9 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()  # layers whose MLP is dense although the model has experts (Qwen3-MoE)
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 (Qwen2/3-MoE)
     first_dense_layers: int = 0  # the first k layers are dense (DeepSeek first_k_dense_replace)
+    # layers a checkpoint carries after the model's own that the model does not run, their tensors skipped on load
+    # (the multi-token-prediction layers of GLM-4.5 and DeepSeek-V3: num_nextn_predict_layers)
+    unused_layers: int = 0
     # group-limited routing (DeepSeek-V3 / GLM-4.5 n_group, topk_group): experts in moe_groups contiguous groups,
     # only the moe_topk_groups best groups' experts eligible; 1, 1: plain top-k
     moe_groups: int = 1
@@ -304,7 +307,7 @@ class ModelConfig:
     def _validate_moe(self, source, k) -> None:
         for name, lo, hi in (("num_experts", 0, 1 << 16), ("shared_expert_intermediate_size", 0, 1 << 20),
                              ("decoder_sparse_step", 1, 4096), ("first_dense_layers", 0, 4096),
-                             ("moe_groups", 1, 1 << 16), ("moe_topk_groups", 1, 1 << 16)):
+                             ("moe_groups", 1, 1 << 16), ("moe_topk_groups", 1, 1 << 16), ("unused_layers", 0, 4096)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise ConfigError(f"{source}: {k(name, name)}={_brief(v)} must be an integer in [{lo}, {hi}]")
@@ -359,7 +362,7 @@ class ModelConfig:
 INT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
               "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
               "shared_expert_intermediate_size", "decoder_sparse_step", "first_dense_layers", "rotary_dim",
-              "moe_groups", "moe_topk_groups")
+              "moe_groups", "moe_topk_groups", "unused_layers")
 
 
 def _sliding_rope(raw: dict, source: str, values: dict, kw: dict) -> RopeConfig | None:

@@ -239,7 +239,11 @@ def plan(spec: ModelSpec, config: ModelConfig, ckpt: Checkpoint) -> Plan:
     the spec has no rule for a role the forward needs under this config)."""
     _check_roles(spec, config, ckpt.path)
     m = match_names(spec, ckpt.tensors)
-    missing, unexpected, mismatched = [], list(m.unexplained), []
+    # the tensors of layers the checkpoint carries but the model does not run (config.unused_layers), matched or not
+    skip = range(config.num_layers, config.num_layers + config.unused_layers)
+    prefixes = {p.split("{layer}")[0] for r in spec.weights for p in r.patterns if "{layer}" in p}
+    heads = tuple(f"{p}{i}." for i in skip for p in prefixes)
+    missing, unexpected, mismatched = [], [n for n in m.unexplained if not n.startswith(heads)], []
     sources: list[Source] = []
     layers = range(config.num_layers)
     present = set(m.found)
@@ -279,6 +283,8 @@ def plan(spec: ModelSpec, config: ModelConfig, ckpt: Checkpoint) -> Plan:
                 mismatched.append(bad)
             sources.append(Source(infos, rule, layer))
     for (ri, layer), hits in m.found.items():  # layers beyond num_hidden_layers
+        if layer in skip:
+            continue
         unexpected += [info.name for _, info, _ in hits]
     if missing or unexpected or mismatched:
         raise WeightsError(ckpt.path, missing, sorted(unexpected), mismatched)

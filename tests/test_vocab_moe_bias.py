@@ -24,7 +24,7 @@ from hypothesis import assume, given, settings, strategies as st
 import core
 from core import ops
 from core.config import ModelConfig
-from core.errors import ConfigError
+from core.errors import ConfigError, WeightsError
 
 from conftest import needs_torch
 from hfmodels import hf_logits, hf_reference, rel_err
@@ -241,3 +241,26 @@ def test_the_bias_is_required_where_the_rule_maps_it(tmp_path):
         load(ckpt)
     assert e.value.missing == ["model.layers.1.mlp.gate." + BIAS_KEY]
     assert json.loads((ckpt / "config.json").read_text())["n_routed_experts"] == 4
+
+
+def test_the_hub_multi_token_prediction_layer_is_skipped(tmp_path):
+    """GLM-4.5's hub checkpoints carry one more layer after num_hidden_layers (multi-token prediction: a full
+    layer plus eh_proj, enorm, hnorm, shared_head), which transformers skips and the model never runs. Under
+    num_nextn_predict_layers (unused_layers) archkit skips it too, matched by the family's rules or not; without
+    the key its tensors are unexpected."""
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = build(tmp_path, 3, **moe_dims(layers=2))
+    ids = prompt(3, 12)
+    want = load(ckpt).logits(ids)
+    (f,) = ckpt.glob("*.safetensors")
+    t = load_file(str(f))
+    extra = {n.replace("model.layers.1.", "model.layers.2."): v for n, v in t.items() if n.startswith("model.layers.1.")}
+    extra.update({"model.layers.2.eh_proj.weight": np.zeros((4, 4), np.float32),
+                  "model.layers.2.enorm.weight": np.ones(4, np.float32)})
+    save_file({**t, **extra}, str(f), metadata={"format": "pt"})
+    model = load(ckpt)
+    assert model.config.unused_layers == 1 and len(model.weights.layers) == 2
+    np.testing.assert_array_equal(model.logits(ids), want)
+    with pytest.raises(WeightsError, match=r"unexpected: .*model\.layers\.2\.eh_proj\.weight"):
+        load(tv.edited(ckpt, num_nextn_predict_layers=0))

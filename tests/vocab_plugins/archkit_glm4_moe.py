@@ -67,6 +67,7 @@ CONFIG = (
     ConfigKey("moe_groups", ("n_group",), 1),
     ConfigKey("moe_topk_groups", ("topk_group",), 1),
     ConfigKey("first_dense_layers", ("first_k_dense_replace",), 1),
+    ConfigKey("unused_layers", ("num_nextn_predict_layers",), 1),  # the hub's multi-token-prediction layer
     ConfigKey("bos_token_id", ("bos_token_id",), None),
     ConfigKey("eos_token_ids", ("eos_token_id",), None),
 )
