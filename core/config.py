@@ -175,7 +175,10 @@ class ModelConfig:
         return self.sliding_window is not None
 
     def rope_for(self, layer: int) -> RopeConfig | None:
-        """The RoPE of `layer`: sliding_rope on sliding layers where the model has one, else rope."""
+        """The RoPE of `layer`: None on a NoPE layer, sliding_rope on sliding layers where the model has one,
+        else rope."""
+        if layer in self.nope_layers:
+            return None
         return self.sliding_rope if self.sliding_rope is not None and self.sliding_layer(layer) else self.rope
 
     def window(self, layer: int) -> int | None:
@@ -371,7 +374,9 @@ def _sliding_rope(raw: dict, source: str, values: dict, kw: dict) -> RopeConfig 
         r = parse_rope(raw, source, theta=values.get("sliding_rope_theta"), layer_type="sliding_attention", **kw)
     elif values.get("sliding_rope_theta") is not None:  # a default rope with that base, the rest as the model's
         plain = {k: v for k, v in raw.items() if k not in ("rope_scaling", "rope_parameters", "rope_theta")}
-        r = parse_rope(plain, source, theta=values["sliding_rope_theta"], **kw)
+        main = values["rope"]  # its rotated part, wherever config.json gave it (inside the rope dict too)
+        r = parse_rope(plain, source, theta=values["sliding_rope_theta"],
+                       **{**kw, "partial_rotary_factor": main.partial_rotary_factor, "rotary_dim": main.rotary_dim})
     else:
         return None
     if r == values["rope"]:

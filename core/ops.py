@@ -111,7 +111,7 @@ def moe_route(x: np.ndarray, router_w: np.ndarray, router_b: np.ndarray | None, 
         scores = sigmoid(logits)
     choice = scores if select_bias is None else scores + select_bias
     if topk_groups < groups:
-        g = -np.sort(-choice.reshape(len(choice), groups, -1), axis=-1)  # [T, groups, E / groups], descending
+        g = -np.sort(-choice.reshape(len(choice), groups, choice.shape[-1] // groups), axis=-1)  # [T, G, E/G], desc.
         best = np.argsort(-(g[..., 0] + g[..., 1]), axis=-1, kind="stable")[:, :topk_groups]
         keep = np.zeros((len(choice), groups), bool)
         np.put_along_axis(keep, best, True, -1)

@@ -122,6 +122,18 @@ def test_gemma3_parity(legacy, heads, layers, pattern, factor, tie, seed):
         assert [c.rope_for(i) is c.sliding_rope for i in range(layers)] == [(i + 1) % pattern != 0 for i in range(layers)]
 
 
+def test_a_sliding_rope_rotates_what_the_models_rotates():
+    """A base of the sliding layers' own keeps the model's partial rotary, also where the rope dict holds it."""
+    spec = plugin("gemma3").SPEC
+    raw = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+               rope_parameters={"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6, "partial_rotary_factor": 0.5},
+               rope_local_base_freq=1e4)
+    c = ModelConfig.from_hf(spec, raw)
+    assert c.sliding_rope.rotary_dims(16) == c.rope.rotary_dims(16) == 8
+    assert (c.sliding_rope.theta, c.sliding_rope.type) == (1e4, "default")
+    assert c.rope_for(0) is c.sliding_rope and attrs.evolve(c, nope_layers=(0,)).rope_for(0) is None
+
+
 def test_a_sliding_rope_that_grows_is_refused():
     spec = plugin("gemma3").SPEC
     raw = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, head_dim=16,
