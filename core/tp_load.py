@@ -21,7 +21,7 @@ from . import checkpoint
 from .checkpoint import TensorInfo, to_float32
 from .errors import TensorParallelError
 from .tp import Split, TensorParallelPlan
-from .weights import Plan, Source, split_fused
+from .weights import CANONICAL, Plan, Source, expected_shape, padded_vector, split_fused
 
 READABLE = ("F32", "F16", "BF16")  # dtypes a slice can be cut from: one element, one fixed width
 
@@ -79,7 +79,13 @@ def _source(src: Source, tp: TensorParallelPlan, rank: int) -> Iterator[tuple[st
     ndim = len(info.shape)
     if len(rule.targets) == 1:
         axis, lo, hi = _range(splits[0], rank)
-        bits = checkpoint.read_tensor_slice(info, _stored_axis(axis, ndim, rule.transpose), lo, hi)
+        # a vector stored with leading unit axes (core.weights.padded_vector): its one axis is the stored last one
+        vector = ndim > 1 and rule.targets[0] in CANONICAL and padded_vector(info.shape, info.shape[-1:]) and \
+            len(expected_shape(rule.targets[0], tp.config)) == 1
+        bits = checkpoint.read_tensor_slice(info, ndim - 1 if vector else _stored_axis(axis, ndim, rule.transpose),
+                                            lo, hi)
+        if vector:
+            bits = bits.reshape(bits.shape[-1])
         yield rule.targets[0], src.layer, _as_role(bits, info.dtype, rule.transpose)
         return
     fused = 1 if rule.targets[0].startswith("experts.") else 0  # as core.weights.Plan: experts fuse along axis 1

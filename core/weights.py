@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, TensorInfo, read_tensor, to_float32
 from .config import ModelConfig
 from .errors import ConfigError, WeightsError
 from .quant import QuantizedStack, QuantizedTensor
-from .spec import FLAGS, GLOBAL_ROLES, LAYER_PREDICATES, REQUIRED, Derived, ModelSpec, WeightRule
+from .spec import FLAGS, GLOBAL_ROLES, LAYER_PREDICATES, LAYER_ROLES, REQUIRED, Derived, ModelSpec, WeightRule
 
 
 # The config field giving each role's first (output) dim, for shape checks and fused splits.
@@ -202,6 +202,10 @@ class Plan:
         dtypes = {i.dtype for i in src.infos}
         if len(dtypes) == 1:  # the experts' (heads') slices are stacked as stored (raw bits), one dtype
             bits = np.stack([read_tensor(i) for i in src.infos]) if rule.stacked else read_tensor(src.info)
+            role = rule.targets[0]
+            if not rule.stacked and bits.ndim > 1 and padded_vector(bits.shape, bits.shape[-1:]) and \
+                    role in CANONICAL and len(expected_shape(role, self.config)) == 1:
+                bits = bits.reshape(-1)  # (see padded_vector)
             if not rule.transpose and len(rule.targets) == 1:
                 yield rule.targets[0], src.layer, convert(bits, src.info.dtype, rule.targets[0])
                 return
@@ -361,9 +365,18 @@ def _shape_problem(rule: WeightRule, infos: tuple[TensorInfo, ...], c: ModelConf
         want = want[1:]  # each tensor is one expert's (head's) slice
     stored = tuple(want[:-2]) + tuple(want[-2:][::-1]) if rule.transpose and len(want) > 1 else want
     for info in infos:
-        if tuple(info.shape) != stored:
+        if tuple(info.shape) != stored and not (rule.targets[0] in CANONICAL and padded_vector(info.shape, stored)):
             return f"{info.name} is {list(info.shape)}, expected {list(stored)}"
     return None
+
+
+CANONICAL = frozenset(GLOBAL_ROLES) | frozenset(LAYER_ROLES)  # (extra roles' shapes need the spec: left as stored)
+
+
+def padded_vector(shape, want) -> bool:
+    """A 1-D role stored with leading axes of size 1 (ERNIE 4.5 MoE's e_score_correction_bias is [1, experts]:
+    a parameter of shape (groups=1, experts)); it loads as the vector."""
+    return len(want) == 1 and len(shape) > 1 and tuple(shape[-1:]) == tuple(want) and all(d == 1 for d in shape[:-1])
 
 
 # -- registration-time checks that need the config's defaults ---------------------------------------------------------

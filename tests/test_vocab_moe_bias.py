@@ -264,3 +264,37 @@ def test_the_hub_multi_token_prediction_layer_is_skipped(tmp_path):
     np.testing.assert_array_equal(model.logits(ids), want)
     with pytest.raises(WeightsError, match=r"unexpected: .*model\.layers\.2\.eh_proj\.weight"):
         load(tv.edited(ckpt, num_nextn_predict_layers=0))
+
+
+def test_a_vector_stored_with_leading_unit_axes_loads(tmp_path):
+    """ERNIE 4.5 MoE's save_pretrained stores e_score_correction_bias as [1, experts] (a parameter of shape
+    (groups=1, experts)): a 1-D role accepts leading axes of size 1, and loads as the vector; other shapes of the
+    same size stay errors."""
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = build(tmp_path, 4, **moe_dims(layers=2))
+    ids = prompt(4, 12)
+    want = load(ckpt).logits(ids)
+    (f,) = ckpt.glob("*.safetensors")
+    t = load_file(str(f))
+    name = next(n for n in t if n.endswith("e_score_correction_bias"))
+    save_file({**t, name: t[name][None, :]}, str(f), metadata={"format": "pt"})
+    np.testing.assert_array_equal(load(ckpt).logits(ids), want)
+    save_file({**t, name: np.stack([t[name]] * 2)}, str(f), metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=r"e_score_correction_bias is \[2, 8\], expected \[8\]"):
+        load(ckpt)
+
+
+def test_a_padded_vector_under_tensor_parallel(tmp_path):
+    """The tensor-parallel loader reads its slices itself: the [1, experts] bias is a vector there too."""
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = build(tmp_path, 4, **moe_dims(layers=2))
+    ids = prompt(4, 12)
+    want = load(ckpt).logits(ids)
+    (f,) = ckpt.glob("*.safetensors")
+    t = load_file(str(f))
+    save_file({n: (v[None, :] if n.endswith("e_score_correction_bias") else v) for n, v in t.items()}, str(f),
+              metadata={"format": "pt"})
+    got = load(ckpt, tensor_parallel=2).logits(ids)
+    assert rel_err(got, want) < 1e-5
