@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .backend import DTYPES, NumpyBackend, Weights
 from .checkpoint import Checkpoint
-from .config import ModelConfig, _ids
+from .config import ModelConfig
+from .config_keys import ids_of
 from .detect import detect
 from .errors import CheckpointError, ConfigError, DeviceError, UnknownArchitectureError
 from .genconfig import GenerationDefaults
@@ -78,7 +79,7 @@ def eos_ids(config: ModelConfig, generation: dict, source: str) -> tuple[int, ..
     An id outside the vocabulary is ignored with a warning, as config.json's are (see core.config): transformers
     loads such a checkpoint and never emits that id.
     """
-    ids = tuple(dict.fromkeys(_ids(generation.get("eos_token_id"), "eos_token_id", source) + config.eos_token_ids))
+    ids = tuple(dict.fromkeys(ids_of(generation.get("eos_token_id"), "eos_token_id", source) + config.eos_token_ids))
     outside = [t for t in ids if not 0 <= t < config.vocab_size]
     if outside:
         warn_once(f"{source}: eos_token_id {', '.join(map(str, outside))} outside the vocabulary "
