@@ -41,11 +41,6 @@ def rope_layout(table, Dh: int) -> tuple[int, bool, float]:
     return r, inter, scale
 
 
-def _layout(table: RopeTable) -> tuple[int, bool, float]:
-    # what a launch takes from a table besides its frequencies (rope_layout without a head size to check)
-    return table.rotary_dim, bool(table.interleaved), float(table.scale)
-
-
 def plain_rope(table, Dh: int) -> bool:
     """Whether the table rotates every dim of a Dh head in rotate-half pairs with scale 1 (what rope_kv and
     attn_decode_step implement)."""
@@ -162,7 +157,7 @@ class NormRopeMixin:
         changes with the length before each step, so a captured graph reads the current one)."""
         arr = np.ascontiguousarray(table.inv_freq, dtype=np.float32)
         live = self._rope_live
-        if live is not None and live[2] is not None and live[2] != _layout(table):
+        if live is not None and live[2] is not None and live[2] != rope_layout(table, table.rotary_dim):
             # a captured step baked in the old table's rotated dims, pairing and cos/sin scale as launch
             # arguments (longrope's short and long mscales differ): such steps must be captured again
             if self.capture is not None:
@@ -177,7 +172,7 @@ class NormRopeMixin:
                 live[0].buf.free()
             alloc = self.mem_alloc(arr.nbytes, "the live rope table")
             live = (DTensor(alloc, int(alloc), arr.shape, "float32"), None, None)
-        self._rope_live = (live[0], weakref.ref(table), _layout(table))
+        self._rope_live = (live[0], weakref.ref(table), rope_layout(table, table.rotary_dim))
         if arr.size:
             self.flush_pending()  # (a held write reads the old values: it runs before the copy)
             dev = live[0]
